@@ -1,0 +1,223 @@
+"""``shard-tools``: build, merge, verify and describe WebDataset shards of music datasets.
+
+    shard-tools build <dataset> --root SRC --out URL [options]   # dataset: mtat msd musicnet nsynth folder
+    shard-tools merge URL [URL ...]        # join the partial manifests of --slice builds
+    shard-tools verify URL                 # re-read every shard, check sha256/counts, decode every sample
+    shard-tools info URL                   # splits, counts, hours, label vocabularies
+    shard-tools demo --out DIR             # render a real-instrument demo set and shard it
+
+Recipes are modules ``shard_tools/<dataset>.py`` with ``add_arguments(parser)`` and
+``prepare(root, args) -> Recipe``; only the one named on the command line is imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import re
+import shlex
+import sys
+
+DATASETS = ("mtat", "msd", "musicnet", "nsynth", "folder")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "ki": 2**10, "kib": 2**10, "mi": 2**20, "mib": 2**20,
+          "gi": 2**30, "gib": 2**30, "ti": 2**40, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """``"256MB"`` -> 256_000_000, ``"1GiB"`` -> 2**30, ``"4096"`` -> 4096."""
+    m = _SIZE.match(text)
+    if not m or m.group(2) is not None and m.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"--shard-size: {text!r} is not a size like 256MB, 1GiB or 100000")
+    n = int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"--shard-size must be positive, got {text!r}")
+    return n
+
+
+def parse_slice(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not m or int(m.group(2)) < 1 or int(m.group(1)) >= int(m.group(2)):
+        raise argparse.ArgumentTypeError(f"--slice: {text!r} must be i/K with 0 <= i < K, e.g. 0/8 ... 7/8")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _positive_int(flag: str):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag}: {text!r} is not an integer") from None
+        if v <= 0:
+            raise argparse.ArgumentTypeError(f"{flag} must be positive, got {v}")
+        return v
+    return parse
+
+
+def _load_recipe(name: str):
+    if not re.fullmatch(r"[a-z0-9_]+", name):
+        raise SystemExit(f"shard-tools build: unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    try:
+        return importlib.import_module(f"shard_tools.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name == f"shard_tools.{name}":
+            raise SystemExit(f"shard-tools build: no recipe {name!r} (shard_tools/{name}.py not found); "
+                             f"choose one of {', '.join(DATASETS)}") from None
+        raise
+
+
+def add_build_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every recipe shares."""
+    parser.add_argument("--root", required=True, help="folder holding the dataset in its original layout")
+    parser.add_argument("--out", required=True, help="output folder: local path or fsspec URL (s3://, gs://, file://)")
+    parser.add_argument("--codec", choices=("flac", "wav"), default="flac", help="audio codec in the shards (default: flac)")
+    parser.add_argument("--shard-size", type=parse_size, default=256_000_000,
+                        help="close a shard once it reaches this size, e.g. 256MB, 1GiB (default: 256MB)")
+    parser.add_argument("--sample-rate", type=_positive_int("--sample-rate"), default=None,
+                        help="resample every sample to this rate (default: keep the source rate)")
+    parser.add_argument("--mono", action="store_true", help="average channels to mono")
+    parser.add_argument("--workers", type=_positive_int("--workers"), default=max(1, min(8, os.cpu_count() or 1)),
+                        help="processes that decode, resample and encode (default: CPU cores, at most 8)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the shuffle that mixes sources across shards (default: 0)")
+    parser.add_argument("--slice", type=parse_slice, default=(0, 1), metavar="i/K",
+                        help="build only slice i of K (0-based) with its own shards and a partial manifest; "
+                             "join the K slices with `shard-tools merge OUT`")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+
+
+def cmd_build(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: shard-tools build <dataset> --root SRC --out URL [options]\n\n"
+              f"datasets: {', '.join(DATASETS)}\n"
+              "`shard-tools build <dataset> --help` lists the dataset's own options.")
+        return 0 if argv else 2
+    name = argv[0]
+    module = _load_recipe(name)
+    parser = argparse.ArgumentParser(prog=f"shard-tools build {name}",
+                                     description=(module.__doc__ or "").strip().split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_build_arguments(parser)
+    module.add_arguments(parser)
+    args = parser.parse_args(argv[1:])
+    from shard_tools.build import build_dataset
+
+    root = os.path.expanduser(args.root)
+    if not os.path.isdir(root):
+        parser.error(f"--root {args.root}: folder not found; give the folder that holds the {name} dataset")
+    try:
+        recipe = module.prepare(root, args)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"shard-tools build {name}: error: {exc}", file=sys.stderr)
+        return 2
+    slice_index, num_slices = args.slice
+    try:
+        report = build_dataset(recipe, args.out, codec=args.codec, shard_size=args.shard_size,
+                               sample_rate=args.sample_rate, mono=args.mono, workers=args.workers, seed=args.seed,
+                               slice_index=slice_index, num_slices=num_slices, progress=not args.quiet,
+                               command=shlex.join(["shard-tools", "build", *argv]))
+    except ValueError as exc:
+        print(f"shard-tools build {name}: error: {exc}", file=sys.stderr)
+        return 2
+    if report["samples_written"] == 0 and (num_slices == 1 or report["files_in"] > 0):
+        print(f"shard-tools build {name}: error: no samples written; all {report['files_in']} input files were "
+              f"skipped (reasons in the build report under {args.out})", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_merge(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="shard-tools merge",
+                                     description="Join the partial manifests of `build --slice i/K` runs into one "
+                                                 "<split>.manifest.json per split (checks that all K slices are there).")
+    parser.add_argument("inputs", nargs="+", help="the shard folder, or partial manifest URLs (<split>.manifest.slice-i-of-K.json)")
+    parser.add_argument("--out", default=None, help="folder for the merged manifests (default: that of the first input)")
+    args = parser.parse_args(argv)
+    from shard_tools.build import format_summary
+    from shard_tools.manifest import merge
+
+    try:
+        rep = merge(args.inputs, args.out)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"shard-tools merge: error: {exc}", file=sys.stderr)
+        return 2
+    if rep.get("files_in") is not None:
+        print(format_summary(rep))
+    else:
+        for split, s in rep["splits"].items():
+            print(f"  {split:<12} {s['samples']:>8} samples {s['hours']:>9.3f} h {s['shards']:>5} shards")
+    return 0
+
+
+def cmd_verify(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="shard-tools verify",
+                                     description="Re-read every shard: check bytes and sha256 against the manifest, "
+                                                 "decode every sample and check counts. Exit 1 on any mismatch.")
+    parser.add_argument("url", help="a shard folder (all its manifests) or one <split>.manifest.json URL")
+    parser.add_argument("--workers", type=_positive_int("--workers"), default=1, help="shards checked in parallel (default: 1)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    from shard_tools.verify import verify
+
+    try:
+        problems, stats = verify(args.url, workers=args.workers, progress=not args.quiet)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"shard-tools verify: error: {exc}", file=sys.stderr)
+        return 2
+    if problems:
+        print(f"shard-tools verify: {len(problems)} problem(s) in {args.url}:", file=sys.stderr)
+        for p in problems[:50]:
+            print(f"  {p}", file=sys.stderr)
+        if len(problems) > 50:
+            print(f"  ... and {len(problems) - 50} more", file=sys.stderr)
+        return 1
+    print(f"shard-tools verify: OK  {stats['manifests']} manifest(s), {stats['shards']} shards, "
+          f"{stats['samples']} samples, {stats['seconds'] / 3600:.3f} h, every sample decoded")
+    return 0
+
+
+def cmd_info(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="shard-tools info",
+                                     description="Splits, sample counts, hours, shards and label vocabularies.")
+    parser.add_argument("url", help="a shard folder or one <split>.manifest.json URL")
+    args = parser.parse_args(argv)
+    from shard_tools.manifest import info_text
+
+    try:
+        print(info_text(args.url))
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"shard-tools info: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_demo(argv: list[str]) -> int:
+    try:
+        demo = importlib.import_module("shard_tools.demo")
+    except ModuleNotFoundError as exc:
+        if exc.name == "shard_tools.demo":
+            print("shard-tools demo: the demo recipe (shard_tools/demo.py) is not installed in this checkout", file=sys.stderr)
+            return 2
+        raise
+    parser = argparse.ArgumentParser(prog="shard-tools demo", description=(demo.__doc__ or "").strip().split("\n\n")[0])
+    demo.add_arguments(parser)
+    return int(demo.run(parser.parse_args(argv)) or 0)
+
+
+COMMANDS = {"build": cmd_build, "merge": cmd_merge, "verify": cmd_verify, "info": cmd_info, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(__doc__.strip())
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\nshard-tools: unknown command {argv[0]!r}", file=sys.stderr)
+            return 2
+        return 0 if argv else 2
+    return COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""Reading, finding, merging and summarising split manifests (format in docs/architecture.md §1)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter
+
+from pipeline import fsio
+from shard_tools.build import FORMAT, format_summary, manifest_name, report_name, reason_kind
+
+_PARTIAL = re.compile(r"^(?P<split>[A-Za-z0-9_]+)\.manifest\.slice-(?P<i>\d+)-of-(?P<k>\d+)\.json$")
+_WHOLE = re.compile(r"^(?P<split>[A-Za-z0-9_]+)\.manifest\.json$")
+
+
+def read_manifest(url: str) -> dict:
+    try:
+        data = fsio.read_bytes(url)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{url}: manifest not found; is the build finished (or, for --slice builds, "
+                                f"merged with `shard-tools merge`)?") from exc
+    try:
+        m = json.loads(data)
+    except ValueError as exc:
+        raise ValueError(f"{url}: not a JSON manifest ({exc})") from exc
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise ValueError(f"{url}: not a {FORMAT} manifest (format field: {m.get('format') if isinstance(m, dict) else None!r})")
+    return m
+
+
+def find_manifests(url: str) -> list[str]:
+    """Manifest URLs for a folder URL (whole-split manifests; the partial ones only if none) or a
+    manifest URL itself."""
+    if url.endswith(".json"):
+        return [url]
+    names = fsio.list_dir(url)
+    if not names and not fsio.exists(url):
+        raise FileNotFoundError(f"{url}: no such folder; give a shard folder or a <split>.manifest.json URL")
+    whole = [n for n in names if _WHOLE.match(n)]
+    chosen = whole or [n for n in names if _PARTIAL.match(n)]
+    if not chosen:
+        raise FileNotFoundError(f"{url}: no <split>.manifest.json here; build it with `shard-tools build` "
+                                f"(a split exists only once its manifest is written)")
+    return [fsio.join_url(url, n) for n in chosen]
+
+
+def shard_url(manifest_url: str, shard: dict) -> str:
+    return fsio.join_url(fsio.parent_url(manifest_url), shard["url"])
+
+
+def _abs_folder(url: str) -> str:
+    return os.path.abspath(fsio.local_path(url)) if fsio.is_local(url) else url.rstrip("/")
+
+
+def merge(inputs: list[str], out: str | None = None) -> dict:
+    """Join the partial manifests of ``--slice`` builds into one manifest per split.
+
+    ``inputs`` is a folder URL (all partial manifests in it) or a list of partial manifest URLs;
+    every split must have all K slices. Writes ``<split>.manifest.json`` into ``out`` (default: the
+    folder of the first partial manifest) and, when every slice's build report is there, a merged
+    ``build-report.json``. Returns the merged report (or a summary of the manifests).
+    """
+    urls: list[str] = []
+    for u in inputs:
+        if u.endswith(".json"):
+            urls.append(u)
+        else:
+            names = [n for n in fsio.list_dir(u) if _PARTIAL.match(n)]
+            if not names:
+                raise FileNotFoundError(f"{u}: no partial manifests (<split>.manifest.slice-<i>-of-<K>.json); "
+                                        f"build the slices with `shard-tools build ... --slice i/K --out {u}` first")
+            urls.extend(fsio.join_url(u, n) for n in names)
+    if not urls:
+        raise ValueError("merge: give a shard folder or partial manifest URLs")
+    out = (out or fsio.parent_url(urls[0])).rstrip("/")
+    by_split: dict[str, dict[int, tuple[str, dict]]] = {}
+    counts: set[int] = set()
+    for u in urls:
+        m = read_manifest(u)
+        sl = m.get("slice")
+        if not sl:
+            raise ValueError(f"{u}: not a partial manifest (no 'slice' field); only --slice builds are merged")
+        counts.add(int(sl["count"]))
+        prev = by_split.setdefault(m["split"], {}).get(int(sl["index"]))
+        if prev is not None:
+            raise ValueError(f"slice {sl['index']} of split {m['split']!r} given twice: {prev[0]} and {u}")
+        by_split[m["split"]][int(sl["index"])] = (u, m)
+    if len(counts) != 1:
+        raise ValueError(f"the partial manifests come from builds with different slice counts K: {sorted(counts)}")
+    k = counts.pop()
+    for split, parts in sorted(by_split.items()):
+        missing = [i for i in range(k) if i not in parts]
+        if missing:
+            names = ", ".join(manifest_name(split, i, k) for i in missing)
+            raise FileNotFoundError(f"split {split!r}: missing slice(s) {missing} of {k} ({names} not found); "
+                                    f"run those slices (`shard-tools build ... --slice i/{k}`) before merging")
+    out_abs = _abs_folder(out)
+    totals = {}
+    for split, parts in sorted(by_split.items()):
+        first = parts[0][1]
+        shards = []
+        rates, chans = set(), set()
+        for i in range(k):
+            u, m = parts[i]
+            if m["labels"] != first["labels"] or m["dataset"] != first["dataset"] or m["codec"] != first["codec"]:
+                raise ValueError(f"{u}: dataset, codec or label vocabulary differs from {parts[0][0]}; "
+                                 f"all slices must be built by the same command (only --slice differs)")
+            folder = _abs_folder(fsio.parent_url(u))
+            for s in m["shards"]:
+                s = dict(s)
+                if folder != out_abs:
+                    s["url"] = fsio.join_url(folder, s["url"])
+                shards.append(s)
+            if m["num_samples"]:
+                rates.add(m["sample_rate"])
+                chans.add(m["channels"])
+        merged = {
+            "format": FORMAT,
+            "dataset": first["dataset"],
+            "split": split,
+            "codec": first["codec"],
+            "sample_rate": rates.pop() if len(rates) == 1 else None,
+            "channels": chans.pop() if len(chans) == 1 else None,
+            "num_samples": sum(s["num_samples"] for s in shards),
+            "seconds": round(sum(s["seconds"] for s in shards), 6),
+            "shards": shards,
+            "labels": first["labels"],
+            "build": {**first["build"], "merged_slices": k},
+        }
+        fsio.write_bytes_atomic(fsio.join_url(out, manifest_name(split)),
+                                json.dumps(merged, indent=1, ensure_ascii=False).encode("utf-8"))
+        totals[split] = {"samples": merged["num_samples"], "seconds": merged["seconds"],
+                         "hours": round(merged["seconds"] / 3600, 4), "shards": len(shards),
+                         "bytes": sum(s["bytes"] for s in shards)}
+    return _merge_reports(urls, out, k, totals)
+
+
+def _merge_reports(urls: list[str], out: str, k: int, totals: dict) -> dict:
+    folders = sorted({fsio.parent_url(u) for u in urls})
+    reports = []
+    for i in range(k):
+        found = None
+        for folder in folders:
+            u = fsio.join_url(folder, report_name(i, k))
+            if fsio.exists(u):
+                found = json.loads(fsio.read_bytes(u))
+                break
+        reports.append(found)
+    if any(r is None for r in reports):
+        missing = [report_name(i, k) for i, r in enumerate(reports) if r is None]
+        print(f"[shard-tools merge] build reports not found ({', '.join(missing)}); manifests merged, no merged report")
+        return {"splits": totals, "report": None}
+    skipped = [s for r in reports for s in r["files_skipped"]]
+    seconds = sum(v["seconds"] for v in totals.values())
+    wall = sum(r["wall_seconds"] for r in reports)
+    merged = {
+        "dataset": reports[0]["dataset"],
+        "out": out,
+        "command": reports[0]["command"],
+        "slice": {"index": 0, "count": 1},
+        "merged_slices": k,
+        "files_in": sum(r["files_in"] for r in reports),
+        "files_written": sum(r["files_written"] for r in reports),
+        "samples_written": sum(r["samples_written"] for r in reports),
+        "files_skipped": skipped,
+        "skipped_by_reason": dict(Counter(reason_kind(s["reason"]) for s in skipped).most_common()),
+        "segments_skipped": [s for r in reports for s in r.get("segments_skipped", [])],
+        "splits": totals,
+        "seconds": round(seconds, 3),
+        "hours": round(seconds / 3600, 4),
+        "bytes": sum(v["bytes"] for v in totals.values()),
+        "shards": sum(v["shards"] for v in totals.values()),
+        # slices may have run one after another or side by side; this is their summed time
+        "wall_seconds": round(wall, 3),
+        "audio_hours_per_hour": round(seconds / wall, 2) if wall > 0 else None,
+    }
+    fsio.write_bytes_atomic(fsio.join_url(out, report_name()),
+                            json.dumps(merged, indent=1, ensure_ascii=False).encode("utf-8"))
+    return merged
+
+
+def info_text(url: str) -> str:
+    """A one-screen description of a shard folder or manifest: splits, counts, hours, labels."""
+    murls = find_manifests(url)
+    manifests = [(u, read_manifest(u)) for u in murls]
+    lines = [f"{url}"]
+    datasets = sorted({m["dataset"] for _, m in manifests})
+    lines.append(f"  dataset {', '.join(datasets)}   codec {manifests[0][1]['codec']}")
+    lines.append(f"  {'split':<24} {'samples':>9} {'hours':>9} {'shards':>7} {'GB':>9}  sr      ch")
+    tot = [0, 0.0, 0, 0]
+    for u, m in sorted(manifests, key=lambda x: x[1]["split"]):
+        nbytes = sum(s["bytes"] for s in m["shards"])
+        name = m["split"] + (f" (slice {m['slice']['index']}/{m['slice']['count']})" if m.get("slice") else "")
+        lines.append(f"  {name:<24} {m['num_samples']:>9} {m['seconds'] / 3600:>9.3f} {len(m['shards']):>7} "
+                     f"{nbytes / 1e9:>9.3f}  {str(m['sample_rate']):<7} {m['channels']}")
+        tot[0] += m["num_samples"]
+        tot[1] += m["seconds"]
+        tot[2] += len(m["shards"])
+        tot[3] += nbytes
+    lines.append(f"  {'total':<24} {tot[0]:>9} {tot[1] / 3600:>9.3f} {tot[2]:>7} {tot[3] / 1e9:>9.3f}")
+    labels = manifests[0][1].get("labels") or {}
+    if labels:
+        lines.append("  labels:")
+        for field, spec in labels.items():
+            names = spec.get("names", [])
+            shown = ", ".join(str(n) for n in names[:8]) + (", ..." if len(names) > 8 else "")
+            lines.append(f"    {field:<24} {spec.get('kind', '?'):<9} {len(names):>4} names: {shown}")
+    else:
+        lines.append("  labels: none (unlabelled)")
+    if not url.endswith(".json"):
+        rep_url = fsio.join_url(url, report_name())
+        if fsio.exists(rep_url):
+            rep = json.loads(fsio.read_bytes(rep_url))
+            lines.append(f"  build: {rep['files_in']} files in, {rep['samples_written']} samples, "
+                         f"{len(rep['files_skipped'])} files skipped"
+                         + (" (" + ", ".join(f"{n} {r}" for r, n in list(rep.get('skipped_by_reason', {}).items())[:4]) + ")"
+                            if rep["files_skipped"] else ""))
+    b = manifests[0][1].get("build") or {}
+    if b.get("command"):
+        lines.append(f"  built by: {b['command']}  ({b.get('created', '')})")
+    return "\n".join(lines)
+
+
+__all__ = ["read_manifest", "find_manifests", "shard_url", "merge", "info_text", "format_summary"]
