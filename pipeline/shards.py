@@ -1,0 +1,281 @@
+"""Reading the shard format of docs/architecture.md §1: manifests, tar cursors, label specs.
+
+Nothing here decodes audio or unpickles anything: a sample is handed on as the raw bytes of its
+``<key>.flac`` (or ``.wav``) member and its parsed ``<key>.json``. The loader (``pipeline.loader``)
+decides what to decode.
+
+Tars are read with the standard library's ``tarfile`` over a seekable file object (a local file or
+an fsspec file for ``s3://``/``gs://``), so skipping a sample costs one header read and a seek, not
+the transfer of its audio. That is what makes a mid-epoch resume cheap.
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from dataclasses import dataclass, field
+from typing import IO
+
+import numpy as np
+
+from pipeline import fsio
+
+MANIFEST_FORMAT = "musicssl-shards/1"
+AUDIO_EXTS = ("flac", "wav", "ogg", "mp3")
+
+
+class ShardReadError(RuntimeError):
+    """A shard could not be read (truncated tar, bad header, fewer samples than its manifest says)."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    url: str  # absolute URL (resolved against the manifest's folder)
+    num_samples: int
+
+
+@dataclass
+class Manifest:
+    """A parsed ``<split>.manifest.json`` with shard URLs resolved."""
+
+    url: str
+    shards: list[Shard]
+    labels: dict[str, dict] = field(default_factory=dict)
+    sample_rate: int | None = None
+    channels: int | None = None
+    dataset: str = ""
+    split: str = ""
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s.num_samples for s in self.shards)
+
+
+def load_manifest(url: str) -> Manifest:
+    """Read and check a manifest; shard URLs become absolute (relative ones are resolved against
+    the manifest's folder, so a tree copied between disks and buckets keeps working)."""
+    try:
+        raw = json.loads(fsio.with_retries(lambda: fsio.read_bytes(url), what=url))
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(
+            f"manifest {url} does not exist; build the split with `shard-tools build ...` or fix --data.manifests"
+        ) from exc
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"manifest {url} is not valid JSON ({exc}); rebuild it with shard-tools") from exc
+    if raw.get("format") != MANIFEST_FORMAT:
+        raise ValueError(f"manifest {url} has format {raw.get('format')!r}, expected {MANIFEST_FORMAT!r}")
+    folder = fsio.parent_url(url)
+    shards = []
+    for i, s in enumerate(raw.get("shards") or []):
+        if "url" not in s or "num_samples" not in s:
+            raise ValueError(f"manifest {url}: shard entry {i} lacks 'url' or 'num_samples'")
+        shards.append(Shard(url=fsio.join_url(folder, s["url"]), num_samples=int(s["num_samples"])))
+    if not shards or sum(s.num_samples for s in shards) == 0:
+        raise ValueError(f"manifest {url} lists no samples; check the build report next to it")
+    return Manifest(
+        url=url,
+        shards=shards,
+        labels=dict(raw.get("labels") or {}),
+        sample_rate=raw.get("sample_rate"),
+        channels=raw.get("channels"),
+        dataset=str(raw.get("dataset", "")),
+        split=str(raw.get("split", "")),
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Labels
+
+
+def merge_label_specs(manifests: list[Manifest]) -> dict[str, dict]:
+    """One label spec over several manifests.
+
+    Fields are united; a field present in several manifests must have the same kind, and its names
+    are united in first-seen order (so MSD and MTAT tag vocabularies can be mixed). A sample from a
+    manifest lacking a field gets the "missing" value (zeros / -1).
+    """
+    merged: dict[str, dict] = {}
+    origin: dict[str, str] = {}
+    for m in manifests:
+        for name, spec in m.labels.items():
+            kind = spec.get("kind")
+            if kind not in ("multi_hot", "class"):
+                raise ValueError(f"manifest {m.url}: label {name!r} has kind {kind!r}; expected 'multi_hot' or 'class'")
+            names = list(spec.get("names") or [])
+            if name not in merged:
+                merged[name] = {"kind": kind, "names": names}
+                origin[name] = m.url
+                continue
+            if merged[name]["kind"] != kind:
+                raise ValueError(
+                    f"label {name!r} is {merged[name]['kind']!r} in {origin[name]} but {kind!r} in {m.url}; "
+                    "mix only manifests whose label kinds agree"
+                )
+            seen = set(map(_norm, merged[name]["names"]))
+            merged[name]["names"] += [n for n in names if _norm(n) not in seen]
+    return merged
+
+
+def _norm(v: object) -> str:
+    # JSON may give 60 in one place and "60" in another; labels compare by their text
+    return str(v)
+
+
+class LabelEncoder:
+    """Turns a sample's raw labels into arrays per the merged spec (multi_hot float32, class int64)."""
+
+    def __init__(self, spec: dict[str, dict]):
+        self.spec = spec
+        self.index = {f: {_norm(n): i for i, n in enumerate(s["names"])} for f, s in spec.items()}
+
+    def _raw(self, meta: dict, name: str) -> object:
+        labels = meta.get("labels") or {}
+        if name in labels:
+            return labels[name]
+        return meta.get(name)  # e.g. mtat's clip_id sits at the top level of the sample JSON
+
+    def encode(self, meta: dict) -> dict[str, np.ndarray | int]:
+        out: dict[str, np.ndarray | int] = {}
+        for name, spec in self.spec.items():
+            raw = self._raw(meta, name)
+            idx = self.index[name]
+            if spec["kind"] == "multi_hot":
+                v = np.zeros(len(idx), dtype=np.float32)
+                for item in raw if isinstance(raw, list) else ([] if raw is None else [raw]):
+                    j = idx.get(_norm(item))
+                    if j is not None:
+                        v[j] = 1.0
+                out[name] = v
+            else:
+                out[name] = -1 if raw is None or isinstance(raw, list) else idx.get(_norm(raw), -1)
+        return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Tar cursor
+
+
+@dataclass
+class RawSample:
+    """One sample's undecoded members. ``audio`` is None when the tar lacks an audio member."""
+
+    key: str
+    audio: bytes | None
+    audio_ext: str
+    meta: bytes | None
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    base = name.rsplit("/", 1)[-1]
+    key, _, ext = base.partition(".")  # keys have no dots (architecture.md §1)
+    return key, ext
+
+
+class TarCursor:
+    """Random access *forward* over the samples of one tar shard, by sample index.
+
+    ``get(i)`` returns sample ``i`` (members grouped by key, in tar order) and may only be called
+    with increasing ``i``; samples in between are passed over by reading their headers and seeking
+    past their data. Raises :class:`ShardReadError` for a truncated or malformed tar (including
+    fewer samples than ``i + 1``). Transient remote errors are retried by reopening the shard and
+    scanning back to the same sample.
+    """
+
+    def __init__(self, url: str):
+        self.url = url
+        self._f: IO | None = None
+        self._tf: tarfile.TarFile | None = None
+        self._pending: tarfile.TarInfo | None = None  # first header of the next group
+        self._index = -1  # index of the group ``_pending`` belongs to
+        self._eof = False
+
+    def _open(self) -> None:
+        self.close()
+        self._f = fsio.with_retries(lambda: fsio.open_url(self.url, "rb"), what=self.url)
+        try:
+            self._tf = tarfile.open(fileobj=self._f, mode="r:")
+        except tarfile.TarError as exc:
+            raise ShardReadError(f"{self.url}: not a readable tar ({exc}); rebuild or re-upload this shard") from exc
+        self._pending, self._index, self._eof = None, -1, False
+
+    def close(self) -> None:
+        if self._tf is not None:
+            self._tf.close()
+        if self._f is not None:
+            self._f.close()
+        self._f = self._tf = None
+
+    def _next_header(self) -> tarfile.TarInfo | None:
+        assert self._tf is not None
+        try:
+            ti = self._tf.next()
+        except tarfile.TarError as exc:
+            raise ShardReadError(f"{self.url}: truncated or malformed tar ({exc})") from exc
+        # tarfile remembers every member; we never look back, so keep memory flat on big shards
+        self._tf.members.clear()
+        while ti is not None and not ti.isfile():
+            ti = self._tf.next()
+            self._tf.members.clear()
+        return ti
+
+    def _advance_group(self) -> None:
+        """Move ``_pending`` to the first header of the next group (or EOF)."""
+        if self._index >= 0:
+            key = _split_name(self._pending.name)[0]  # type: ignore[union-attr]
+            while True:
+                ti = self._next_header()
+                if ti is None or _split_name(ti.name)[0] != key:
+                    break
+        else:
+            ti = self._next_header()
+        self._pending = ti
+        self._index += 1
+        self._eof = ti is None
+
+    def _read(self, ti: tarfile.TarInfo) -> bytes:
+        assert self._tf is not None
+        try:
+            f = self._tf.extractfile(ti)
+            data = f.read() if f is not None else b""
+        except tarfile.TarError as exc:
+            raise ShardReadError(f"{self.url}: truncated member {ti.name} ({exc})") from exc
+        if len(data) != ti.size:
+            raise ShardReadError(f"{self.url}: truncated member {ti.name} ({len(data)} of {ti.size} bytes)")
+        return data
+
+    def _get(self, i: int) -> RawSample:
+        if self._tf is None:
+            self._open()
+        if i < self._index:
+            raise ValueError(f"{self.url}: TarCursor.get({i}) after sample {self._index}; indices must increase")
+        while self._index < i and not self._eof:
+            self._advance_group()
+        if self._eof or self._index != i:
+            raise ShardReadError(f"{self.url}: tar ends before sample {i} (truncated shard?)")
+        first = self._pending
+        assert first is not None
+        key = _split_name(first.name)[0]
+        audio, audio_ext, meta = None, "", None
+        ti: tarfile.TarInfo | None = first
+        while ti is not None and _split_name(ti.name)[0] == key:
+            ext = _split_name(ti.name)[1]
+            if ext in AUDIO_EXTS and audio is None:
+                audio, audio_ext = self._read(ti), ext
+            elif ext == "json":
+                meta = self._read(ti)
+            ti = self._next_header()
+        self._pending, self._index, self._eof = ti, self._index + 1, ti is None
+        return RawSample(key=key, audio=audio, audio_ext=audio_ext, meta=meta)
+
+    def get(self, i: int) -> RawSample:
+        for attempt in range(4):
+            try:
+                return self._get(i)
+            except ShardReadError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - remote hiccups: reopen and rescan
+                if attempt == 3 or not fsio.is_transient(exc):
+                    raise
+                print(f"[musicssl] transient error reading {self.url}: {exc!r}; reopening")
+                self._open()
+        raise AssertionError("unreachable")
