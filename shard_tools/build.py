@@ -42,7 +42,7 @@ import soundfile as sf
 from pipeline import fsio
 from pipeline.audio import encode_audio, resample, to_mono
 from shard_tools.recipe import Item, Recipe, Skip
-from shard_tools.writer import ShardWriter
+from shard_tools.writer import ShardWriter, write_bytes_atomic
 
 FORMAT = "musicssl-shards/1"
 CODECS = ("flac", "wav")
@@ -433,7 +433,7 @@ def build_dataset(recipe: Recipe, out_url: str, *, codec: str = "flac", shard_si
     report = _make_report(recipe, plan, recipe_skips, item_skips, split_stats, out_url=out_url,
                           fingerprint=fingerprint, options=options, command=command, workers=workers,
                           wall=time.time() - t0, kept_shards=kept_shards, new_seconds=new_seconds)
-    fsio.write_bytes_atomic(report_url, json.dumps(report, indent=1, ensure_ascii=False).encode("utf-8"))
+    write_bytes_atomic(report_url, json.dumps(report, indent=1, ensure_ascii=False).encode("utf-8"))
     fsio.remove(progress_url)
     if progress:
         print(format_summary(report))
@@ -460,7 +460,7 @@ def _write_split(split: str, items: list[Item], start: int, st: dict, state: dic
                              "bytes": nbytes, "sha256": sha, "first": first, "end": end, "skips": skips,
                              "sample_rates": sorted(rates), "channels": sorted(chans)})
         # progress is saved after the shard is visible: a crash in between only redoes this shard
-        fsio.write_bytes_atomic(progress_url, json.dumps(state).encode("utf-8"))
+        write_bytes_atomic(progress_url, json.dumps(state).encode("utf-8"))
         writer, skips, first, rates, chans = None, [], end, set(), set()
 
     try:
@@ -489,7 +489,7 @@ def _write_split(split: str, items: list[Item], start: int, st: dict, state: dic
         raise
     st["tail_skips"] = skips  # items after the last shard that all failed
     st["done"] = True
-    fsio.write_bytes_atomic(progress_url, json.dumps(state).encode("utf-8"))
+    write_bytes_atomic(progress_url, json.dumps(state).encode("utf-8"))
     return seconds
 
 
@@ -513,7 +513,7 @@ def _write_manifest(split: str, st: dict, recipe: Recipe, out_url: str, codec: s
     }
     if num_slices > 1:
         manifest["slice"] = {"index": slice_index, "count": num_slices}
-    fsio.write_bytes_atomic(fsio.join_url(out_url, manifest_name(split, slice_index, num_slices)),
+    write_bytes_atomic(fsio.join_url(out_url, manifest_name(split, slice_index, num_slices)),
                             json.dumps(manifest, indent=1, ensure_ascii=False).encode("utf-8"))
     return {"samples": manifest["num_samples"], "seconds": manifest["seconds"],
             "hours": round(manifest["seconds"] / 3600, 4), "shards": len(shards),

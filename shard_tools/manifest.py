@@ -8,7 +8,8 @@ import re
 from collections import Counter
 
 from pipeline import fsio
-from shard_tools.build import FORMAT, format_summary, manifest_name, report_name, reason_kind
+from shard_tools.build import FORMAT, format_summary, manifest_name, reason_kind, report_name
+from shard_tools.writer import write_bytes_atomic
 
 _PARTIAL = re.compile(r"^(?P<split>[A-Za-z0-9_]+)\.manifest\.slice-(?P<i>\d+)-of-(?P<k>\d+)\.json$")
 _WHOLE = re.compile(r"^(?P<split>[A-Za-z0-9_]+)\.manifest\.json$")
@@ -128,7 +129,7 @@ def merge(inputs: list[str], out: str | None = None) -> dict:
             "labels": first["labels"],
             "build": {**first["build"], "merged_slices": k},
         }
-        fsio.write_bytes_atomic(fsio.join_url(out, manifest_name(split)),
+        write_bytes_atomic(fsio.join_url(out, manifest_name(split)),
                                 json.dumps(merged, indent=1, ensure_ascii=False).encode("utf-8"))
         totals[split] = {"samples": merged["num_samples"], "seconds": merged["seconds"],
                          "hours": round(merged["seconds"] / 3600, 4), "shards": len(shards),
@@ -175,7 +176,7 @@ def _merge_reports(urls: list[str], out: str, k: int, totals: dict) -> dict:
         "wall_seconds": round(wall, 3),
         "audio_hours_per_hour": round(seconds / wall, 2) if wall > 0 else None,
     }
-    fsio.write_bytes_atomic(fsio.join_url(out, report_name()),
+    write_bytes_atomic(fsio.join_url(out, report_name()),
                             json.dumps(merged, indent=1, ensure_ascii=False).encode("utf-8"))
     return merged
 

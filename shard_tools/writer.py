@@ -96,3 +96,22 @@ class ShardWriter:
         finally:
             if os.path.exists(self._tmp):
                 os.unlink(self._tmp)
+
+
+def write_bytes_atomic(url: str, data: bytes) -> None:
+    """Like ``pipeline.fsio.write_bytes_atomic``, but a local temp file has a fixed name
+    (``.<name>.partial``) so that a build killed mid-write leaves nothing the re-run does not
+    overwrite and rename away (a random temp name would stay behind as litter)."""
+    if not fsio.is_local(url):
+        fsio.write_bytes_atomic(url, data)
+        return
+    path = fsio.local_path(url)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, "." + os.path.basename(path) + ".partial")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)

@@ -1,0 +1,293 @@
+"""The generic shard builder: determinism, resume after SIGKILL, verify, slices + merge, CLI errors."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from shard_tools import folder
+from shard_tools.build import build_dataset
+from shard_tools.cli import main as cli_main
+from shard_tools.verify import verify
+from tests.conftest import write_tone
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_tree(root: str, n: int, *, seconds: float = 0.5, bad: bool = True) -> dict[str, float]:
+    """``n`` tones of distinct pitch in mixed formats / rates / channel counts, plus bad files.
+    Returns {relative path: frequency} of the good files."""
+    freqs = {}
+    fmts = ["wav", "flac", "ogg"]
+    rates = [16000, 22050, 44100]
+    for i in range(n):
+        rel = f"{'abc'[i % 3]}/tone{i:03d}.{fmts[i % 3]}"
+        freq = 200.0 + 37.0 * i
+        write_tone(os.path.join(root, rel), freq=freq, seconds=seconds, sample_rate=rates[(i // 3) % 3],
+                   channels=1 + i % 2)
+        freqs[rel] = freq
+    if bad:
+        open(os.path.join(root, "a", "empty.wav"), "wb").close()
+        with open(os.path.join(root, "b", "notes.mp3"), "w") as f:
+            f.write("this is not audio\n" * 20)
+        with open(os.path.join(root, "a", "tone000.wav"), "rb") as f:
+            whole = f.read()
+        with open(os.path.join(root, "c", "cut.wav"), "wb") as f:
+            f.write(whole[: len(whole) // 2])
+        with open(os.path.join(root, "c", "cut.flac"), "wb") as f:
+            f.write(open(os.path.join(root, "b", "tone001.flac"), "rb").read()[:600])
+    return freqs
+
+
+def folder_recipe(root: str, **kw):
+    ns = argparse.Namespace(labels=None, path_column="path", split_column="split", multi_hot=[], label_sep=";",
+                            keep_unlisted=False, valid_fraction=0.2, test_fraction=0.2)
+    for k, v in kw.items():
+        setattr(ns, k, v)
+    return folder.prepare(root, ns)
+
+
+def tars(out: str) -> dict[str, bytes]:
+    return {n: open(os.path.join(out, n), "rb").read() for n in sorted(os.listdir(out)) if n.endswith(".tar")}
+
+
+def manifests(out: str) -> dict[str, dict]:
+    res = {}
+    for n in sorted(os.listdir(out)):
+        if ".manifest" in n:
+            m = json.load(open(os.path.join(out, n)))
+            m["build"].pop("created")
+            m["build"].pop("command")  # the reference builds run in-process, without a command line
+            res[n] = m
+    return res
+
+
+def samples(out: str) -> dict[str, tuple[dict, np.ndarray, int]]:
+    res = {}
+    for name, data in tars(out).items():
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            members = tar.getmembers()
+            for a, j in zip(members[0::2], members[1::2]):
+                meta = json.loads(tar.extractfile(j).read())
+                audio, sr = sf.read(io.BytesIO(tar.extractfile(a).read()), dtype="float32", always_2d=True)
+                res[meta["key"]] = (meta, audio.T, sr)
+    return res
+
+
+def f0(audio: np.ndarray, sr: int) -> float:
+    x = audio.mean(0) * np.hanning(audio.shape[1])
+    spec = np.abs(np.fft.rfft(x, 8 * len(x)))
+    return float(np.argmax(spec) * sr / (8 * len(x)))
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("src"))
+    return root, make_tree(root, 18)
+
+
+@pytest.fixture(scope="module")
+def reference(tree, tmp_path_factory):
+    """An uninterrupted single-worker build of ``tree`` (16 kHz mono FLAC, tiny shards)."""
+    root, _ = tree
+    out = str(tmp_path_factory.mktemp("ref"))
+    report = build_dataset(folder_recipe(root), out, shard_size=12_000, sample_rate=16000, mono=True,
+                           workers=1, seed=3, progress=False)
+    return out, report
+
+
+def test_build_values_and_report(tree, reference):
+    root, freqs = tree
+    out, report = reference
+    # every file is accounted for: written or reported with a reason
+    assert report["files_in"] == 18 + 4 == report["files_written"] + len(report["files_skipped"])
+    assert report["samples_written"] == 18
+    reasons = {os.path.relpath(s["path"], root): s["reason"] for s in report["files_skipped"]}
+    assert set(reasons) == {"a/empty.wav", "b/notes.mp3", "c/cut.wav", "c/cut.flac"}
+    assert reasons["a/empty.wav"].startswith("empty file")
+    assert reasons["b/notes.mp3"].startswith("not decodable audio")
+    assert reasons["c/cut.wav"].startswith("truncated")
+    assert reasons["c/cut.flac"].startswith(("not decodable audio", "truncated"))
+    on_disk = json.load(open(os.path.join(out, "build-report.json")))
+    assert on_disk["files_skipped"] == report["files_skipped"]
+    # the audio is the source tone, converted: 16 kHz mono, same pitch, same duration
+    got = samples(out)
+    assert len(got) == 18
+    by_source = {meta["source"]: (meta, audio, sr) for meta, audio, sr in got.values()}
+    assert set(by_source) == set(freqs)
+    for rel, freq in freqs.items():
+        meta, audio, sr = by_source[rel]
+        assert sr == meta["sample_rate"] == 16000 and audio.shape[0] == meta["channels"] == 1
+        assert meta["num_samples"] == audio.shape[1] == 8000
+        assert abs(f0(audio, sr) - freq) < 3.0, rel
+        assert meta["dataset"] == "folder" and meta["id"] == rel and meta["labels"] == {}
+    # manifests: counts, seconds and sha256 match the files; shards are cut near --shard-size
+    total = 0
+    for name, m in manifests(out).items():
+        assert m["sample_rate"] == 16000 and m["channels"] == 1 and m["codec"] == "flac"
+        for s in m["shards"]:
+            data = open(os.path.join(out, s["url"]), "rb").read()
+            assert hashlib.sha256(data).hexdigest() == s["sha256"] and len(data) == s["bytes"]
+            assert abs(s["seconds"] - 0.5 * s["num_samples"]) < 1e-6
+        assert m["num_samples"] == sum(s["num_samples"] for s in m["shards"])
+        with tarfile.open(os.path.join(out, m["shards"][0]["url"])) as tar:
+            metas = [json.loads(tar.extractfile(x).read()) for x in tar.getmembers() if x.name.endswith(".json")]
+        assert {meta["split"] for meta in metas} == {m["split"]}
+        total += m["num_samples"]
+    assert total == 18
+    assert report["shards"] > 3  # 12 kB shards hold a few 0.5 s FLAC samples each
+    # tar headers are fixed: no clock, owner or mode leaks in
+    with tarfile.open(os.path.join(out, "train-000000.tar")) as tar:
+        for mem in tar.getmembers():
+            assert (mem.mtime, mem.uid, mem.gid, mem.uname, mem.gname, mem.mode) == (0, 0, 0, "", "", 0o644)
+
+
+def test_rebuild_is_byte_identical_with_two_workers(tree, reference, tmp_path):
+    root, _ = tree
+    ref_out, ref_report = reference
+    out = str(tmp_path / "w2")
+    report = build_dataset(folder_recipe(root), out, shard_size=12_000, sample_rate=16000, mono=True,
+                           workers=2, seed=3, progress=False)
+    assert tars(out) == tars(ref_out)
+    assert manifests(out) == manifests(ref_out)
+    assert report["files_skipped"] == ref_report["files_skipped"]
+    # another seed mixes the sources differently (same samples, other shards)
+    out3 = str(tmp_path / "seed4")
+    build_dataset(folder_recipe(root), out3, shard_size=12_000, sample_rate=16000, mono=True, workers=1,
+                  seed=4, progress=False)
+    assert tars(out3) != tars(ref_out)
+    assert set(samples(out3)) == set(samples(ref_out))
+    # a finished build re-run with the same arguments is recognised, nothing is rewritten
+    again = build_dataset(folder_recipe(root), out3, shard_size=12_000, sample_rate=16000, mono=True,
+                          workers=1, seed=4, progress=False)
+    assert again.get("up_to_date") is True
+
+
+def test_kill_and_resume_equals_uninterrupted(tmp_path):
+    root = str(tmp_path / "src")
+    make_tree(root, 40, seconds=0.5, bad=False)
+    ref = str(tmp_path / "ref")
+    out = str(tmp_path / "out")
+    cmd = [sys.executable, "-m", "shard_tools", "build", "folder", "--root", root, "--out", out, "--workers", "1",
+           "--shard-size", "10kB", "--sample-rate", "8000", "--mono", "--seed", "1", "--quiet"]
+    build_dataset(folder_recipe(root, valid_fraction=0.1, test_fraction=0.1), ref, shard_size=10_000,
+                  sample_rate=8000, mono=True, workers=1, seed=1, progress=False)
+    n_ref = len(tars(ref))
+    assert n_ref >= 10
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.isdir(out) and len([n for n in os.listdir(out) if n.endswith(".tar")]) >= 2:
+            break
+        time.sleep(0.002)
+    assert proc.poll() is None, f"build finished before it could be killed: {proc.stderr.read()!r}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    # killed mid-build: no report, the progress file is there, and every visible shard is complete
+    names = os.listdir(out)
+    assert "build-report.json" not in names and ".build-progress.json" in names
+    visible = tars(out)
+    assert 2 <= len(visible) < n_ref
+    reference_tars = tars(ref)
+    for name, data in visible.items():
+        assert data == reference_tars[name], f"{name} is visible but differs from the uninterrupted build"
+    # the same command again finishes the job, keeping the shards already done
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert tars(out) == reference_tars
+    assert manifests(out) == manifests(ref)
+    report = json.load(open(os.path.join(out, "build-report.json")))
+    assert report["shards_kept_from_earlier_run"] >= 1
+    assert report["files_in"] == report["files_written"] == 40
+    assert not [n for n in os.listdir(out) if n.startswith(".")], "temp or progress files left behind"
+
+
+def test_verify_catches_a_flipped_byte(reference, tmp_path, capsys):
+    ref_out, _ = reference
+    out = str(tmp_path / "copy")
+    shutil.copytree(ref_out, out)
+    assert cli_main(["verify", out, "--quiet"]) == 0
+    problems, stats = verify(out, progress=False)
+    assert problems == [] and stats["samples"] == 18
+    victim = sorted(n for n in os.listdir(out) if n.startswith("train-"))[1]
+    path = os.path.join(out, victim)
+    data = bytearray(open(path, "rb").read())
+    data[2000] ^= 0x40  # inside the first sample's FLAC stream
+    open(path, "wb").write(bytes(data))
+    capsys.readouterr()
+    assert cli_main(["verify", out, "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert victim in err and "sha256" in err
+    # a truncated shard is caught too (size, and the members that are gone)
+    open(path, "wb").write(bytes(data[:4096]))
+    problems, _ = verify(out, progress=False)
+    assert any(victim in p and "bytes" in p for p in problems)
+
+
+def test_slices_and_merge_equal_the_whole(tree, reference, tmp_path, capsys):
+    root, _ = tree
+    ref_out, ref_report = reference
+    out = str(tmp_path / "sliced")
+    recipe = folder_recipe(root)
+    reports = [build_dataset(recipe, out, shard_size=12_000, sample_rate=16000, mono=True, workers=1, seed=3,
+                             slice_index=i, num_slices=3, progress=False) for i in range(3)]
+    assert sum(r["samples_written"] for r in reports) == 18
+    assert sum(r["files_in"] for r in reports) == ref_report["files_in"]
+    assert all(n.startswith(("train-s", "valid-s", "test-s")) for n in tars(out))
+    assert not [n for n in os.listdir(out) if n.endswith(".manifest.json")], "a slice must not write a whole manifest"
+    # merge refuses while a slice is missing, naming its manifest
+    os.rename(os.path.join(out, "train.manifest.slice-1-of-3.json"), os.path.join(out, "hidden"))
+    assert cli_main(["merge", out]) == 2
+    assert "train.manifest.slice-1-of-3.json" in capsys.readouterr().err
+    os.rename(os.path.join(out, "hidden"), os.path.join(out, "train.manifest.slice-1-of-3.json"))
+    assert cli_main(["merge", out]) == 0
+    merged, whole = manifests(out), manifests(ref_out)
+    for split in ("train", "valid", "test"):
+        a, b = merged[f"{split}.manifest.json"], whole[f"{split}.manifest.json"]
+        assert (a["num_samples"], round(a["seconds"], 3)) == (b["num_samples"], round(b["seconds"], 3))
+    assert set(samples(out)) == set(samples(ref_out))
+    rep = json.load(open(os.path.join(out, "build-report.json")))
+    assert rep["files_in"] == ref_report["files_in"] and rep["samples_written"] == 18
+    assert sorted(s["path"] for s in rep["files_skipped"]) == sorted(s["path"] for s in ref_report["files_skipped"])
+    problems, stats = verify(out, progress=False)
+    assert problems == [] and stats["samples"] == 18
+
+
+def test_cli_errors_name_the_problem(tmp_path, capsys):
+    missing = str(tmp_path / "nowhere")
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["build", "folder", "--root", missing, "--out", str(tmp_path / "o")])
+    assert exc.value.code == 2
+    assert missing in capsys.readouterr().err
+    os.makedirs(tmp_path / "txt")
+    (tmp_path / "txt" / "readme.txt").write_text("no audio here")
+    assert cli_main(["build", "folder", "--root", str(tmp_path / "txt"), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert "no audio files" in capsys.readouterr().err
+    write_tone(str(tmp_path / "one" / "x.wav"))
+    csv_path = str(tmp_path / "labels.csv")
+    assert cli_main(["build", "folder", "--root", str(tmp_path / "one"), "--out", str(tmp_path / "o"),
+                     "--labels", csv_path, "--quiet"]) == 2
+    assert csv_path in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(["build", "nosuchset", "--root", ".", "--out", "x"])
+    assert cli_main(["verify", str(tmp_path / "one")]) == 2
+    assert "manifest" in capsys.readouterr().err
+    # every file undecodable: nothing written is an error, with the count
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "a.wav").write_bytes(b"RIFF....garbage")
+    assert cli_main(["build", "folder", "--root", str(tmp_path / "bad"), "--out", str(tmp_path / "ob"),
+                     "--quiet", "--workers", "1"]) == 1
+    assert "all 1 input files were skipped" in capsys.readouterr().err
