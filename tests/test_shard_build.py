@@ -291,3 +291,13 @@ def test_cli_errors_name_the_problem(tmp_path, capsys):
     assert cli_main(["build", "folder", "--root", str(tmp_path / "bad"), "--out", str(tmp_path / "ob"),
                      "--quiet", "--workers", "1"]) == 1
     assert "all 1 input files were skipped" in capsys.readouterr().err
+
+
+def test_benchmark_quick_prints_ratio_json():
+    res = subprocess.run([sys.executable, "benchmarks/shard_build.py", "--quick", "--workers", "1"], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    last = json.loads(res.stdout.strip().splitlines()[-1])
+    assert last["samples_written"] == last["files"] == 4
+    assert abs(last["audio_hours"] - 4 * 3.0 / 3600) < 1e-3
+    assert 0 < last["ratios"]["shard_build_vs_tight_loop"] < 10
