@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import itertools
 import json
 import math
 import os
@@ -488,9 +489,9 @@ def train(cfg: Config) -> dict[str, Any]:
         LoaderConfig(
             manifests=list(cfg.data.manifests), weights=cfg.data.weights, batch_size=micro_batch,
             mode="pairs" if cfg.views == 2 else "single", crop_samples=crop,
-            variable_length=cfg.data.variable_length, short_policy=cfg.data.short_policy,
+            variable_length=cfg.data.variable_length, pad_to=cfg.data.pad_to, short_policy=cfg.data.short_policy,
             sample_rate=sample_rate, mono=True, shuffle_buffer=cfg.data.shuffle_buffer,
-            num_workers=cfg.data.num_workers, seed=cfg.train.seed,
+            num_workers=cfg.data.num_workers, prefetch_factor=cfg.data.prefetch_factor, seed=cfg.train.seed,
             pin_memory=cfg.data.pin_memory and device.type == "cuda", on_error=cfg.data.on_error,
         ),
         rank=rank, world_size=world, transform=transform,
@@ -520,7 +521,9 @@ def train(cfg: Config) -> dict[str, Any]:
             print(f"[train] warning: {resume_url} was written by {len(per_rank)} ranks, this run has {world}; "
                   "every rank resumes from rank 0's data position and generator, so the loss sequence "
                   "will differ from an uninterrupted run")
-        loader.load_state_dict((mine or ckpt)["loader"])
+        # The loader's state is rank-agnostic; strict=False continues at the next epoch when the
+        # world size or worker count changed (an exact mid-epoch resume needs the same layout).
+        loader.load_state_dict(ckpt["loader"], strict=mine is not None)
         augmenter.load_state_dict((mine or ckpt)["augment"])
         if master:
             changed = tc.diff(ckpt["config"], tc.to_dict(cfg))
@@ -540,10 +543,19 @@ def train(cfg: Config) -> dict[str, Any]:
     if master and wandb_run is not None:
         wandb_run.summary["n_params"] = n_params
 
-    batches: Iterator[dict[str, Any]] = iter(loader)
-    if device.type == "cuda":
-        batches = DevicePrefetcher(batches, device)
-    # RNG last: building the loader iterator or W&B may draw from the global generators.
+    # The trainer counts the batches it consumed: the DevicePrefetcher holds one batch more than
+    # that, so loader.state_dict()'s own step runs ahead by one on CUDA.
+    loader_step0 = int(loader.state_dict()["step"])
+    stream: Any = DevicePrefetcher(loader, device) if device.type == "cuda" else loader
+    batches: Iterator[dict[str, Any]] = iter(stream)
+    # Take the first batch now, before seeding/restoring the RNGs: starting the loader's worker
+    # processes draws torch's global generator once, and this keeps that draw out of the sequence
+    # a resumed run must repeat.
+    tw = time.perf_counter()
+    first_batch = next(batches)
+    pending_wait = time.perf_counter() - tw
+    batches = itertools.chain([first_batch], batches)
+    # RNG last: the loader iterator and W&B may draw from the global generators.
     if ckpt is not None:
         mine = ckpt.get("ranks", [])
         set_rng_state(mine[rank]["rng"] if len(mine) == world else ckpt["rng"], device)
@@ -556,8 +568,13 @@ def train(cfg: Config) -> dict[str, Any]:
     # ---- checkpoint writer (all ranks call it: per-rank states are gathered to rank 0) ----------
     last_ckpt: str | None = resume_url
 
+    consumed = 0  # batches taken from the stream by this run
+
     def write_checkpoint() -> str | None:
-        mine = {"loader": loader.state_dict(), "augment": augmenter.state_dict(), "rng": rng_state(device)}
+        loader_state = loader.state_dict()
+        loader_state["step"] = loader_step0 + consumed
+        loader_state["epoch"] = loader_state["step"] // max(1, loader.steps_per_epoch)
+        mine = {"loader": loader_state, "augment": augmenter.state_dict(), "rng": rng_state(device)}
         ranks = [mine]
         if world > 1:
             ranks = [None] * world  # type: ignore[list-item]
@@ -599,8 +616,8 @@ def train(cfg: Config) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats(device)
     try:
         while step < cfg.train.steps:
-            t0 = time.perf_counter()
-            wait = 0.0
+            t0 = time.perf_counter() - pending_wait
+            wait, pending_wait = pending_wait, 0.0  # the first batch was taken before the loop
             model.train()
             if hasattr(raw_model, "set_step"):
                 raw_model.set_step(step)
@@ -612,6 +629,7 @@ def train(cfg: Config) -> dict[str, Any]:
             for micro in range(accum):
                 tw = time.perf_counter()
                 batch = next(batches)
+                consumed += 1
                 wait += time.perf_counter() - tw
                 audio = batch["audio"].to(device, non_blocking=True)  # (B, V, C, T); no-op after the prefetcher
                 clean = audio.clone() if want_audio and micro == 0 else None
@@ -687,7 +705,14 @@ def train(cfg: Config) -> dict[str, Any]:
                     "skipped": skip, **model_metrics,
                 })
 
-            if master and (step % cfg.logging.every == 0 or step == cfg.train.steps or stop_requested):
+            log_now = step % cfg.logging.every == 0 or step == cfg.train.steps or stop_requested
+            data_stats = loader_stats_numbers(loader.stats()) if log_now else {}
+            if log_now and world > 1:  # skipped-sample counts summed over ranks (all ranks agree on log_now)
+                names = sorted(data_stats)
+                summed = torch.tensor([data_stats[k] for k in names], dtype=torch.float64, device=device)
+                dist.all_reduce(summed)
+                data_stats = dict(zip(names, summed.tolist()))
+            if master and log_now:
                 span = max(window["time"], 1e-9)
                 clips_s = window["clips"] / span
                 record = {
@@ -698,7 +723,7 @@ def train(cfg: Config) -> dict[str, Any]:
                     "perf/audio_hours_per_s": clips_s * views * clip_seconds / 3600,
                     "perf/data_wait_fraction": window["wait"] / span,
                     "train/nonfinite_skipped": nonfinite_total, "train/epoch": step / steps_per_epoch if steps_per_epoch else 0,
-                    **{f"data/{k}": v for k, v in loader_stats_numbers(loader.stats()).items()},
+                    **{f"data/{k}": v for k, v in data_stats.items()},
                 }
                 if device.type == "cuda":
                     record["perf/gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30

@@ -71,10 +71,12 @@ class DataConfig:
     weights: list[float] | None = None  # mixing weights per manifest; None = proportional to size
     crop_samples: int | None = None  # None = the model's input_samples (CLMR, CPC)
     sample_rate: int | None = None  # None = the manifests' rate (they must agree)
-    variable_length: bool = False
+    variable_length: bool = False  # single-crop archs: clips shorter than the crop are taken whole
+    pad_to: Literal["shortest", "longest"] = "shortest"  # variable_length batches: crop to shortest or pad
     short_policy: Literal["pad", "skip"] = "pad"
     shuffle_buffer: int = 1000
     num_workers: int = 4
+    prefetch_factor: int = 2  # batches each loader worker keeps ready
     pin_memory: bool = True  # only used on CUDA
     on_error: Literal["skip", "raise"] = "skip"
     # Where augmentation runs is --augment.backend: "gpu" = batched on the training device after the
@@ -101,8 +103,10 @@ class DataConfig:
             raise ValueError(f"--data.sample_rate must be positive, got {self.sample_rate}")
         if self.num_workers < 0:
             raise ValueError(f"--data.num_workers must be >= 0, got {self.num_workers}")
-        if self.shuffle_buffer < 0:
-            raise ValueError(f"--data.shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
+        if self.shuffle_buffer < 1:
+            raise ValueError(f"--data.shuffle_buffer must be >= 1 (1 = no shuffling), got {self.shuffle_buffer}")
+        if self.prefetch_factor < 1:
+            raise ValueError(f"--data.prefetch_factor must be >= 1, got {self.prefetch_factor}")
 
 
 @dataclass(kw_only=True)
