@@ -1,0 +1,772 @@
+"""Batched audio augmentation on whatever device the batch lives on (docs/architecture.md §3).
+
+Every transform is an ``nn.Module`` over float ``(batch, channels, time)``. It draws a per-example
+apply/skip flag and per-example parameters from an explicit CPU ``torch.Generator`` (small tensors,
+so the draws are the same on every device), then applies them with batched tensor ops on
+``x.device``. Large random tensors (noise, generated impulse responses) come from a device
+generator seeded by one draw of the CPU generator, so a given generator state reproduces the same
+output on a given device (CPU and CUDA noise streams differ; the drawn parameters do not).
+
+Transforms split ``forward`` into ``draw(n)`` (parameters, CPU tensors) and ``apply(x, params)``
+(deterministic given the parameters), so tests and listening tools can set parameters explicitly.
+
+Default chain (CLMR, Spijkervet & Burgoyne 2021): polarity p=0.8; noise p=0.01 (CLMR's noise std is
+0.001-0.005 of the signal's, i.e. 46-60 dB SNR); gain p=0.3, -20..-1 dB; high-pass 200-1200 Hz or
+low-pass 2200-4000 Hz, p=0.8; delay p=0.3, 200-450 ms in 50 ms steps, volume 0.5; pitch p=0.6,
++-7 semitones; reverb p=0.6. Speed is off by default (CLMR has none).
+
+The CPU path for loader workers (audiomentations, per example) lives in ``pipeline.augment_cpu``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+NOISE_COLORS = {"white": 0.0, "pink": -0.5, "brown": -1.0, "blue": 0.5, "violet": 1.0}
+"""Noise colour -> exponent of the amplitude spectrum, |N(f)| ~ f**exponent (pink: -3 dB/octave)."""
+
+DEFAULT_ORDER = ("polarity", "noise", "gain", "filter", "delay", "speed", "pitch", "reverb")
+_AUDIO_EXTS = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")
+
+
+# ----------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass(kw_only=True)
+class AugmentConfig:
+    """Every probability and range of the augmentation chain (defaults: CLMR's).
+
+    ``backend="gpu"`` runs the batched torch chain in the trainer on the batch's device (which may
+    be the CPU); ``backend="cpu"`` runs ``pipeline.augment_cpu.CpuAugment`` per example in the
+    loader's workers instead, and ``build_augment`` then returns an identity ``Compose``.
+    """
+
+    enabled: bool = True
+    backend: str = "gpu"
+    order: tuple[str, ...] = DEFAULT_ORDER
+
+    polarity_p: float = 0.8
+
+    noise_p: float = 0.01
+    noise_snr_db: tuple[float, float] = (46.0, 60.0)
+    noise_color: tuple[str, ...] = ("white",)  # one colour drawn uniformly per example
+
+    gain_p: float = 0.3
+    gain_db: tuple[float, float] = (-20.0, -1.0)
+
+    filter_p: float = 0.8
+    highpass_hz: tuple[float, float] = (200.0, 1200.0)
+    lowpass_hz: tuple[float, float] = (2200.0, 4000.0)
+    highpass_prob: float = 0.5  # given the filter applies, chance it is a high-pass
+    filter_order: int = 4  # Butterworth order: 6*order dB per octave
+
+    delay_p: float = 0.3
+    delay_ms: tuple[float, float] = (200.0, 450.0)
+    delay_step_ms: float = 50.0
+    delay_volume: float = 0.5
+
+    pitch_p: float = 0.6
+    pitch_semitones: tuple[float, float] = (-7.0, 7.0)
+    pitch_method: str = "granular"  # "granular" (fast) | "vocoder" (phase vocoder)
+    pitch_grain: int = 2048  # granular: grain length in samples (50 % overlap)
+    pitch_n_fft: int = 1024  # vocoder
+    pitch_hop: int = 256  # vocoder
+
+    speed_p: float = 0.0
+    speed_rate: tuple[float, float] = (0.9, 1.1)
+
+    reverb_p: float = 0.6
+    reverb_rt60_s: tuple[float, float] = (0.2, 1.0)
+    reverb_wet: tuple[float, float] = (0.1, 0.5)
+    reverb_ir_dir: str | None = None  # a folder of IR audio files; None: generated IRs
+    reverb_ir_seconds: float = 1.0  # IR length (generated) or cut (files)
+
+    def __post_init__(self) -> None:
+        self.order = tuple(self.order)
+        self.noise_color = tuple(self.noise_color)
+        if self.backend not in ("gpu", "cpu"):
+            raise ValueError(f"--augment.backend must be 'gpu' or 'cpu', got {self.backend!r}")
+        unknown = [n for n in self.order if n not in DEFAULT_ORDER]
+        if unknown or len(set(self.order)) != len(self.order):
+            raise ValueError(
+                f"--augment.order must name each of {DEFAULT_ORDER} at most once, got {self.order!r}"
+            )
+        for name in ("polarity_p", "noise_p", "gain_p", "filter_p", "delay_p", "pitch_p", "speed_p",
+                     "reverb_p", "highpass_prob"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"--augment.{name} must be a probability in [0, 1], got {v}")
+        for name in ("noise_snr_db", "gain_db", "highpass_hz", "lowpass_hz", "delay_ms",
+                     "pitch_semitones", "speed_rate", "reverb_rt60_s", "reverb_wet"):
+            v = tuple(float(a) for a in getattr(self, name))
+            if len(v) != 2 or v[0] > v[1]:
+                raise ValueError(f"--augment.{name} must be a (low, high) pair with low <= high, got {v!r}")
+            setattr(self, name, v)
+        bad = [c for c in self.noise_color if c not in NOISE_COLORS]
+        if bad or not self.noise_color:
+            raise ValueError(f"--augment.noise_color must be a non-empty subset of {sorted(NOISE_COLORS)}, got {self.noise_color!r}")
+        if min(self.highpass_hz + self.lowpass_hz) <= 0:
+            raise ValueError("--augment.highpass_hz and --augment.lowpass_hz must be positive frequencies in Hz")
+        if self.filter_order < 1:
+            raise ValueError(f"--augment.filter_order must be >= 1, got {self.filter_order}")
+        if self.delay_ms[0] <= 0 or self.delay_step_ms <= 0:
+            raise ValueError("--augment.delay_ms and --augment.delay_step_ms must be positive")
+        if not 0.0 <= self.delay_volume <= 1.0:
+            raise ValueError(f"--augment.delay_volume must be in [0, 1], got {self.delay_volume}")
+        if self.speed_rate[0] <= 0:
+            raise ValueError(f"--augment.speed_rate must be positive, got {self.speed_rate}")
+        if self.reverb_rt60_s[0] <= 0 or self.reverb_ir_seconds <= 0:
+            raise ValueError("--augment.reverb_rt60_s and --augment.reverb_ir_seconds must be positive")
+        if not (0.0 <= self.reverb_wet[0] and self.reverb_wet[1] <= 1.0):
+            raise ValueError(f"--augment.reverb_wet must lie in [0, 1], got {self.reverb_wet}")
+        if self.pitch_hop <= 0 or self.pitch_n_fft < 2 * self.pitch_hop or self.pitch_n_fft % 2:
+            raise ValueError("--augment.pitch_n_fft must be even and at least 2 * --augment.pitch_hop")
+        if self.pitch_method not in ("granular", "vocoder"):
+            raise ValueError(f"--augment.pitch_method must be 'granular' or 'vocoder', got {self.pitch_method!r}")
+        if self.pitch_grain < 4 or self.pitch_grain % 2:
+            raise ValueError(f"--augment.pitch_grain must be an even number of samples >= 4, got {self.pitch_grain}")
+        if self.reverb_ir_dir is not None and not os.path.isdir(self.reverb_ir_dir):
+            raise ValueError(f"--augment.reverb_ir_dir={self.reverb_ir_dir!r} is not a folder; give a folder of IR audio files or leave it unset for generated IRs")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# Small helpers
+
+
+@lru_cache(maxsize=256)
+def fast_fft_len(n: int) -> int:
+    """Smallest 2,3,5-smooth integer >= n (fast for every FFT backend)."""
+    best = 1 << max(0, (n - 1).bit_length())
+    p5 = 1
+    while p5 < best:
+        p35 = p5
+        while p35 < best:
+            m = p35
+            while m < n:
+                m *= 2
+            best = min(best, m)
+            p35 *= 3
+        p5 *= 5
+    return best
+
+
+def _uniform(n: int, lo: float, hi: float, g: torch.Generator) -> Tensor:
+    return lo + (hi - lo) * torch.rand(n, generator=g, dtype=torch.float64)
+
+
+def _device_generator(seed: Tensor, device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(int(seed))
+
+
+def _rms(x: Tensor) -> Tensor:
+    """Per-example RMS over channels and time: ``(n, C, T) -> (n, 1, 1)``."""
+    return x.pow(2).mean(dim=(1, 2), keepdim=True).sqrt()
+
+
+def _bcast(v: Tensor, x: Tensor) -> Tensor:
+    """A per-example ``(n,)`` parameter as an ``(n, 1, 1)`` tensor on x's device and dtype."""
+    return v.to(device=x.device, dtype=x.dtype).view(-1, 1, 1)
+
+
+def estimate_rt60(ir: np.ndarray, sample_rate: int) -> float:
+    """RT60 of an impulse response by Schroeder backward integration (fit -5..-25 dB, times 3)."""
+    e = np.asarray(ir, dtype=np.float64).reshape(-1) ** 2
+    edc = np.cumsum(e[::-1])[::-1]
+    if edc[0] <= 0:
+        return 0.0
+    db = 10 * np.log10(np.maximum(edc / edc[0], 1e-30))
+    sel = np.nonzero((db <= -5) & (db >= -25))[0]
+    if sel.size < 2:
+        sel = np.nonzero((db <= -1) & (db >= -15))[0]
+    if sel.size < 2:
+        return 0.0
+    slope = np.polyfit(sel / sample_rate, db[sel], 1)[0]
+    return float(-60.0 / slope) if slope < 0 else 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Transforms
+
+
+class Transform(nn.Module, ABC):
+    """Base class: per-example apply draw, per-example parameters, batched apply on x.device."""
+
+    name = "transform"
+
+    def __init__(self, *, p: float, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"{type(self).__name__}: p must be in [0, 1], got {p}")
+        self.p = float(p)
+        # A standalone transform gets its own seeded generator; Compose replaces it by its own.
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        self.last_params: dict[str, Tensor] = {}
+
+    def draw(self, n: int) -> dict[str, Tensor]:
+        """Per-example parameters for a batch of ``n`` (CPU tensors); ``apply`` is a bool mask."""
+        apply = torch.rand(n, generator=self.generator) < self.p
+        return {"apply": apply, **self.draw_params(n)}
+
+    def draw_params(self, n: int) -> dict[str, Tensor]:
+        return {}
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_input(x)
+        params = self.draw(x.shape[0])
+        self.last_params = params
+        return self.apply(x, params)
+
+    def apply(self, x: Tensor, params: dict[str, Tensor], *, inplace: bool = False) -> Tensor:
+        """Apply the given parameters (``params["apply"]`` selects examples); keeps shape/dtype/device.
+
+        ``inplace=True`` lets the transform write into ``x`` (Compose does so for its own
+        intermediates, never for the caller's batch), which saves a copy of the batch.
+        """
+        mask = params["apply"]
+        if not bool(mask.any()):
+            return x
+        if bool(mask.all()):
+            return self.apply_selected(x.float(), params).to(x.dtype)
+        idx = torch.nonzero(mask).view(-1)
+        sub = {k: (v[idx] if v.dim() == 1 else v) for k, v in params.items()}
+        dev_idx = idx.to(x.device)
+        ys = self.apply_selected(x.index_select(0, dev_idx).float(), sub).to(x.dtype)
+        return x.index_copy_(0, dev_idx, ys) if inplace else x.index_copy(0, dev_idx, ys)
+
+    @abstractmethod
+    def apply_selected(self, x: Tensor, params: dict[str, Tensor]) -> Tensor:
+        """Transform every example of ``x`` (float32 ``(n, C, T)``); params are already selected."""
+
+
+def _scale_examples(x: Tensor, scale: Tensor, mask: Tensor, inplace: bool) -> Tensor:
+    """Multiply each example by its scale in one pass (skipped examples have scale 1)."""
+    if not bool(mask.any()):
+        return x
+    s = _bcast(scale, x)
+    return x.mul_(s) if inplace else x * s
+
+
+def _check_input(x: Tensor) -> None:
+    if x.dim() != 3 or not x.is_floating_point():
+        raise ValueError(f"augmentation expects float (batch, channels, time), got {tuple(x.shape)} {x.dtype}")
+
+
+class PolarityInversion(Transform):
+    """Multiply selected examples by -1."""
+
+    name = "polarity"
+
+    def scale(self, params: dict[str, Tensor]) -> Tensor:
+        return torch.where(params["apply"], -1.0, 1.0).double()
+
+    def apply(self, x, params, *, inplace=False):
+        return _scale_examples(x, self.scale(params), params["apply"], inplace)
+
+    def apply_selected(self, x: Tensor, params: dict[str, Tensor]) -> Tensor:
+        return -x
+
+
+class Gain(Transform):
+    """Scale each selected example by a gain drawn uniformly in dB."""
+
+    name = "gain"
+
+    def __init__(self, *, p: float, gain_db: tuple[float, float] = (-20.0, -1.0), generator=None):
+        super().__init__(p=p, generator=generator)
+        self.gain_db = gain_db
+
+    def draw_params(self, n: int) -> dict[str, Tensor]:
+        return {"gain_db": _uniform(n, *self.gain_db, self.generator).float()}
+
+    def scale(self, params: dict[str, Tensor]) -> Tensor:
+        return torch.where(params["apply"], torch.pow(10.0, params["gain_db"].double() / 20.0), 1.0)
+
+    def apply(self, x, params, *, inplace=False):
+        return _scale_examples(x, self.scale(params), params["apply"], inplace)
+
+    def apply_selected(self, x, params):
+        return x * _bcast(torch.pow(10.0, params["gain_db"].double() / 20.0), x)
+
+
+class Noise(Transform):
+    """Add white or coloured Gaussian noise at a per-example SNR (dB) relative to the example's RMS.
+
+    Colour is an amplitude-spectrum slope, |N(f)| ~ f**e: white 0, pink -1/2, brown -1, blue +1/2,
+    violet +1. The noise is rescaled to its exact RMS, so the output SNR equals the drawn value.
+    Silent examples stay silent (their SNR is undefined).
+    """
+
+    name = "noise"
+
+    def __init__(self, *, p: float, snr_db: tuple[float, float] = (46.0, 60.0),
+                 colors: Sequence[str] = ("white",), generator=None):
+        super().__init__(p=p, generator=generator)
+        self.snr_db = snr_db
+        self.colors = tuple(colors)
+        bad = [c for c in self.colors if c not in NOISE_COLORS]
+        if bad or not self.colors:
+            raise ValueError(f"Noise: colors must be a non-empty subset of {sorted(NOISE_COLORS)}, got {colors!r}")
+
+    def draw_params(self, n):
+        return {
+            "snr_db": _uniform(n, *self.snr_db, self.generator).float(),
+            "color": torch.randint(len(self.colors), (n,), generator=self.generator),
+            "seed": torch.randint(2**62, (), generator=self.generator),
+        }
+
+    def apply_selected(self, x, params):
+        g = _device_generator(params["seed"], x.device)
+        noise = torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
+        exps = torch.tensor([NOISE_COLORS[c] for c in self.colors], dtype=x.dtype)[params["color"]]
+        if bool((exps != 0).any()):
+            n_fft = fast_fft_len(x.shape[-1])
+            spec = torch.fft.rfft(noise, n=n_fft)
+            f = torch.arange(spec.shape[-1], device=x.device, dtype=x.dtype).clamp_min(1.0)
+            spec = spec * f.pow(_bcast(exps, x))
+            spec[..., 0] = 0  # no DC: it is not noise and would dominate red spectra
+            noise = torch.fft.irfft(spec, n=n_fft)[..., : x.shape[-1]]
+        target = _rms(x) * _bcast(torch.pow(10.0, -params["snr_db"].double() / 20.0), x)
+        return x + noise * (target / _rms(noise).clamp_min(1e-12))
+
+
+def _butterworth_mag(f: Tensor, cutoff: Tensor, highpass: Tensor, order: int) -> Tensor:
+    """|H(f)| of a Butterworth high- or low-pass, per example: f (F,), cutoff/highpass (n,) -> (n, 1, F)."""
+    ratio = f.view(1, 1, -1) / cutoff.view(-1, 1, 1)
+    ratio = torch.where(highpass.view(-1, 1, 1), 1.0 / ratio.clamp_min(1e-6), ratio)
+    return torch.rsqrt(1.0 + ratio.pow(2 * order))
+
+
+class HighLowPass(Transform):
+    """A random high-pass or low-pass per example, with a per-example cutoff.
+
+    Applied as a zero-phase Butterworth magnitude response (order ``order``, 6*order dB/octave) in
+    the frequency domain: one batched rFFT of the zero-padded batch (the padding keeps the filter's
+    ringing from wrapping around), a multiply, one inverse rFFT.
+    """
+
+    name = "filter"
+    pad = 2048  # samples of zero padding: longer than the filter's ringing at the lowest cutoff
+
+    def __init__(self, *, sample_rate: int, p: float, highpass_hz=(200.0, 1200.0),
+                 lowpass_hz=(2200.0, 4000.0), highpass_prob: float = 0.5, order: int = 4, generator=None):
+        super().__init__(p=p, generator=generator)
+        self.sample_rate, self.highpass_hz, self.lowpass_hz = sample_rate, highpass_hz, lowpass_hz
+        self.highpass_prob, self.order = highpass_prob, order
+
+    def draw_params(self, n):
+        hp = torch.rand(n, generator=self.generator) < self.highpass_prob
+        fh = _uniform(n, *self.highpass_hz, self.generator)
+        fl = _uniform(n, *self.lowpass_hz, self.generator)
+        return {"highpass": hp, "cutoff_hz": torch.where(hp, fh, fl).float()}
+
+    def apply_selected(self, x, params):
+        t = x.shape[-1]
+        n_fft = fast_fft_len(t + self.pad)
+        spec = torch.fft.rfft(x, n=n_fft)
+        f = torch.fft.rfftfreq(n_fft, d=1.0 / self.sample_rate, device=x.device)
+        h = _butterworth_mag(f, params["cutoff_hz"].to(x.device), params["highpass"].to(x.device), self.order)
+        torch.view_as_real(spec).mul_(h.unsqueeze(-1))  # real gain on (re, im): cheaper than a complex multiply
+        return torch.fft.irfft(spec, n=n_fft)[..., :t]
+
+
+class Delay(Transform):
+    """Add one echo, ``x(t) + volume * x(t - lag)``, with a per-example lag from a grid of ms.
+
+    No renormalisation: the echo adds up to ``volume`` of the peak (CLMR's behaviour).
+    """
+
+    name = "delay"
+
+    def __init__(self, *, sample_rate: int, p: float, delay_ms=(200.0, 450.0), step_ms: float = 50.0,
+                 volume: float = 0.5, generator=None):
+        super().__init__(p=p, generator=generator)
+        self.sample_rate, self.volume = sample_rate, float(volume)
+        self.choices_ms = torch.arange(delay_ms[0], delay_ms[1] + 1e-6, step_ms, dtype=torch.float64)
+
+    def draw_params(self, n):
+        k = torch.randint(len(self.choices_ms), (n,), generator=self.generator)
+        ms = self.choices_ms[k]
+        return {"delay_ms": ms.float(), "lag": torch.round(ms * self.sample_rate / 1000).long()}
+
+    def apply_selected(self, x, params):
+        n, c, t = x.shape
+        lag = params["lag"].to(x.device).view(-1, 1, 1)
+        pos = torch.arange(t, device=x.device).view(1, 1, -1) - lag  # (n, 1, T)
+        echo = x.gather(-1, pos.clamp_min(0).expand(n, c, t)) * (pos >= 0)
+        return x + self.volume * echo
+
+
+class PitchShift(Transform):
+    """Shift pitch by per-example semitones, keeping duration; all shifts in one batched pass.
+
+    ``method="granular"`` (default, fastest): overlapping Hann grains (``grain`` samples, 50 %
+    overlap, amplitude-complementary) stay where they are in time, but each grain reads its input
+    ``factor`` times faster around the grain centre (linear interpolation; reads past either end
+    are mirrored). Every output sample is two grain reads, i.e. four gathers on ``(n, T)``, so the
+    cost is independent of how many distinct shifts a batch holds. The pitch is exactly scaled;
+    the price is a mild roughness at the grain rate.
+
+    ``method="vocoder"``: one STFT, output bin k takes the magnitude of input position k / factor
+    and the true phase advance of the nearest input bin times factor, phases re-accumulated over
+    frames, one inverse STFT. Smoother on sustained tones, about 10x slower on a CPU.
+
+    The output is rescaled to the input's RMS.
+    """
+
+    name = "pitch"
+
+    def __init__(self, *, sample_rate: int, p: float, semitones=(-7.0, 7.0), method: str = "granular",
+                 grain: int = 2048, n_fft: int = 1024, hop: int = 256, generator=None):
+        super().__init__(p=p, generator=generator)
+        if method not in ("granular", "vocoder"):
+            raise ValueError(f"PitchShift: method must be 'granular' or 'vocoder', got {method!r}")
+        if grain < 4 or grain % 2:
+            raise ValueError(f"PitchShift: grain must be an even number of samples >= 4, got {grain}")
+        self.sample_rate, self.semitones, self.method = sample_rate, semitones, method
+        self.grain, self.n_fft, self.hop = grain, n_fft, hop
+        self.register_buffer("window", torch.hann_window(n_fft), persistent=False)
+
+    def draw_params(self, n):
+        return {"semitones": _uniform(n, *self.semitones, self.generator).float()}
+
+    def apply_selected(self, x, params):
+        n, c, t = x.shape
+        factor = torch.pow(2.0, params["semitones"].double() / 12.0).repeat_interleave(c).to(x.device)
+        rows = x.reshape(n * c, t)
+        if self.method == "granular":
+            y = pitch_shift_granular(rows.float(), factor, grain=self.grain)
+        else:
+            y = pitch_shift_vocoder(rows, factor.float(), n_fft=self.n_fft, hop=self.hop,
+                                    window=self.window.to(x.device))
+        y = y.view(n, c, t)
+        return y * (_rms(x) / _rms(y).clamp_min(1e-12))
+
+
+def pitch_shift_granular(x: Tensor, factor: Tensor, *, grain: int = 2048) -> Tensor:
+    """Pitch-shift each row of ``x`` (m, T) by its frequency ``factor`` (m,) with two-grain OLA.
+
+    Time is cut into blocks of ``hop = grain / 2``. In block j (start c = j * hop, offset k) the
+    grain centred at c, fading out, reads ``c + f * k``; the grain centred at c + hop, fading in,
+    reads ``c + hop - f * (hop - k)``; the crossfade weight is ``sin^2(pi/2 * k / hop)``. The
+    fractional part of each read depends only on (row, k), so it is computed on an (m, hop)
+    tensor; the big tensors only see integer adds, four gathers and the blend.
+    """
+    m, t = x.shape
+    fmax = max(1.0, float(factor.max()))
+    hop = grain // 2
+    while hop > 2 and math.ceil(fmax * hop) + 2 >= t:  # short clips: shrink grains so reads stay in the mirror pad
+        hop //= 2
+    pad = math.ceil(fmax * hop) + 2
+    n_blocks = -(-t // hop)
+    win = 2 * pad + hop
+    # Mirror-pad so reads past either end run back into the signal (no clamped, DC-like samples).
+    right = (n_blocks - 1) * hop + win - pad - t
+    xp = torch.nn.functional.pad(x.unsqueeze(1), (pad, min(right, t - 1)), mode="reflect").squeeze(1)
+    if right > t - 1:
+        xp = torch.nn.functional.pad(xp, (0, right - (t - 1)))
+    frames = xp.unfold(-1, win, hop)  # (m, J, win) view: block j's neighbourhood, no copy
+    k = torch.arange(hop, device=x.device, dtype=torch.float32)
+    f = factor.to(device=x.device, dtype=torch.float32).view(-1, 1)
+    w1 = torch.sin(0.5 * math.pi * k / hop).pow(2)
+
+    def read(off: Tensor) -> Tensor:  # off (m, hop): read position relative to the block start
+        base = off.floor()
+        frac = (off - base).unsqueeze(1)  # (m, 1, hop)
+        idx = (base.long() + pad).unsqueeze(1)  # (m, 1, hop), expanded over blocks without a copy
+        a = frames.gather(-1, idx.expand(m, n_blocks, hop))
+        b = frames.gather(-1, (idx + 1).expand(m, n_blocks, hop))
+        return torch.lerp(a, b, frac)
+
+    y0 = read(f * k)  # the grain centred at the block start, fading out
+    y1 = read(hop - f * (hop - k))  # the grain centred at the block end, fading in
+    return torch.lerp(y0, y1, w1).reshape(m, -1)[:, :t]
+
+
+def pitch_shift_vocoder(x: Tensor, factor: Tensor, *, n_fft: int, hop: int, window: Tensor) -> Tensor:
+    """Pitch-shift each row of ``x`` (m, T) by its frequency ``factor`` (m,) with a phase vocoder."""
+    m, t = x.shape
+    spec = torch.stft(x, n_fft, hop, window=window, center=True, return_complex=True)  # (m, F, M)
+    n_bins = spec.shape[1]
+    re, im = torch.view_as_real(spec).unbind(-1)
+    mag, phase = torch.sqrt(re * re + im * im), torch.atan2(im, re)
+    two_pi = 2 * math.pi
+    expected = (two_pi * hop / n_fft) * torch.arange(n_bins, device=x.device, dtype=x.dtype).view(1, -1, 1)
+    dphi = phase[..., 1:] - phase[..., :-1] - expected
+    dphi = dphi - two_pi * torch.round(dphi / two_pi)
+    advance = expected + dphi  # true phase advance per hop, (m, F, M-1)
+
+    src = torch.arange(n_bins, device=x.device, dtype=x.dtype).view(1, -1) / factor.view(-1, 1)  # (m, F)
+    valid = (src <= n_bins - 1).to(x.dtype).unsqueeze(-1)
+    i0 = src.floor().long().clamp_max(n_bins - 1)
+    i1 = (i0 + 1).clamp_max(n_bins - 1)
+    frac = (src - i0).unsqueeze(-1)
+    ir = src.round().long().clamp_max(n_bins - 1)
+
+    def take(a: Tensor, idx: Tensor) -> Tensor:
+        return a.gather(1, idx.unsqueeze(-1).expand(-1, -1, a.shape[-1]))
+
+    mag_out = (take(mag, i0) * (1 - frac) + take(mag, i1) * frac) * valid
+    adv_out = take(advance, ir) * factor.view(-1, 1, 1)
+    # Wrap each increment before the cumulative sum so float32 phase stays small and exact enough.
+    adv_out = adv_out - two_pi * torch.round(adv_out / two_pi)
+    phase_out = torch.cat([take(phase[..., :1], ir), adv_out], dim=-1).cumsum(dim=-1)
+    out = torch.complex(mag_out * torch.cos(phase_out), mag_out * torch.sin(phase_out))
+    return torch.istft(out, n_fft, hop, window=window, center=True, length=t)
+
+
+class Speed(Transform):
+    """Play each selected example ``rate`` times faster (pitch and tempo together), same length.
+
+    ``y(t) = x(rate * t)`` by linear interpolation, after a frequency-domain anti-alias low-pass at
+    Nyquist / rate for rates above 1; past the end of the input the output is silence.
+    """
+
+    name = "speed"
+    pad = 2048
+
+    def __init__(self, *, sample_rate: int, p: float, rate=(0.9, 1.1), generator=None):
+        super().__init__(p=p, generator=generator)
+        self.sample_rate, self.rate = sample_rate, rate
+
+    def draw_params(self, n):
+        return {"rate": _uniform(n, *self.rate, self.generator).float()}
+
+    def apply_selected(self, x, params):
+        n, c, t = x.shape
+        rate = params["rate"].to(x.device)
+        if bool((params["rate"] > 1).any()):
+            n_fft = fast_fft_len(t + self.pad)
+            spec = torch.fft.rfft(x, n=n_fft)
+            f = torch.linspace(0, 1, spec.shape[-1], device=x.device).view(1, 1, -1)  # / Nyquist
+            edge = (1.0 / rate.clamp_min(1.0)).view(-1, 1, 1)
+            # Raised-cosine roll-off over the last 10 % below the new Nyquist: a brick wall would ring.
+            z = ((f - 0.9 * edge) / (0.1 * edge)).clamp(0, 1)
+            spec = spec * (0.5 + 0.5 * torch.cos(math.pi * z))
+            x = torch.fft.irfft(spec, n=n_fft)[..., :t]
+        pos = torch.arange(t, device=x.device, dtype=torch.float64).view(1, -1) * rate.double().view(-1, 1)
+        i0 = pos.floor().long()
+        frac = (pos - i0).to(x.dtype).unsqueeze(1)
+        inside = (i0 <= t - 1).unsqueeze(1)
+        i0c = i0.clamp_max(t - 1).unsqueeze(1).expand(n, c, t)
+        i1c = (i0 + 1).clamp_max(t - 1).unsqueeze(1).expand(n, c, t)
+        y = x.gather(-1, i0c) * (1 - frac) + x.gather(-1, i1c) * frac
+        return y * inside
+
+
+def load_ir_bank(folder: str, sample_rate: int, max_seconds: float) -> tuple[np.ndarray, list[str]]:
+    """Load every audio file under ``folder`` as a mono IR at ``sample_rate``, unit energy, cut to
+    ``max_seconds`` from its peak; returns ``(K, L)`` float32 (zero-padded) and the file names."""
+    from pipeline.audio import read_audio, resample, to_mono
+
+    names = sorted(f for f in os.listdir(folder) if f.lower().endswith(_AUDIO_EXTS))
+    if not names:
+        raise ValueError(f"--augment.reverb_ir_dir={folder!r} holds no audio files ({', '.join(_AUDIO_EXTS)})")
+    irs = []
+    for name in names:
+        audio, sr = read_audio(os.path.join(folder, name))
+        ir = resample(to_mono(audio), sr, sample_rate)[0]
+        start = int(np.argmax(np.abs(ir)))  # drop the pre-delay before the direct sound
+        ir = ir[start: start + int(round(max_seconds * sample_rate))].astype(np.float64)
+        energy = float(np.sum(ir**2))
+        if energy <= 0:
+            raise ValueError(f"{os.path.join(folder, name)}: impulse response is silent; remove it from --augment.reverb_ir_dir")
+        irs.append((ir / math.sqrt(energy)).astype(np.float32))
+    bank = np.zeros((len(irs), max(len(i) for i in irs)), dtype=np.float32)
+    for k, ir in enumerate(irs):
+        bank[k, : len(ir)] = ir
+    return bank, names
+
+
+def generate_irs(rt60_s: Tensor, channels: int, length: int, sample_rate: int, generator: torch.Generator,
+                 device: torch.device) -> Tensor:
+    """Exponentially decaying Gaussian noise IRs with the given RT60s: ``(n,) -> (n, C, L)``, unit energy.
+
+    Amplitude falls 60 dB at RT60: ``exp(-ln(1000) * t / rt60)``.
+    """
+    t = torch.arange(length, device=device, dtype=torch.float32) / sample_rate
+    env = torch.exp(-math.log(1000.0) * t.view(1, 1, -1) / rt60_s.to(device).float().view(-1, 1, 1))
+    ir = torch.randn((rt60_s.shape[0], channels, length), generator=generator, device=device) * env
+    return ir * torch.rsqrt(ir.pow(2).sum(-1, keepdim=True))
+
+
+class Reverb(Transform):
+    """Convolve with a per-example impulse response, batched in one FFT: ``(1-w) x + w (x * h)``.
+
+    IRs are generated on the fly on the device (decaying noise, random RT60; the drawn RT60 is in
+    the params) or, with ``ir_dir``, picked from a bank of files loaded once and kept on the device
+    (the params then hold the file's index and its Schroeder RT60). IRs have unit energy.
+    """
+
+    name = "reverb"
+
+    def __init__(self, *, sample_rate: int, p: float, rt60_s=(0.2, 1.0), wet=(0.1, 0.5),
+                 ir_dir: str | None = None, ir_seconds: float = 1.0, generator=None):
+        super().__init__(p=p, generator=generator)
+        self.sample_rate, self.rt60_s, self.wet, self.ir_dir = sample_rate, rt60_s, wet, ir_dir
+        self.ir_len = int(round(ir_seconds * sample_rate))
+        if ir_dir is not None:
+            bank, self.ir_names = load_ir_bank(ir_dir, sample_rate, ir_seconds)
+            self.register_buffer("ir_bank", torch.from_numpy(bank), persistent=False)
+            self.register_buffer("ir_rt60", torch.tensor([estimate_rt60(b, sample_rate) for b in bank]),
+                                 persistent=False)
+        else:
+            self.ir_bank = None
+
+    def draw_params(self, n):
+        params = {"wet": _uniform(n, *self.wet, self.generator).float()}
+        if self.ir_bank is None:
+            params["rt60_s"] = _uniform(n, *self.rt60_s, self.generator).float()
+            params["seed"] = torch.randint(2**62, (), generator=self.generator)
+        else:
+            k = torch.randint(self.ir_bank.shape[0], (n,), generator=self.generator)
+            params["ir_index"] = k
+            params["rt60_s"] = self.ir_rt60.cpu()[k].float()
+        return params
+
+    def apply_selected(self, x, params):
+        n, c, t = x.shape
+        if self.ir_bank is None:
+            g = _device_generator(params["seed"], x.device)
+            ir = generate_irs(params["rt60_s"], c, self.ir_len, self.sample_rate, g, x.device)
+        else:
+            ir = self.ir_bank.to(x.device)[params["ir_index"].to(x.device)].unsqueeze(1)  # (n, 1, L)
+        n_fft = fast_fft_len(t + ir.shape[-1] - 1)
+        wet_sig = torch.fft.irfft(torch.fft.rfft(x, n=n_fft) * torch.fft.rfft(ir, n=n_fft), n=n_fft)[..., :t]
+        w = _bcast(params["wet"], x)
+        return (1 - w) * x + w * wet_sig
+
+
+# ----------------------------------------------------------------------------------------------
+# Compose
+
+
+class Compose(nn.Module):
+    """A chain of transforms sharing one CPU generator, whose state is part of ``state_dict()``.
+
+    ``forward(x)``: ``(B, C, T) -> (B, C, T)``, same dtype and device. ``last_params`` maps
+    ``"<transform>.<param>"`` to the per-example tensors of the last call (``apply`` masks
+    included); call-level entries (device seeds) are 0-dim.
+    """
+
+    def __init__(self, transforms: Sequence[Transform], *, seed: int = 0,
+                 generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(seed)
+        self.transforms = nn.ModuleList(transforms)
+        for t in self.transforms:
+            t.generator = self.generator
+        self.last_params: dict[str, Tensor] = {}
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_input(x)
+        params: dict[str, Tensor] = {}
+        owned = False  # never write into the caller's tensor; our own intermediates are fair game
+        for t in self.transforms:
+            p = t.draw(x.shape[0])
+            y = t.apply(x, p, inplace=owned)
+            owned = owned or y is not x
+            x = y
+            t.last_params = p
+            params.update({f"{t.name}.{k}": v for k, v in p.items()})
+        self.last_params = params
+        return x
+
+    def get_extra_state(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+
+def build_augment(config: AugmentConfig, *, sample_rate: int, seed: int) -> Compose:
+    """The batched chain from a config, in ``config.order``.
+
+    Returns an identity ``Compose`` (no transforms) when ``config.enabled`` is false or
+    ``config.backend == "cpu"`` (then ``CpuAugment`` in the loader's workers does the work).
+    """
+    if not config.enabled or config.backend == "cpu":
+        return Compose([], seed=seed)
+    c, sr = config, sample_rate
+    make = {
+        "polarity": lambda: PolarityInversion(p=c.polarity_p),
+        "noise": lambda: Noise(p=c.noise_p, snr_db=c.noise_snr_db, colors=c.noise_color),
+        "gain": lambda: Gain(p=c.gain_p, gain_db=c.gain_db),
+        "filter": lambda: HighLowPass(sample_rate=sr, p=c.filter_p, highpass_hz=c.highpass_hz,
+                                      lowpass_hz=c.lowpass_hz, highpass_prob=c.highpass_prob, order=c.filter_order),
+        "delay": lambda: Delay(sample_rate=sr, p=c.delay_p, delay_ms=c.delay_ms, step_ms=c.delay_step_ms,
+                               volume=c.delay_volume),
+        "speed": lambda: Speed(sample_rate=sr, p=c.speed_p, rate=c.speed_rate),
+        "pitch": lambda: PitchShift(sample_rate=sr, p=c.pitch_p, semitones=c.pitch_semitones,
+                                    method=c.pitch_method, grain=c.pitch_grain, n_fft=c.pitch_n_fft,
+                                    hop=c.pitch_hop),
+        "reverb": lambda: Reverb(sample_rate=sr, p=c.reverb_p, rt60_s=c.reverb_rt60_s, wet=c.reverb_wet,
+                                 ir_dir=c.reverb_ir_dir, ir_seconds=c.reverb_ir_seconds),
+    }
+    return Compose([make[name]() for name in c.order], seed=seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# Listening
+
+
+def example_params(params: dict[str, Tensor], i: int) -> dict[str, dict[str, float | int | bool]]:
+    """The parameters of example ``i`` from a flat ``last_params``, only for transforms it got."""
+    out: dict[str, dict] = {}
+    for key, v in params.items():
+        tname, pname = key.split(".", 1)
+        if pname == "apply" or v.dim() == 0:
+            continue
+        if not bool(params[f"{tname}.apply"][i]):
+            continue
+        out.setdefault(tname, {})[pname] = v[i].item()
+    return out
+
+
+def write_examples(audio: Tensor, params: dict[str, Tensor], out_dir: str, sample_rate: int,
+                   n: int = 8) -> list[str]:
+    """Write the first ``n`` examples of an augmented batch as WAVs plus ``params.json``.
+
+    ``audio``: ``(B, C, T)`` (e.g. a ``Compose`` output), ``params``: its ``last_params``. WAVs are
+    32-bit float so nothing clips; the JSON lists each file with the transforms it got and their
+    parameters. ``out_dir`` is a local folder or any URL ``pipeline.fsio`` knows. Returns the URLs.
+    """
+    import soundfile as sf
+
+    from pipeline.fsio import join_url, makedirs, write_bytes_atomic
+
+    makedirs(out_dir)
+    data = audio.detach().float().cpu().numpy()
+    entries, urls = [], []
+    for i in range(min(n, data.shape[0])):
+        name = f"example-{i:03d}.wav"
+        buf = io.BytesIO()
+        sf.write(buf, data[i].T, sample_rate, format="WAV", subtype="FLOAT")
+        url = join_url(out_dir, name)
+        write_bytes_atomic(url, buf.getvalue())
+        urls.append(url)
+        entries.append({"file": name, "params": example_params(params, i)})
+    meta_url = join_url(out_dir, "params.json")
+    write_bytes_atomic(meta_url, json.dumps({"sample_rate": sample_rate, "examples": entries}, indent=2).encode())
+    return urls + [meta_url]
+
+
+__all__ = [
+    "AugmentConfig", "Compose", "Delay", "Gain", "HighLowPass", "Noise", "PitchShift", "PolarityInversion",
+    "Reverb", "Speed", "Transform", "build_augment", "estimate_rt60", "example_params", "generate_irs",
+    "load_ir_bank", "pitch_shift_granular", "pitch_shift_vocoder", "write_examples",
+]
