@@ -1,0 +1,146 @@
+"""Evaluation end to end on tiny generated shards: probe (checkpoint + random + supervised + log-mel),
+the results files, the embedding cache, fine-tuning and the ``embed`` command."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import evaluate
+from tests import shardgen
+
+SR = 16000
+PITCHES = [48, 55, 62, 69]  # four well-separated notes
+TAGS = ["bright", "noisy"]
+
+
+def _clip(rng: np.random.Generator, i: int, prefix: str) -> dict:
+    pitch = PITCHES[i % 4]
+    bright, noisy = bool((i // 4) % 2), bool((i // 8) % 2)
+    f0 = 440.0 * 2 ** ((pitch - 69) / 12)
+    t = np.arange(int(0.45 * SR)) / SR
+    n_harm = 8 if bright else 2
+    x = sum(rng.uniform(0.3, 1.0) / k * np.sin(2 * np.pi * k * f0 * t + rng.uniform(0, 6.28)) for k in range(1, n_harm + 1))
+    x = 0.3 * x / np.max(np.abs(x)) * np.exp(-t * rng.uniform(0.5, 3))
+    x = x + (0.05 if noisy else 0.002) * rng.standard_normal(len(t))
+    tags = [name for name, on in zip(TAGS, (bright, noisy)) if on]
+    return {"key": f"{prefix}-{i:04d}", "audio": x[None].astype(np.float32), "sample_rate": SR,
+            "labels": {"pitch": pitch, "tags": tags}}
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("evaldata")
+    folder = str(root / "toy")
+    rng = np.random.default_rng(0)
+    spec = {"pitch": {"kind": "class", "names": PITCHES}, "tags": {"kind": "multi_hot", "names": TAGS}}
+    for split, n in (("train", 64), ("valid", 32), ("test", 32)):
+        clips = [_clip(rng, i, split) for i in range(n)]
+        shardgen.write_split(folder, clips, [n // 2, n - n // 2], split=split, dataset="toy", labels=spec)
+    return folder
+
+
+def _fake_checkpoint(path: str, preset: str = "clmr_tiny", seed: int = 5) -> None:
+    """A checkpoint in train.py's format (docs/architecture.md §5) around a seeded model."""
+    import train_config
+
+    cfg = train_config.preset(preset)
+    _, model_cls = train_config.model_classes(cfg.arch)
+    torch.manual_seed(seed)
+    model = model_cls(cfg.model)
+    torch.save({"format": "musicssl-ckpt/1", "step": 7, "epoch": 0, "model_name": cfg.arch, "model": model.state_dict(),
+                "config": train_config.to_dict(cfg), "wandb_run_id": None}, path)
+
+
+def test_probe_end_to_end(tiny_data: str, tmp_path) -> None:
+    ckpt = str(tmp_path / "ckpt-00000007.pt")
+    _fake_checkpoint(ckpt)
+    out = str(tmp_path / "eval")
+    opts = evaluate.EvalOptions(data=[tiny_data], out=out, checkpoint=ckpt, baselines=["random", "supervised", "logmel"],
+                                supervised_steps=20, supervised_batch_size=16, max_epochs=60, patience=10,
+                                calib_crops=64, progress=False)
+    res = evaluate.run_evaluation(opts)
+    rows = {(r["encoder"], r["task"]): r for r in res["rows"]}
+    assert set(rows) == {(e, t) for e in ("pretrained", "random init", "supervised", "log-mel") for t in ("toy/pitch", "toy/tags")}
+    # log-mel statistics separate four notes an octave-and-more apart and bright/noisy timbres
+    assert rows[("log-mel", "toy/pitch")]["test"]["accuracy"] >= 0.9
+    assert rows[("log-mel", "toy/tags")]["test"]["roc_auc"] >= 0.9
+    # every encoder beats chance on pitch (4 classes)
+    for e in ("pretrained", "random init", "supervised"):
+        assert rows[(e, "toy/pitch")]["test"]["accuracy"] > 0.4, rows[(e, "toy/pitch")]
+        assert rows[(e, "toy/pitch")]["test"]["n"] == 32
+    # the confusion matrix is over the test split and agrees with the accuracy
+    cm = np.array(rows[("log-mel", "toy/pitch")]["confusion"])
+    assert cm.sum() == 32 and np.trace(cm) / 32 == pytest.approx(rows[("log-mel", "toy/pitch")]["test"]["accuracy"])
+    assert res["encoders"]["supervised"]["supervised_steps"] == 20
+    # files: JSON, Markdown, plots
+    saved = json.load(open(os.path.join(out, "results.json")))
+    assert saved["rows"] == json.loads(json.dumps(res["rows"]))
+    md = open(os.path.join(out, "results.md")).read()
+    for e in ("pretrained", "random init", "supervised", "log-mel"):
+        assert f"| {e} |" in md
+    assert "toy pitch acc %" in md and "toy tags ROC-AUC" in md
+    pngs = sorted(os.listdir(os.path.join(out, "plots")))
+    assert "per_tag_auc-toy__tags.png" in pngs and "confusion-toy__pitch-log-mel.png" in pngs
+    with open(os.path.join(out, "plots", pngs[0]), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    # the cache: a second run with the same weights reuses the stored embeddings (same values)
+    cached = sorted(os.listdir(os.path.join(out, "cache")))
+    assert len(cached) == 4  # pretrained, random, supervised, log-mel
+    opts2 = evaluate.EvalOptions(data=[tiny_data], out=out, checkpoint=ckpt, baselines=["logmel"], max_epochs=60, patience=10,
+                                 calib_crops=64, progress=False)
+    res2 = evaluate.run_evaluation(opts2)
+    r2 = {(r["encoder"], r["task"]): r for r in res2["rows"]}
+    assert r2[("pretrained", "toy/pitch")]["test"] == rows[("pretrained", "toy/pitch")]["test"]
+    assert sorted(os.listdir(os.path.join(out, "cache"))) == cached
+
+
+def test_label_fraction_probe_uses_subset(tiny_data: str, tmp_path) -> None:
+    opts = evaluate.EvalOptions(data=[tiny_data], out=str(tmp_path / "e"), preset="clmr_tiny", baselines=["logmel"],
+                                fractions=[0.25, 1.0], tasks=["pitch"], max_epochs=40, patience=10, progress=False)
+    res = evaluate.run_evaluation(opts)
+    n = {r["fraction"]: r["n_train"] for r in res["rows"]}
+    assert n == {0.25: 16, 1.0: 64}  # 4 of each of the 4 pitches, then all 64
+    assert any(p.endswith("sweep-toy__pitch.png") for p in res["plots"])
+
+
+def test_finetune_cli(tiny_data: str, tmp_path, capsys) -> None:
+    out = str(tmp_path / "ft")
+    rc = evaluate.main(["finetune", "--data", tiny_data, "--preset", "clmr_tiny", "--tasks", "pitch", "--steps", "30",
+                        "--eval-every", "10", "--batch-size", "16", "--encoder-lr", "1e-3", "--out", out, "--no-progress"])
+    assert rc == 0
+    res = json.load(open(os.path.join(out, "results.json")))
+    assert res["finetune"]["steps"] == 30 and res["finetune"]["best_step"] in (10, 20, 30)
+    assert res["rows"][0]["test"]["accuracy"] > 0.4  # 4 classes: chance is 0.25
+    assert "from scratch" in capsys.readouterr().out
+
+
+def test_embed_command(tmp_path) -> None:
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "audio"
+    (folder / "sub").mkdir(parents=True)
+    t = np.arange(SR) / SR
+    a = 0.3 * np.sin(2 * np.pi * 220 * t) + 0.01 * rng.standard_normal(SR)  # noise: no all-silent mel band
+    b = 0.3 * np.sin(2 * np.pi * 1760 * t) + 0.01 * rng.standard_normal(SR)
+    sf.write(folder / "a.wav", a, SR)
+    sf.write(folder / "sub" / "a_again.flac", a, SR)
+    sf.write(folder / "b.wav", np.stack([b, b], axis=1), 44100 // 2)  # stereo at another rate: resampled
+    (folder / "broken.wav").write_bytes(b"RIFF....not audio")
+    out = tmp_path / "emb"
+    assert evaluate.main(["embed", "--logmel", "--out", str(out), str(folder)]) == 0
+    x = np.load(out / "embeddings.npy")
+    keys = (out / "keys.txt").read_text().split()
+    assert [os.path.basename(k) for k in keys] == ["a.wav", "b.wav", "a_again.flac"]
+    assert x.shape == (3, 256)
+    assert np.abs(x[0] - x[2]).max() < 0.05  # same audio, FLAC vs WAV (both 16-bit)
+    assert not np.allclose(x[0], x[1], atol=0.5)
+    # a random-init CLMR on the same files: deterministic per seed
+    assert evaluate.main(["embed", "--preset", "clmr_tiny", "--out", str(tmp_path / "e1"), str(folder / "a.wav")]) == 0
+    assert evaluate.main(["embed", "--preset", "clmr_tiny", "--out", str(tmp_path / "e2"), str(folder / "a.wav")]) == 0
+    e1, e2 = np.load(tmp_path / "e1" / "embeddings.npy"), np.load(tmp_path / "e2" / "embeddings.npy")
+    assert e1.shape == (1, 64) and np.array_equal(e1, e2)
