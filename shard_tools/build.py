@@ -191,12 +191,26 @@ def process_item(item: Item, conv: _Convert) -> tuple:
         meta["labels"] = item.labels
         for k, v in item.extra.items():
             meta.setdefault(k, v)
-        meta_json = json.dumps(meta, ensure_ascii=False).encode("utf-8")
-        return ("ok", data, meta_json, frames / sr, sr, int(channels))
+        return ("ok", data, dumps_json(meta), frames / sr, sr, int(channels))
     except SkipItem as exc:
         return ("skip", str(exc))
     except MemoryError:
         return ("skip", "out of memory: file too large to decode in one piece")
+    except Exception as exc:  # noqa: BLE001 - one odd file must not stop a day-long build
+        return ("skip", f"unexpected error: {type(exc).__name__}: {exc}")
+
+
+def dumps_json(obj, indent: int | None = None) -> bytes:
+    """UTF-8 JSON; falls back to ASCII escapes when a value holds undecodable file-name bytes
+    (surrogate escapes from ``os.walk``), which UTF-8 cannot carry."""
+    try:
+        return json.dumps(obj, ensure_ascii=False, indent=indent).encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(obj, ensure_ascii=True, indent=indent).encode("ascii")
+
+
+def _ping() -> bool:
+    return True
 
 
 class _Processor:
@@ -208,9 +222,10 @@ class _Processor:
     retried alone once, then reported as skipped.
     """
 
-    def __init__(self, conv: _Convert, workers: int):
+    def __init__(self, conv: _Convert, workers: int, fn=process_item):
         self.conv = conv
         self.workers = workers
+        self.fn = fn  # a module-level function (spawned workers import it by name)
         self._pool: ProcessPoolExecutor | None = None
 
     def _new_pool(self) -> ProcessPoolExecutor:
@@ -227,14 +242,22 @@ class _Processor:
         self.close()
         with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as solo:
             try:
-                return solo.submit(process_item, item, self.conv).result()
+                solo.submit(_ping).result()
+            except BrokenProcessPool:
+                # not the file's fault: workers die before any work (e.g. a script that calls
+                # build_dataset without an `if __name__ == "__main__":` guard)
+                raise RuntimeError("shard builder: worker processes die on start-up; run with --workers 1 to see "
+                                   "why, and guard scripts that call build_dataset with "
+                                   "`if __name__ == \"__main__\":`") from None
+            try:
+                return solo.submit(self.fn, item, self.conv).result()
             except BrokenProcessPool:
                 return ("skip", "decoder crashed: the worker process died while decoding this file")
 
     def run(self, items: list[Item]) -> Iterator[tuple]:
         if self.workers <= 1:
             for item in items:
-                yield process_item(item, self.conv)
+                yield self.fn(item, self.conv)
             return
         ahead = self.workers * 4
         nxt = 0
@@ -243,7 +266,7 @@ class _Processor:
             if self._pool is None:
                 self._pool = self._new_pool()
             while nxt < len(items) and len(window) < ahead:
-                window.append((nxt, self._pool.submit(process_item, items[nxt], self.conv)))
+                window.append((nxt, self._pool.submit(self.fn, items[nxt], self.conv)))
                 nxt += 1
             i, fut = window.popleft()
             try:
@@ -433,7 +456,7 @@ def build_dataset(recipe: Recipe, out_url: str, *, codec: str = "flac", shard_si
     report = _make_report(recipe, plan, recipe_skips, item_skips, split_stats, out_url=out_url,
                           fingerprint=fingerprint, options=options, command=command, workers=workers,
                           wall=time.time() - t0, kept_shards=kept_shards, new_seconds=new_seconds)
-    write_bytes_atomic(report_url, json.dumps(report, indent=1, ensure_ascii=False).encode("utf-8"))
+    write_bytes_atomic(report_url, dumps_json(report, indent=1))
     fsio.remove(progress_url)
     if progress:
         print(format_summary(report))
@@ -514,7 +537,7 @@ def _write_manifest(split: str, st: dict, recipe: Recipe, out_url: str, codec: s
     if num_slices > 1:
         manifest["slice"] = {"index": slice_index, "count": num_slices}
     write_bytes_atomic(fsio.join_url(out_url, manifest_name(split, slice_index, num_slices)),
-                            json.dumps(manifest, indent=1, ensure_ascii=False).encode("utf-8"))
+                            dumps_json(manifest, indent=1))
     return {"samples": manifest["num_samples"], "seconds": manifest["seconds"],
             "hours": round(manifest["seconds"] / 3600, 4), "shards": len(shards),
             "bytes": sum(s["bytes"] for s in shards)}

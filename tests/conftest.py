@@ -6,6 +6,7 @@
   the machine. Make a bucket with ``make_bucket(name)`` (s3fs), then use ``s3://name/...`` URLs.
 - ``write_tone(path, ...)``: writes a sine tone (any format soundfile writes) and returns its
   samples; also available as the ``tone`` fixture.
+- ``crash_on_marker``: a worker function that kills its process on one item (shard builder tests).
 """
 
 from __future__ import annotations
@@ -34,6 +35,15 @@ def write_tone(path: str, *, freq: float = 440.0, seconds: float = 0.5, sample_r
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     sf.write(path, audio.T, sample_rate)
     return audio
+
+
+def crash_on_marker(item, conv) -> tuple:
+    """Stands in for a decoder that kills its worker process on one poisonous file (path ending
+    in POISON); other items pass through as ``("ok", key)``. Lives here so spawned workers can
+    import it cheaply."""
+    if item.path.endswith("POISON"):
+        os._exit(3)
+    return ("ok", item.key)
 
 
 @pytest.fixture

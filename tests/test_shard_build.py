@@ -19,10 +19,11 @@ import pytest
 import soundfile as sf
 
 from shard_tools import folder
-from shard_tools.build import build_dataset
+from shard_tools.build import _Convert, _Processor, build_dataset
+from shard_tools.recipe import Item
 from shard_tools.cli import main as cli_main
 from shard_tools.verify import verify
-from tests.conftest import write_tone
+from tests.conftest import crash_on_marker, write_tone
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -301,3 +302,15 @@ def test_benchmark_quick_prints_ratio_json():
     assert last["samples_written"] == last["files"] == 4
     assert abs(last["audio_hours"] - 4 * 3.0 / 3600) < 1e-3
     assert 0 < last["ratios"]["shard_build_vs_tight_loop"] < 10
+
+
+def test_a_crashing_worker_costs_one_item_not_the_build():
+    items = [Item(path=f"/src/{i}" + ("POISON" if i == 5 else ""), source=str(i), split="train", id=str(i),
+                  key=f"k{i}") for i in range(12)]
+    proc = _Processor(_Convert("t", "flac", None, False), 2, fn=crash_on_marker)
+    try:
+        res = list(proc.run(items))
+    finally:
+        proc.close()
+    assert [r[1] if r[0] == "ok" else "skipped" for r in res] == [f"k{i}" if i != 5 else "skipped" for i in range(12)]
+    assert res[5][1].startswith("decoder crashed")
