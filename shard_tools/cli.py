@@ -70,15 +70,15 @@ def _load_recipe(name: str):
 
 def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     """The options every recipe shares."""
-    parser.add_argument("--root", required=True, help="folder holding the dataset in its original layout")
-    parser.add_argument("--out", required=True, help="output folder: local path or fsspec URL (s3://, gs://, file://)")
+    parser.add_argument("--root", required=True, metavar="SRC", help="folder holding the dataset in its original layout")
+    parser.add_argument("--out", required=True, metavar="URL", help="output folder: local path or fsspec URL (s3://, gs://, file://)")
     parser.add_argument("--codec", choices=("flac", "wav"), default="flac", help="audio codec in the shards (default: flac)")
-    parser.add_argument("--shard-size", type=parse_size, default=256_000_000,
+    parser.add_argument("--shard-size", type=parse_size, default=256_000_000, metavar="SIZE",
                         help="close a shard once it reaches this size, e.g. 256MB, 1GiB (default: 256MB)")
-    parser.add_argument("--sample-rate", type=_positive_int("--sample-rate"), default=None,
+    parser.add_argument("--sample-rate", type=_positive_int("--sample-rate"), default=None, metavar="HZ",
                         help="resample every sample to this rate (default: keep the source rate)")
     parser.add_argument("--mono", action="store_true", help="average channels to mono")
-    parser.add_argument("--workers", type=_positive_int("--workers"), default=max(1, min(8, os.cpu_count() or 1)),
+    parser.add_argument("--workers", type=_positive_int("--workers"), default=max(1, min(8, os.cpu_count() or 1)), metavar="N",
                         help="processes that decode, resample and encode (default: CPU cores, at most 8)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the shuffle that mixes sources across shards (default: 0)")
     parser.add_argument("--slice", type=parse_slice, default=(0, 1), metavar="i/K",
@@ -95,9 +95,9 @@ def cmd_build(argv: list[str]) -> int:
         return 0 if argv else 2
     name = argv[0]
     module = _load_recipe(name)
-    parser = argparse.ArgumentParser(prog=f"shard-tools build {name}",
-                                     description=(module.__doc__ or "").strip().split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # the recipe's docstring describes the on-disk layout it expects: worth showing in --help
+    parser = argparse.ArgumentParser(prog=f"shard-tools build {name}", description=(module.__doc__ or "").strip(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add_build_arguments(parser)
     module.add_arguments(parser)
     args = parser.parse_args(argv[1:])
@@ -120,6 +120,10 @@ def cmd_build(argv: list[str]) -> int:
     except ValueError as exc:
         print(f"shard-tools build {name}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\nshard-tools build {name}: interrupted; run the same command again to resume "
+              f"(finished shards are kept)", file=sys.stderr)
+        return 130
     if report["samples_written"] == 0 and (num_slices == 1 or report["files_in"] > 0):
         print(f"shard-tools build {name}: error: no samples written; all {report['files_in']} input files were "
               f"skipped (reasons in the build report under {args.out})", file=sys.stderr)

@@ -314,3 +314,31 @@ def test_a_crashing_worker_costs_one_item_not_the_build():
         proc.close()
     assert [r[1] if r[0] == "ok" else "skipped" for r in res] == [f"k{i}" if i != 5 else "skipped" for i in range(12)]
     assert res[5][1].startswith("decoder crashed")
+
+
+def test_segments_read_their_span(tmp_path):
+    """Segment items (MusicNet-style) hold exactly their span of the source, at the right pitch."""
+    from shard_tools.recipe import Recipe
+
+    sr = 8000
+    t = np.arange(sr) / sr
+    audio = np.concatenate([0.5 * np.sin(2 * np.pi * f * t) for f in (300.0, 500.0, 700.0)]).astype(np.float32)
+    path = str(tmp_path / "piece.flac")
+    sf.write(path, audio, sr)
+    spans = [(0.0, 1.0), (1.0, 2.0), (2.0, 4.0), (3.5, 5.0)]  # the third runs past the end, the fourth starts past it
+    items = [Item(path=path, source="piece.flac", split="train", id=f"piece-{i}", key=f"piece-{i}", segment=span)
+             for i, span in enumerate(spans)]
+    out = str(tmp_path / "out")
+    report = build_dataset(Recipe(dataset="musicnet", items=items, skipped=[], files_in=1), out, codec="wav",
+                           progress=False)
+    assert (report["files_in"], report["files_written"], report["samples_written"]) == (1, 1, 3)
+    assert report["files_skipped"] == []
+    assert [s["key"] for s in report["segments_skipped"]] == ["piece-3"]
+    assert report["segments_skipped"][0]["reason"].startswith("segment beyond end of file")
+    got = samples(out)
+    for key, freq, frames in (("piece-0", 300, sr), ("piece-1", 500, sr), ("piece-2", 700, sr)):
+        meta, a, rate = got[key]
+        assert rate == sr and a.shape[1] == meta["num_samples"] == frames
+        assert abs(f0(a, rate) - freq) < 2
+        assert meta["segment"] == list(spans[int(key[-1])])
+    assert abs(report["seconds"] - 3.0) < 1e-6
