@@ -91,6 +91,7 @@ VELOCITIES = (25, 50, 75, 100, 127)
 # velocity 127 this soundfont peaks around 0.1-0.25 full scale.
 NOTE_GAIN = 4.0
 HEX = "0123456789abcdef"
+OWNER_MARKER = ".musicssl-demo"  # marks a --root folder as written by this command
 
 FAMILIES = ["bass", "brass", "flute", "guitar", "keyboard", "mallet", "organ", "reed", "string",
             "synth_lead", "vocal"]
@@ -462,6 +463,13 @@ def render_layouts(root: str, cfg: DemoConfig, *, workers: int = 1, progress: bo
     already there.
     """
     marker = os.path.join(root, "demo_config.json")
+    owned = os.path.join(root, OWNER_MARKER)
+    # A re-render deletes root/nsynth and root/mtat: only ever in a folder this command created.
+    if os.path.isdir(root) and os.listdir(root) and not os.path.exists(owned):
+        raise ValueError(f"--root {root}: this folder holds files the demo did not write; give a new or empty "
+                         f"folder (the demo replaces its nsynth/ and mtat/ subfolders)")
+    os.makedirs(root, exist_ok=True)
+    open(owned, "a").close()
     examples, note_tasks = plan_notes(cfg, os.path.join(root, "nsynth"))
     rows, clip_tasks = plan_clips(cfg, os.path.join(root, "mtat"))
     counts = {"notes": {s: len(v) for s, v in examples.items()},
@@ -510,7 +518,6 @@ def build_demo(out: str, *, root: str | None = None, cfg: DemoConfig = DemoConfi
     tmp = None
     if root is None:
         tmp = root = tempfile.mkdtemp(prefix="musicssl-demo-")
-    os.makedirs(root, exist_ok=True)
     try:
         counts = render_layouts(root, cfg, workers=workers, progress=progress)
         t_render = time.time() - t0
@@ -575,8 +582,12 @@ def run(args: argparse.Namespace) -> int:
         return 2
     argv = sys.argv[2:] if len(sys.argv) > 1 and sys.argv[1] == "demo" else []
     command = shlex.join(["shard-tools", "demo", *argv])
-    summary = build_demo(args.out, root=args.root, cfg=cfg, workers=args.workers, codec=args.codec,
-                         shard_size=args.shard_size, progress=not args.quiet, command=command)
+    try:
+        summary = build_demo(args.out, root=args.root, cfg=cfg, workers=args.workers, codec=args.codec,
+                             shard_size=args.shard_size, progress=not args.quiet, command=command)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"shard-tools demo: error: {exc}", file=sys.stderr)
+        return 2
     bad = [n for n, r in summary["reports"].items() if r["files_skipped"] or r["samples_written"] == 0]
     if not args.quiet:
         c = summary["counts"]

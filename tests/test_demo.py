@@ -189,6 +189,15 @@ def test_demo_rerun_reuses_render_and_shards(tiny_demo, capsys):
     assert all(r.get("up_to_date") for r in again["reports"].values())
 
 
+def test_demo_refuses_a_root_it_did_not_write(tmp_path, capsys):
+    (tmp_path / "mtat").mkdir()
+    (tmp_path / "mtat" / "annotations_final.csv").write_text("precious")
+    code = cli_main(["demo", "--out", str(tmp_path / "out"), "--root", str(tmp_path), "--clips", "16",
+                     "--notes-per-instrument", "1", "--programs-per-family", "3", "--workers", "1", "--quiet"])
+    assert code == 2 and "files the demo did not write" in capsys.readouterr().err
+    assert (tmp_path / "mtat" / "annotations_final.csv").read_text() == "precious"
+
+
 def test_demo_cli_help_and_bad_flags(capsys):
     assert cli_main(["demo", "--out", "x", "--clips", "3"]) == 2
     assert "--clips must be >= 16" in capsys.readouterr().err
