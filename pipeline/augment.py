@@ -757,11 +757,11 @@ def example_params(params: dict[str, Tensor], i: int) -> dict[str, dict[str, flo
     out: dict[str, dict] = {}
     for key, v in params.items():
         tname, pname = key.split(".", 1)
-        if pname == "apply" or v.dim() == 0:
-            continue
         if not bool(params[f"{tname}.apply"][i]):
             continue
-        out.setdefault(tname, {})[pname] = v[i].item()
+        entry = out.setdefault(tname, {})
+        if pname != "apply" and v.dim() == 1:  # 0-dim entries are call-level (device seeds)
+            entry[pname] = v[i].item()
     return out
 
 
