@@ -342,8 +342,13 @@ def log_audio_examples(run: Any, step: int, clean: torch.Tensor, augmented: torc
         key = keys[i] if i < len(keys) else str(i)
         for v in range(views):
             # the first n*V rows of the flattened batch are these clips' views, in this order
-            p = example_params(params, i * views + v) if params else {}
-            caption = f"{key} view {v}: " + (json.dumps(p) if p else "no augmentation")
+            row = i * views + v
+            p = example_params(params, row) if params else {}
+            applied = [k[: -len(".apply")] for k, t in params.items() if k.endswith(".apply") and bool(t[row])]
+            p = {name: p.get(name, {}) for name in applied}  # transforms without parameters (polarity) too
+            caption = f"{key} view {v}: " + (", ".join(
+                f"{name}({', '.join(f'{k}={x:.3g}' if isinstance(x, float) else f'{k}={x}' for k, x in q.items())})"
+                if q else name for name, q in p.items()) or "no augmentation")
             a_clean = wandb.Audio(clean[i, v].mean(0).numpy(), sample_rate=sample_rate, caption=f"{key} view {v} clean")
             a_aug = wandb.Audio(augmented[i, v].mean(0).numpy(), sample_rate=sample_rate, caption=caption)
             panels[f"examples/clip{i}_view{v}"] = wandb.Audio(augmented[i, v].mean(0).numpy(),
@@ -547,14 +552,14 @@ def train(cfg: Config) -> dict[str, Any]:
     # that, so loader.state_dict()'s own step runs ahead by one on CUDA.
     loader_step0 = int(loader.state_dict()["step"])
     stream: Any = DevicePrefetcher(loader, device) if device.type == "cuda" else loader
-    batches: Iterator[dict[str, Any]] = iter(stream)
+    stream_iter: Iterator[dict[str, Any]] = iter(stream)
     # Take the first batch now, before seeding/restoring the RNGs: starting the loader's worker
     # processes draws torch's global generator once, and this keeps that draw out of the sequence
     # a resumed run must repeat.
     tw = time.perf_counter()
-    first_batch = next(batches)
+    first_batch = next(stream_iter)
     pending_wait = time.perf_counter() - tw
-    batches = itertools.chain([first_batch], batches)
+    batches = itertools.chain([first_batch], stream_iter)
     # RNG last: the loader iterator and W&B may draw from the global generators.
     if ckpt is not None:
         mine = ckpt.get("ranks", [])
@@ -763,9 +768,11 @@ def train(cfg: Config) -> dict[str, Any]:
         stop.restore()
         if wandb_run is not None:
             wandb_run.finish()
-        close = getattr(batches, "close", None)
+        close = getattr(stream_iter, "close", None)
         if callable(close):
-            close()
+            close()  # stops the loader's worker processes now rather than at garbage collection
+        if we_initialised_dist:
+            dist.destroy_process_group()
 
     # ---- summary ------------------------------------------------------------------------------
     span = max(totals["time"], 1e-9)
@@ -782,8 +789,6 @@ def train(cfg: Config) -> dict[str, Any]:
     }
     if master:
         fsio.write_bytes_atomic(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=2).encode())
-    if we_initialised_dist:
-        dist.destroy_process_group()
     return summary
 
 
