@@ -33,23 +33,23 @@ Program -> family map (GM program numbers are 0-based, as in pretty_midi; * = va
                 27 Clean*, 30 Distortion**                                    pitch 40-80
     keyboard    0 Grand Piano, 4 E.Piano 1, 6 Harpsichord, 2 E.Grand, 3 Honky-tonk,
                 7 Clavinet, 1 Bright Piano*, 5 E.Piano 2**                    pitch 28-96
-    mallet      12 Marimba, 11 Vibraphone, 8 Celesta, 15 Dulcimer,
+    mallet      12 Marimba, 11 Vibraphone, 15 Dulcimer,
                 10 Music Box*, 108 Kalimba**                                  pitch 53-96
     organ       16 Drawbar, 20 Reed Organ, 17 Percussive Organ, 21 Accordion,
                 18 Rock Organ*, 23 Tango Accordion**                          pitch 36-90
-    reed        64 Soprano Sax, 66 Tenor Sax, 71 Clarinet, 70 Bassoon,
-                69 English Horn*, 68 Oboe**                                   pitch 40-84
+    reed        64 Soprano Sax, 66 Tenor Sax, 70 Bassoon, 22 Harmonica,
+                69 English Horn*, 71 Clarinet**                               pitch 40-84
     string      40 Violin, 41 Viola, 42 Cello, 43 Contrabass, 48 Strings, 45 Pizzicato,
                 50 Synth Strings, 44 Tremolo*, 49 Slow Strings**              pitch 36-90
-    synth_lead  80 Square, 81 Sawtooth, 82 Calliope, 87 Bass+Lead,
-                84 Charang*, 83 Chiff**                                       pitch 36-90
+    synth_lead  80 Square, 81 Sawtooth, 82 Calliope,
+                87 Bass+Lead*, 83 Chiff**                                     pitch 36-90
     vocal       52 Choir Aahs, 54 Synth Voice, 91 Choir Pad,
                 85 Voice Lead*, 53 Voice Oohs**                               pitch 45-80
 
 The programs and ranges were chosen by measuring the rendered notes' f0 (YIN) against the MIDI
 key: left out are programs whose soundfont samples sound at another octave or fall silent in
-part of the range (e.g. 9 Glockenspiel, 13 Xylophone, 31 Guitar Harmonics, 65 Alto Sax, 86
-Fifths Lead). The drawbar organs 16-18 sound an octave below the key in this soundfont (a 16'
+part of the range (e.g. 8 Celesta, 9 Glockenspiel, 13 Xylophone, 31 Guitar Harmonics, 65 Alto
+Sax, 68 Oboe, 84 Charang, 86 Fifths Lead). The drawbar organs 16-18 sound an octave below the key in this soundfont (a 16'
 stop), so they are played one octave up and labelled with the pitch that sounds. ``instrument``
 is the GM program; ``instrument_source`` is acoustic, electronic or synthetic per program;
 ``qualities`` are assigned per program from the instrument's nature (e.g. percussive for
@@ -130,20 +130,20 @@ PROGRAMS: dict[str, list[Program]] = {
                  _P(3, "Honky-tonk Piano", "acoustic", ("percussive",)), _P(7, "Clavinet", "electronic", ("percussive", "fast_decay")),
                  _P(1, "Bright Acoustic Piano", "acoustic", ("percussive", "bright")), _P(5, "Electric Piano 2", "electronic", ("percussive",))],
     "mallet": [_P(12, "Marimba", "acoustic", ("percussive", "fast_decay")), _P(11, "Vibraphone", "acoustic", ("percussive", "long_release")),
-               _P(8, "Celesta", "acoustic", ("percussive",)), _P(15, "Dulcimer", "acoustic", ("percussive",)),
+               _P(15, "Dulcimer", "acoustic", ("percussive",)),
                _P(10, "Music Box", "acoustic", ("percussive", "fast_decay")), _P(108, "Kalimba", "acoustic", ("percussive", "fast_decay"))],
     "organ": [_P(16, "Drawbar Organ", "electronic", (), 12), _P(20, "Reed Organ", "acoustic"),
               _P(17, "Percussive Organ", "electronic", ("percussive",), 12), _P(21, "Accordion", "acoustic", ("multiphonic",)),
               _P(18, "Rock Organ", "electronic", (), 12), _P(23, "Tango Accordion", "acoustic", ("multiphonic",))],
-    "reed": [_P(64, "Soprano Sax", "acoustic"), _P(66, "Tenor Sax", "acoustic"), _P(71, "Clarinet", "acoustic"),
-             _P(70, "Bassoon", "acoustic", ("dark",)), _P(69, "English Horn", "acoustic"), _P(68, "Oboe", "acoustic", ("bright",))],
+    "reed": [_P(64, "Soprano Sax", "acoustic"), _P(66, "Tenor Sax", "acoustic"), _P(70, "Bassoon", "acoustic", ("dark",)),
+             _P(22, "Harmonica", "acoustic"), _P(69, "English Horn", "acoustic"), _P(71, "Clarinet", "acoustic")],
     "string": [_P(40, "Violin", "acoustic"), _P(41, "Viola", "acoustic"), _P(42, "Cello", "acoustic", ("dark",)),
                _P(43, "Contrabass", "acoustic", ("dark",)), _P(48, "String Ensemble 1", "acoustic", ("multiphonic",)),
                _P(45, "Pizzicato Strings", "acoustic", ("percussive", "fast_decay")), _P(50, "Synth Strings 1", "synthetic", ("long_release",)),
                _P(44, "Tremolo Strings", "acoustic", ("nonlinear_env",)), _P(49, "String Ensemble 2", "acoustic", ("multiphonic",))],
     "synth_lead": [_P(80, "Lead 1 (square)", "synthetic", ("bright",)), _P(81, "Lead 2 (sawtooth)", "synthetic", ("bright",)),
                    _P(82, "Lead 3 (calliope)", "synthetic"), _P(87, "Lead 8 (bass + lead)", "synthetic"),
-                   _P(84, "Lead 5 (charang)", "synthetic", ("distortion",)), _P(83, "Lead 4 (chiff)", "synthetic")],
+                   _P(83, "Lead 4 (chiff)", "synthetic")],
     "vocal": [_P(52, "Choir Aahs", "acoustic", ("multiphonic",)), _P(54, "Synth Voice", "synthetic"),
               _P(91, "Pad 4 (choir)", "synthetic", ("long_release",)), _P(85, "Lead 6 (voice)", "synthetic"),
               _P(53, "Voice Oohs", "acoustic")],
