@@ -315,11 +315,11 @@ def wav2vec2_musicnet() -> Config:
 
 
 def cpc_mtat() -> Config:
-    """CPC on MagnaTagATune at 16 kHz: Adam 2e-4, global batch 64."""
+    """CPC on MagnaTagATune at 22.05 kHz with CLMR's 59049-sample crops: Adam 2e-4, global batch 64."""
     model_cfg, _ = model_classes("cpc")
     return Config(
         preset="cpc_mtat", arch="cpc",
-        data=DataConfig(manifests=["./shards/mtat/train.manifest.json"], sample_rate=16000, num_workers=8),
+        data=DataConfig(manifests=["./shards/mtat/train.manifest.json"], sample_rate=22050, num_workers=8),
         augment=_augment_config_class()(enabled=False),
         model=model_cfg.default(),
         optim=OptimConfig(name="adam", lr=2e-4),
@@ -370,7 +370,7 @@ def cpc_tiny() -> Config:
     model_cfg, _ = model_classes("cpc")
     return Config(
         preset="cpc_tiny", arch="cpc",
-        data=DataConfig(manifests=[DEMO_NSYNTH], num_workers=1, shuffle_buffer=64, sample_rate=16000),
+        data=DataConfig(manifests=[DEMO_NSYNTH], num_workers=1, shuffle_buffer=64),
         augment=_augment_config_class()(enabled=False),
         model=model_cfg.tiny(),
         optim=OptimConfig(name="adam", lr=1e-3),
@@ -590,7 +590,9 @@ def describe(cfg: Any, prefix: str = "") -> list[str]:
         if dataclasses.is_dataclass(v):
             lines += describe(v, f"{prefix}{f.name}.")
         else:
-            if isinstance(v, (list, tuple)):
+            if isinstance(v, (list, tuple)) and any(isinstance(x, (list, tuple)) for x in v):
+                text = json.dumps(to_dict(v))  # nested, e.g. wav2vec2's conv_layers
+            elif isinstance(v, (list, tuple)):
                 text = ",".join(map(str, v))
             else:
                 text = str(v)

@@ -1,0 +1,124 @@
+"""train_config and train.py's pieces that need no data: presets, overrides, schedules, optimizer
+presets, checkpoint files and RNG state round trips."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import train
+import train_config as tc
+
+
+@pytest.mark.parametrize("name", list(tc.PRESETS))
+def test_every_preset_round_trips_through_print_config_and_dict(name):
+    cfg = tc.preset(name)
+    # --print-config's lines, fed back as overrides, rebuild the same config
+    lines = [line for line in tc.describe(cfg) if not line.startswith("#")]
+    assert tc.apply_overrides(tc.preset(name), lines) == cfg
+    # the checkpoint's plain dict rebuilds it too (tuples come back as tuples)
+    assert tc.from_dict(tc.to_dict(cfg)) == cfg
+    assert cfg.crop_samples > 0 and cfg.views == (2 if cfg.arch == "clmr" else 1)
+
+
+def test_overrides_parse_by_type_and_revalidate():
+    cfg = tc.apply_overrides(tc.preset("wav2vec2_tiny"), [
+        "--optim.betas=0.8,0.95", "--train.compile=true", "--logging.wandb_entity=team",
+        "--data.weights=none", "--data.manifests=a.json,b.json", "--train.steps=1_000",
+        '--model.conv_layers=[[16,10,5],[16,3,2]]', "--augment.enabled=false",
+    ])
+    assert cfg.optim.betas == (0.8, 0.95) and cfg.train.compile is True
+    assert cfg.logging.wandb_entity == "team" and cfg.data.weights is None
+    assert cfg.data.manifests == ["a.json", "b.json"] and cfg.train.steps == 1000
+    assert cfg.model.conv_layers == ((16, 10, 5), (16, 3, 2)) and cfg.augment.enabled is False
+    # each section's __post_init__ runs again on the new values
+    with pytest.raises(ValueError, match="--data.weights has 1 values but --data.manifests has 2"):
+        tc.apply_overrides(cfg, ["--data.weights=1"])
+    with pytest.raises(ValueError, match=r"--train.compile=maybe: expected true or false"):
+        tc.apply_overrides(cfg, ["--train.compile=maybe"])
+    with pytest.raises(ValueError, match=r"--train.steps=1.5: expected an integer"):
+        tc.apply_overrides(cfg, ["--train.steps=1.5"])
+    with pytest.raises(ValueError, match="--optim is a section"):
+        tc.apply_overrides(cfg, ["--optim=adam"])
+    with pytest.raises(ValueError, match="--arch cannot be overridden"):
+        tc.apply_overrides(cfg, ["--arch=clmr"])
+    with pytest.raises(ValueError, match=r"unknown config key --model.channel \(did you mean --model.channels\?\); "
+                                         r"keys in section 'model': channels, first_channels"):
+        tc.apply_overrides(tc.preset("clmr_tiny"), ["--model.channel=3"])
+
+
+def test_print_config_and_help_list_every_section(capsys):
+    assert train.main(["--config", "cpc_tiny", "--optim.lr=0.01", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "--optim.lr=0.01\n" in out and "--model.input_samples=2400\n" in out
+    for section in ("data", "augment", "model", "optim", "train", "logging", "checkpoint"):
+        assert f"--{section}." in out
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in tc.PRESETS) and "torchrun" in out
+
+
+def test_lr_schedules():
+    f = train.lr_factor
+    assert [f(s, schedule="constant", warmup=0, total=10, final=0.0) for s in (0, 9)] == [1.0, 1.0]
+    # linear warmup over 4 steps, then linear decay to 10 % at the last step (index total - 1 .. total)
+    lin = [f(s, schedule="warmup_linear", warmup=4, total=14, final=0.1) for s in range(15)]
+    assert lin[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert lin[4] == pytest.approx(1.0) and lin[9] == pytest.approx(0.55) and lin[14] == pytest.approx(0.1)
+    cos = [f(s, schedule="warmup_cosine", warmup=2, total=12, final=0.0) for s in range(13)]
+    assert cos[1] == pytest.approx(1.0) and cos[7] == pytest.approx(0.5) and cos[12] == pytest.approx(0.0)
+
+
+def test_optimizer_presets_and_schedule_wiring():
+    model = torch.nn.Linear(4, 4)
+    opt, sched = train.build_optimizer(tc.preset("wav2vec2_musicnet"), model)
+    g = opt.param_groups[0]
+    assert isinstance(opt, torch.optim.AdamW)
+    assert (g["betas"], g["eps"], g["weight_decay"], g["initial_lr"]) == ((0.9, 0.98), 1e-6, 0.01, 5e-4)
+    assert g["lr"] == pytest.approx(5e-4 / 32_000)  # first of 32k warmup steps
+    for _ in range(3):
+        opt.step()
+        sched.step()
+    assert g["lr"] == pytest.approx(5e-4 * 4 / 32_000)
+    opt, _ = train.build_optimizer(tc.preset("clmr_mtat"), model)
+    g = opt.param_groups[0]
+    assert type(opt) is torch.optim.Adam and g["lr"] == 3e-4 and g["betas"] == (0.9, 0.999)
+
+
+def test_checkpoint_files_rotate_atomically_and_load_weights_only(tmp_path):
+    folder = str(tmp_path / "ckpts")
+    os.makedirs(folder)
+    open(os.path.join(folder, "notes.txt"), "w").close()
+    assert train.find_resume("auto", folder) is None
+    for step in (5, 10, 15, 20):
+        state = {"format": train.CKPT_FORMAT, "step": step, "w": torch.full((3,), float(step))}
+        url = train.save_checkpoint(folder, state, keep=2)
+    assert sorted(os.listdir(folder)) == ["ckpt-00000015.pt", "ckpt-00000020.pt", "notes.txt"]  # no temp files
+    assert train.find_resume("auto", folder) == url and url.endswith("ckpt-00000020.pt")
+    assert train.find_resume("none", folder) is None
+    assert torch.equal(train.load_checkpoint(url)["w"], torch.full((3,), 20.0))
+    torch.save({"format": "something-else"}, os.path.join(folder, "other.pt"))
+    with pytest.raises(ValueError, match="not a musicssl-ckpt/1 checkpoint"):
+        train.load_checkpoint(os.path.join(folder, "other.pt"))
+
+
+def test_rng_state_survives_a_weights_only_round_trip(tmp_path):
+    torch.manual_seed(1)
+    np.random.seed(2)
+    random.seed(3)
+    np.random.standard_normal()  # leaves a cached gaussian in numpy's state
+    state = train.rng_state(torch.device("cpu"))
+    expected = (torch.rand(3), np.random.standard_normal(3), np.random.rand(2), random.random())
+    path = tmp_path / "rng.pt"
+    torch.save(state, path)
+    train.set_rng_state(torch.load(path, weights_only=True), torch.device("cpu"))
+    again = (torch.rand(3), np.random.standard_normal(3), np.random.rand(2), random.random())
+    assert torch.equal(expected[0], again[0])
+    assert np.array_equal(expected[1], again[1]) and np.array_equal(expected[2], again[2])
+    assert expected[3] == again[3]
