@@ -707,7 +707,7 @@ def train(cfg: Config) -> dict[str, Any]:
                 append_jsonl(metrics_path, {
                     "step": step, "loss": loss_value if math.isfinite(loss_value) else None, "lr": lr,
                     "grad_norm": grad_norm.item() if math.isfinite(grad_norm.item()) else None,
-                    "skipped": skip, **model_metrics,
+                    "skipped": skip, "time_s": round(dt, 6), "wait_s": round(wait, 6), **model_metrics,
                 })
 
             log_now = step % cfg.logging.every == 0 or step == cfg.train.steps or stop_requested
