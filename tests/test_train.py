@@ -115,12 +115,12 @@ def wandb_records(run_file: str) -> list:
 
 def test_tiny_preset_learns_and_wandb_offline_holds_keys_and_audio(manifest, tmp_path):
     out = str(tmp_path / "run")
-    cfg = config(
-        manifest, out, "--train.steps=36", "--optim.lr=3e-3", "--data.num_workers=0",
-        "--augment.order=polarity,gain,noise", "--logging.wandb_mode=offline", "--logging.every=6",
-        "--logging.audio_every=20", "--logging.audio_examples=2", "--checkpoint.every=10", "--checkpoint.keep=2",
-    )
-    summary = train.train(cfg)
+    args = [
+        "--optim.lr=3e-3", "--data.num_workers=0", "--augment.order=polarity,gain,noise",
+        "--logging.wandb_mode=offline", "--logging.every=6", "--logging.audio_every=20",
+        "--logging.audio_examples=2", "--checkpoint.every=10", "--checkpoint.keep=2",
+    ]
+    summary = train.train(config(manifest, out, "--train.steps=36", *args))
     ls = losses(out)
     assert summary["status"] == "completed" and summary["step"] == 36 and len(ls) == 36
     first, last = sum(ls[:6]) / 6, sum(ls[-6:]) / 6
@@ -171,6 +171,14 @@ def test_tiny_preset_learns_and_wandb_offline_holds_keys_and_audio(manifest, tmp
     gains = [float(c.split("gain(gain_db=")[1].split(")")[0]) for c in captions if "gain(gain_db=" in c]
     assert gains and all(-20.0 <= g <= -1.0 for g in gains)
     assert summary["audio_examples_logged"] == 8
+
+    # a longer run resumed from the last checkpoint continues the same W&B run id
+    again = train.train(config(manifest, out, "--train.steps=38", *args, "--logging.audio_every=0",
+                               "--checkpoint.resume=auto"))
+    assert again["resumed_from"].endswith("ckpt-00000036.pt") and again["steps_run"] == 2
+    assert again["wandb_run_id"] == summary["wandb_run_id"]
+    assert len(glob.glob(os.path.join(out, "wandb", f"offline-run-*-{summary['wandb_run_id']}"))) == 2
+    assert len(losses(out)) == 38
 
 
 def test_kill9_then_resume_repeats_the_uninterrupted_losses(manifest, tmp_path):
