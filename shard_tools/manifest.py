@@ -8,7 +8,7 @@ import re
 from collections import Counter
 
 from pipeline import fsio
-from shard_tools.build import FORMAT, format_summary, manifest_name, reason_kind, report_name
+from shard_tools.build import FORMAT, dumps_json, format_summary, manifest_name, reason_kind, report_name
 from shard_tools.writer import write_bytes_atomic
 
 _PARTIAL = re.compile(r"^(?P<split>[A-Za-z0-9_]+)\.manifest\.slice-(?P<i>\d+)-of-(?P<k>\d+)\.json$")
@@ -30,20 +30,32 @@ def read_manifest(url: str) -> dict:
     return m
 
 
+def _manifests_in(url: str, names: list[str]) -> list[str]:
+    whole = [n for n in names if _WHOLE.match(n)]
+    return [fsio.join_url(url, n) for n in (whole or [n for n in names if _PARTIAL.match(n)])]
+
+
 def find_manifests(url: str) -> list[str]:
-    """Manifest URLs for a folder URL (whole-split manifests; the partial ones only if none) or a
-    manifest URL itself."""
+    """Manifest URLs for a manifest URL itself, or for a folder: its whole-split manifests (the
+    partial ones of ``--slice`` builds only if there are none), else those of its sub-folders one
+    level down (e.g. ``demo_shards/nsynth``, ``demo_shards/mtat``)."""
     if url.endswith(".json"):
         return [url]
+    url = url.rstrip("/") or "/"
     names = fsio.list_dir(url)
     if not names and not fsio.exists(url):
         raise FileNotFoundError(f"{url}: no such folder; give a shard folder or a <split>.manifest.json URL")
-    whole = [n for n in names if _WHOLE.match(n)]
-    chosen = whole or [n for n in names if _PARTIAL.match(n)]
-    if not chosen:
-        raise FileNotFoundError(f"{url}: no <split>.manifest.json here; build it with `shard-tools build` "
-                                f"(a split exists only once its manifest is written)")
-    return [fsio.join_url(url, n) for n in chosen]
+    found = _manifests_in(url, names)
+    if not found:
+        # dataset folders side by side; names with a dot are files (shards, reports), not folders
+        for n in names:
+            if "." not in n:
+                sub = fsio.join_url(url, n)
+                found.extend(_manifests_in(sub, fsio.list_dir(sub)))
+    if not found:
+        raise FileNotFoundError(f"{url}: no <split>.manifest.json here or one folder down; build it with "
+                                f"`shard-tools build` (a split exists only once its manifest is written)")
+    return found
 
 
 def shard_url(manifest_url: str, shard: dict) -> str:
@@ -88,7 +100,8 @@ def merge(inputs: list[str], out: str | None = None) -> dict:
             raise ValueError(f"slice {sl['index']} of split {m['split']!r} given twice: {prev[0]} and {u}")
         by_split[m["split"]][int(sl["index"])] = (u, m)
     if len(counts) != 1:
-        raise ValueError(f"the partial manifests come from builds with different slice counts K: {sorted(counts)}")
+        raise ValueError(f"the partial manifests come from builds with different slice counts K: {sorted(counts)}; "
+                         f"remove the partial manifests of the older build, or name the ones to merge")
     k = counts.pop()
     for split, parts in sorted(by_split.items()):
         missing = [i for i in range(k) if i not in parts]
@@ -130,7 +143,7 @@ def merge(inputs: list[str], out: str | None = None) -> dict:
             "build": {**first["build"], "merged_slices": k},
         }
         write_bytes_atomic(fsio.join_url(out, manifest_name(split)),
-                                json.dumps(merged, indent=1, ensure_ascii=False).encode("utf-8"))
+                                dumps_json(merged, indent=1))
         totals[split] = {"samples": merged["num_samples"], "seconds": merged["seconds"],
                          "hours": round(merged["seconds"] / 3600, 4), "shards": len(shards),
                          "bytes": sum(s["bytes"] for s in shards)}
@@ -177,20 +190,28 @@ def _merge_reports(urls: list[str], out: str, k: int, totals: dict) -> dict:
         "audio_hours_per_hour": round(seconds / wall, 2) if wall > 0 else None,
     }
     write_bytes_atomic(fsio.join_url(out, report_name()),
-                            json.dumps(merged, indent=1, ensure_ascii=False).encode("utf-8"))
+                            dumps_json(merged, indent=1))
     return merged
 
 
 def info_text(url: str) -> str:
-    """A one-screen description of a shard folder or manifest: splits, counts, hours, labels."""
-    murls = find_manifests(url)
-    manifests = [(u, read_manifest(u)) for u in murls]
-    lines = [f"{url}"]
+    """A one-screen description of a shard folder or manifest: splits, counts, hours, labels
+    (one block per dataset folder when given a folder of dataset folders)."""
+    by_folder: dict[str, list[tuple[str, dict]]] = {}
+    for u in find_manifests(url):
+        by_folder.setdefault(fsio.parent_url(u), []).append((u, read_manifest(u)))
+    blocks = [_info_block(folder, manifests, show_report=not url.endswith(".json"))
+              for folder, manifests in sorted(by_folder.items())]
+    return "\n".join(blocks)
+
+
+def _info_block(folder: str, manifests: list[tuple[str, dict]], show_report: bool) -> str:
+    first = manifests[0][1]
     datasets = sorted({m["dataset"] for _, m in manifests})
-    lines.append(f"  dataset {', '.join(datasets)}   codec {manifests[0][1]['codec']}")
+    lines = [f"{folder}   dataset {', '.join(datasets)}   codec {first['codec']}"]
     lines.append(f"  {'split':<24} {'samples':>9} {'hours':>9} {'shards':>7} {'GB':>9}  sr      ch")
     tot = [0, 0.0, 0, 0]
-    for u, m in sorted(manifests, key=lambda x: x[1]["split"]):
+    for _, m in sorted(manifests, key=lambda x: (x[1]["split"], (x[1].get("slice") or {}).get("index", 0))):
         nbytes = sum(s["bytes"] for s in m["shards"])
         name = m["split"] + (f" (slice {m['slice']['index']}/{m['slice']['count']})" if m.get("slice") else "")
         lines.append(f"  {name:<24} {m['num_samples']:>9} {m['seconds'] / 3600:>9.3f} {len(m['shards']):>7} "
@@ -200,7 +221,7 @@ def info_text(url: str) -> str:
         tot[2] += len(m["shards"])
         tot[3] += nbytes
     lines.append(f"  {'total':<24} {tot[0]:>9} {tot[1] / 3600:>9.3f} {tot[2]:>7} {tot[3] / 1e9:>9.3f}")
-    labels = manifests[0][1].get("labels") or {}
+    labels = first.get("labels") or {}
     if labels:
         lines.append("  labels:")
         for field, spec in labels.items():
@@ -209,15 +230,14 @@ def info_text(url: str) -> str:
             lines.append(f"    {field:<24} {spec.get('kind', '?'):<9} {len(names):>4} names: {shown}")
     else:
         lines.append("  labels: none (unlabelled)")
-    if not url.endswith(".json"):
-        rep_url = fsio.join_url(url, report_name())
-        if fsio.exists(rep_url):
-            rep = json.loads(fsio.read_bytes(rep_url))
-            lines.append(f"  build: {rep['files_in']} files in, {rep['samples_written']} samples, "
-                         f"{len(rep['files_skipped'])} files skipped"
-                         + (" (" + ", ".join(f"{n} {r}" for r, n in list(rep.get('skipped_by_reason', {}).items())[:4]) + ")"
-                            if rep["files_skipped"] else ""))
-    b = manifests[0][1].get("build") or {}
+    rep_url = fsio.join_url(folder, report_name())
+    if show_report and fsio.exists(rep_url):
+        rep = json.loads(fsio.read_bytes(rep_url))
+        reasons = list(rep.get("skipped_by_reason", {}).items())[:4]
+        lines.append(f"  build: {rep['files_in']} files in, {rep['samples_written']} samples, "
+                     f"{len(rep['files_skipped'])} files skipped"
+                     + (" (" + ", ".join(f"{n} {r}" for r, n in reasons) + ")" if reasons else ""))
+    b = first.get("build") or {}
     if b.get("command"):
         lines.append(f"  built by: {b['command']}  ({b.get('created', '')})")
     return "\n".join(lines)

@@ -10,12 +10,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import multiprocessing as mp
 import tarfile
 from concurrent.futures import ProcessPoolExecutor
 
 from pipeline import fsio
 from pipeline.audio import AudioDecodeError, decode_bytes
+from shard_tools.build import pool_context
 from shard_tools.manifest import find_manifests, read_manifest, shard_url
 
 
@@ -39,7 +39,7 @@ def verify_shard(url: str, expected: dict, codec: str, split: str) -> dict:
             if len(members) % 2:
                 problems.append(f"{url}: odd number of members ({len(members)}); samples come as audio + json pairs")
             for a, j in zip(members[0::2], members[1::2]):
-                key, ext = a.name.split(".", 1)
+                key, _, ext = a.name.partition(".")
                 if ext != codec or j.name != f"{key}.json":
                     problems.append(f"{url}: members {a.name}, {j.name} are not a <key>.{codec} + <key>.json pair")
                     continue
@@ -92,7 +92,7 @@ def verify(url: str, *, workers: int = 1, progress: bool = True) -> tuple[list[s
 
     try:
         if workers > 1 and len(jobs) > 1:
-            with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
+            with ProcessPoolExecutor(workers, mp_context=pool_context()) as ex:
                 futs = [ex.submit(verify_shard, j[1], j[2], j[3], j[4]) for j in jobs]
                 for job, fut in zip(jobs, futs):
                     collect(job, fut.result())
