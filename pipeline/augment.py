@@ -501,15 +501,7 @@ def pitch_shift_granular(x: Tensor, factor: Tensor, *, grain: int = 2048) -> Ten
     energy = torch.nn.functional.pad(b.pow(2).cumsum(-1), (1, 0))
     energy = energy[..., region: region + n_lags] - energy[..., :n_lags]
     score = corr * torch.rsqrt(energy.clamp_min(1e-12))  # (m, J, n_lags), lag l <-> d_{j+1} - d_j + 2 * search
-    # Choose d_{j+1} in [-search, search] given d_j: window of 2 * search + 1 lags starting at search - d_j.
-    window = torch.arange(2 * search + 1, device=x.device).view(1, -1)
-    d = torch.zeros(m, dtype=torch.long, device=x.device)
-    offsets = [d]
-    for j in range(n_blocks):
-        cand = score[:, j].gather(-1, (search - d).view(-1, 1) + window)
-        d = cand.argmax(-1) - search
-        offsets.append(d)
-    delta = torch.stack(offsets, dim=1)  # (m, J + 1)
+    delta = _chain_offsets(score, search)  # (m, J + 1)
 
     k = torch.arange(hop, device=x.device, dtype=torch.float32)
     w1 = torch.sin(0.5 * math.pi * k / hop).pow(2)
@@ -523,6 +515,33 @@ def pitch_shift_granular(x: Tensor, factor: Tensor, *, grain: int = 2048) -> Ten
     y0 = read(f * k, delta[:, :-1])  # grain j, fading out
     y1 = read(hop - f * (hop - k), delta[:, 1:])  # grain j + 1, fading in
     return torch.lerp(y0, y1, w1).reshape(m, -1)[:, :t]
+
+
+def _chain_offsets(score: Tensor, search: int) -> Tensor:
+    """Grain offsets d_0 = 0, d_{j+1} = argmax over [-search, search] of score[:, j, search - d_j + .] - search.
+
+    The choice chains from block to block, so it is a loop over blocks of (m,)-sized steps: on the
+    CPU in NumPy (many tiny torch ops would each pay thread-pool overhead), on an accelerator in
+    torch (no host round trip).
+    """
+    m, n_blocks, _ = score.shape
+    width = 2 * search + 1
+    if score.device.type == "cpu":
+        sc = score.numpy()
+        rows, window = np.arange(m)[:, None], np.arange(width)[None, :]
+        d = np.zeros(m, dtype=np.int64)
+        out = np.zeros((m, n_blocks + 1), dtype=np.int64)
+        for j in range(n_blocks):
+            d = sc[rows, j, (search - d)[:, None] + window].argmax(-1) - search
+            out[:, j + 1] = d
+        return torch.from_numpy(out)
+    window = torch.arange(width, device=score.device).view(1, -1)
+    d = torch.zeros(m, dtype=torch.long, device=score.device)
+    offsets = [d]
+    for j in range(n_blocks):
+        d = score[:, j].gather(-1, (search - d).view(-1, 1) + window).argmax(-1) - search
+        offsets.append(d)
+    return torch.stack(offsets, dim=1)
 
 
 def pitch_shift_vocoder(x: Tensor, factor: Tensor, *, n_fft: int, hop: int, window: Tensor) -> Tensor:
