@@ -129,7 +129,7 @@ def _read_item(item: Item) -> tuple[np.ndarray, int]:
         raise SkipItem("empty file: 0 bytes")
     try:
         with sf.SoundFile(item.path) as f:
-            sr, total = int(f.samplerate), int(f.frames)
+            sr, total, fmt = int(f.samplerate), int(f.frames), f.format
             if f.format == "WAV" and _declared_wav_shortfall(f.extra_info):
                 raise SkipItem("truncated: WAV data chunk shorter than its header declares")
             if item.segment is not None:
@@ -152,9 +152,11 @@ def _read_item(item: Item) -> tuple[np.ndarray, int]:
     got = audio.shape[0]
     if got == 0:
         raise SkipItem("no audio frames: the file decodes to zero samples")
-    # A header promising more frames than the stream holds means a cut-off download. MP3 frame
-    # counts are estimates (encoder padding), hence the tolerance.
-    if expected > 0 and got < expected - max(4096, int(0.02 * expected)):
+    # A header promising more frames than the stream holds means a cut-off download. An MP3's
+    # frame count is an estimate (exact with a Xing/LAME header, file size / bitrate without one,
+    # which is off for VBR), so only a large shortfall counts there.
+    slack = 0.10 if fmt == "MP3" else 0.02
+    if expected > 0 and got < expected - max(4096, int(slack * expected)):
         raise SkipItem(f"truncated: header says {expected} frames, only {got} decode")
     if not np.isfinite(audio).all():
         raise SkipItem("non-finite samples: NaN or Inf in the decoded audio")
