@@ -1,14 +1,15 @@
 """Shard-building throughput: audio-hours per hour of ``build_dataset`` next to a tight loop.
 
-    .venv/bin/python benchmarks/shard_build.py                 # 48 x 30 s clips, 2 workers
-    .venv/bin/python benchmarks/shard_build.py --quick         # tiny, for the test
-    .venv/bin/python benchmarks/shard_build.py --root DIR      # any folder of audio instead
+    .venv/bin/python benchmarks/shard_build.py                  # the demo set, 2 workers
+    .venv/bin/python benchmarks/shard_build.py --source clips   # 48 x 30 s 44.1 kHz stereo clips
+    .venv/bin/python benchmarks/shard_build.py --quick          # tiny, for the test
+    .venv/bin/python benchmarks/shard_build.py --root DIR       # any folder of audio instead
 
-Sources (``--quick``: synthetic harmonic tones instead): clips of real instrument notes (the GM soundfont pretty_midi ships, rendered with
-midirenderer), mixed into 44.1 kHz stereo files, half MP3 and half WAV, like MTAT/MSD previews and
-MusicNet recordings; or, with ``--root``, the audio files below a folder (e.g. a ``shard-tools demo``
-tree). The work per file is the same in both runs: decode, mono, resample to ``--sample-rate``,
-FLAC encode.
+Sources: the ``shard-tools demo`` set (real instrument notes in NSynth's layout, 16 kHz WAV, and
+multi-instrument clips in MTAT's layout, 16 kHz MP3), sharded through the ``nsynth`` and ``mtat``
+recipes; or ``--source clips``: rendered phrases tiled into 44.1 kHz stereo files, half MP3 and half
+WAV, like MSD previews and MusicNet recordings; or ``--root``: the audio below a folder. The work
+per file is the same in both runs: decode, mono, resample to ``--sample-rate``, FLAC encode.
 
 - ours: ``shard_tools.build.build_dataset`` with ``--workers N`` (pool start-up, ordered writing,
   tar, sha256, progress file and manifests included);
@@ -117,53 +118,86 @@ def tight_loop(items, conv: _Convert, workers: int) -> float:
         return time.perf_counter() - t
 
 
+def demo_recipes(root: str, quick: bool, workers: int, seed: int) -> list:
+    """Render the ``shard-tools demo`` layouts (NSynth notes, MTAT clips) under ``root``; their recipes."""
+    from shard_tools import demo, mtat, nsynth
+
+    cfg = (demo.DemoConfig(notes_per_instrument=1, programs_per_family=1, clips=4, clip_seconds=2.0, seed=seed)
+           if quick else demo.DemoConfig(seed=seed))
+    demo.render_layouts(root, cfg, workers=workers, progress=False)
+    return [nsynth.prepare(os.path.join(root, "nsynth"), argparse.Namespace(splits=None, pitch_range=None)),
+            mtat.prepare(os.path.join(root, "mtat"), argparse.Namespace(top_k=50, split_files=None, audio_dir=None))]
+
+
+def has_demo() -> bool:
+    try:
+        import shard_tools.demo  # noqa: F401
+    except ModuleNotFoundError:
+        return False
+    return True
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--files", type=int, default=48)
-    ap.add_argument("--seconds", type=float, default=30.0, help="length of each generated clip")
-    ap.add_argument("--sample-rate", type=int, default=22050)
-    ap.add_argument("--root", default=None, help="benchmark the audio below this folder instead of generated clips")
+    ap.add_argument("--source", choices=("demo", "clips"), default="demo" if has_demo() else "clips",
+                    help="demo: the `shard-tools demo` set (NSynth + MTAT layouts, default when shard_tools.demo "
+                         "exists); clips: long mixed-instrument clips, half MP3")
+    ap.add_argument("--files", type=int, default=48, help="clips (--source clips)")
+    ap.add_argument("--seconds", type=float, default=30.0, help="length of each clip (--source clips)")
+    ap.add_argument("--sample-rate", type=int, default=22050, help="target rate (CLMR's 22.05 kHz: every file is resampled)")
+    ap.add_argument("--root", default=None, help="benchmark the audio below this folder instead (folder recipe)")
     ap.add_argument("--phrases", type=int, default=6, help="distinct rendered phrases the clips are tiled from")
-    ap.add_argument("--quick", action="store_true", help="tiny sizes (4 clips of 2 s of synthetic harmonic tones, no rendering), for the test")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes (a few notes and 2 s clips), for the test")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeat", type=int, default=2, help="runs of each, alternating; the best of each counts")
     args = ap.parse_args()
     if args.quick:
         args.files, args.seconds, args.phrases, args.repeat = 4, 2.0, 1, 1
     with tempfile.TemporaryDirectory(prefix="bench-shard-") as tmp:
-        root = args.root
-        if root is None:
+        t = time.perf_counter()
+        if args.root is not None:
+            source = f"folder {args.root}"
+            recipes = [folder.prepare(args.root, argparse.Namespace(
+                labels=None, path_column="path", split_column="split", multi_hot=[], label_sep=";",
+                keep_unlisted=False, valid_fraction=0.0, test_fraction=0.0))]
+        elif args.source == "demo":
+            source = "demo set (NSynth-layout notes + MTAT-layout clips)"
+            recipes = demo_recipes(os.path.join(tmp, "demo"), args.quick, args.workers, args.seed)
+        else:
+            source = f"{args.files} clips of {args.seconds:.0f} s"
             root = os.path.join(tmp, "src")
             os.makedirs(root)
-            t = time.perf_counter()
             make_sources(root, args.files, args.seconds, args.seed, args.phrases, synthetic=args.quick)
-            print(f"generated {args.files} clips of {args.seconds:.0f} s in {time.perf_counter() - t:.1f} s")
-        ns = argparse.Namespace(labels=None, path_column="path", split_column="split", multi_hot=[], label_sep=";",
-                                keep_unlisted=False, valid_fraction=0.0, test_fraction=0.0)
-        recipe = folder.prepare(root, ns)
-        conv = _Convert("folder", "flac", args.sample_rate, True)
+            recipes = [folder.prepare(root, argparse.Namespace(
+                labels=None, path_column="path", split_column="split", multi_hot=[], label_sep=";",
+                keep_unlisted=False, valid_fraction=0.0, test_fraction=0.0))]
+        print(f"sources: {source}, ready in {time.perf_counter() - t:.1f} s")
+        items = [it for r in recipes for it in r.items]
+        conv = _Convert("bench", "flac", args.sample_rate, True)
 
         # alternate the two and keep the best of each: the machine may be shared
         # (the first build also starts the worker pool's forkserver; later ones reuse it)
         limit_runs, ours_runs = [], []
         for r in range(args.repeat):
-            limit_runs.append(tight_loop(recipe.items, conv, args.workers))
+            limit_runs.append(tight_loop(items, conv, args.workers))
             t = time.perf_counter()
-            report = build_dataset(recipe, os.path.join(tmp, f"out{r}"), sample_rate=args.sample_rate, mono=True,
-                                   workers=args.workers, seed=args.seed, progress=False)
+            reports = [build_dataset(rec, os.path.join(tmp, f"out{r}", rec.dataset), sample_rate=args.sample_rate,
+                                     mono=True, workers=args.workers, seed=args.seed, progress=False)
+                       for rec in recipes]
             ours_runs.append(time.perf_counter() - t)
         limit_s, ours_s = min(limit_runs), min(ours_runs)
-    hours = report["seconds"] / 3600
+    hours = sum(rep["seconds"] for rep in reports) / 3600
+    written = sum(rep["samples_written"] for rep in reports)
     ours = hours / (ours_s / 3600)
     limit = hours / (limit_s / 3600)
-    print(f"{len(recipe.items)} files, {hours:.3f} h of audio -> {args.sample_rate} Hz mono FLAC, {args.workers} workers, "
+    print(f"{len(items)} files, {hours:.3f} h of audio -> {args.sample_rate} Hz mono FLAC, {args.workers} workers, "
           f"{os.cpu_count()} cores")
     print(f"  shard builder : {ours_s:7.2f} s  {ours:9.0f} audio-hours/hour (incl. pool start-up, tar, sha256)")
     print(f"  tight loop    : {limit_s:7.2f} s  {limit:9.0f} audio-hours/hour (warmed pool, no tar, no ordering)")
     print(json.dumps({
-        "benchmark": "shard_build", "workers": args.workers, "repeat": args.repeat, "files": len(recipe.items), "audio_hours": round(hours, 4),
-        "samples_written": report["samples_written"], "sample_rate": args.sample_rate,
+        "benchmark": "shard_build", "source": source, "workers": args.workers, "repeat": args.repeat,
+        "files": len(items), "audio_hours": round(hours, 4), "samples_written": written, "sample_rate": args.sample_rate,
         "shard_build_s": round(ours_s, 3), "tight_loop_s": round(limit_s, 3),
         "shard_build_runs_s": [round(x, 3) for x in ours_runs], "tight_loop_runs_s": [round(x, 3) for x in limit_runs],
         "shard_build_audio_hours_per_hour": round(ours, 1), "tight_loop_audio_hours_per_hour": round(limit, 1),
