@@ -36,6 +36,15 @@ def test_config_frames_and_sizes():
     assert sum(p.numel() for p in model.predictor.parameters()) == 256 * 20 * 512
     tiny = CPCConfig.tiny()
     assert tiny.num_frames(tiny.input_samples) == 41
+    # He-normal init (default) keeps the ReLU stack's scale: weight std sqrt(2 / fan_in), zero bias.
+    second = CPC(tiny).encoder.layers[2]
+    assert second.weight.std().item() == pytest.approx(math.sqrt(2 / (32 * 6)), rel=0.05)
+    assert second.bias.abs().max() == 0
+    legacy = CPC(CPCConfig(**{**tiny.__dict__, "init": "pytorch"})).encoder.layers[2]
+    assert legacy.weight.std().item() == pytest.approx(math.sqrt(1 / (3 * 32 * 6)), rel=0.05)
+    assert legacy.bias.abs().max() > 0
+    with pytest.raises(ValueError, match="model.init"):
+        CPCConfig(init="xavier")
     with pytest.raises(ValueError, match="model.prediction_steps"):
         CPCConfig(input_samples=4800)  # 11 frames < 20 steps
     with pytest.raises(ValueError, match="model.strides, model.kernels and model.padding"):
@@ -161,12 +170,10 @@ def test_a_few_adam_steps_lower_the_loss_on_rendered_notes():
         loss.backward()
         opt.step()
     after = held_out_loss()
-    # CPC on raw audio starts slowly (an unnormalised ReLU encoder first has to make its frames
-    # differ between clips); 50 steps reliably move it off chance, not much further.
-    assert after < before - 0.05, (before, after)
+    assert after < before - 1.0, (before, after)
     assert set(metrics) == {"contrastive_acc", "loss_step1", "loss_step4", "acc_step1", "acc_step2", "acc_step4"}
     assert all(v.dim() == 0 and not v.requires_grad for v in metrics.values())
-    assert metrics["contrastive_acc"] > 1 / (1 + cfg.negatives)  # above chance
+    assert metrics["contrastive_acc"] > 0.5  # chance is 1 / (1 + 8)
 
 
 def test_embed_shapes_values_causality_and_determinism():
