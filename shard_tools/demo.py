@@ -56,7 +56,8 @@ is the GM program; ``instrument_source`` is acoustic, electronic or synthetic pe
 plucked and struck sounds, distortion for overdriven guitars), not annotated by listening as
 NSynth's are. Loudness follows velocity (a fixed gain for every note), so velocity is audible.
 
-Deterministic for a ``--seed``: the same flags give byte-identical files and shards. The
+Deterministic for a ``--seed``: the same flags give byte-identical files and shards (on one
+machine and library versions; another CPU's float rounding may flip a last bit). The
 rendered layouts are kept when ``--root WORKDIR`` is given (and reused by a re-run with the same
 flags), else written to a temporary folder that is removed at the end.
 
@@ -157,7 +158,7 @@ PITCH_RANGE: dict[str, tuple[int, int]] = {
 # MTAT-style clips: tag -> GM programs that may play it; "drums" is the GM drum kit (channel 10).
 CLIP_INSTRUMENTS: dict[str, list[int]] = {
     "piano": [0, 1, 2], "guitar": [24, 25, 26, 27], "strings": [48, 49], "violin": [40], "cello": [42],
-    "flute": [73, 72], "bass": [32, 33, 34], "organ": [19, 20], "synth": [80, 81], "sax": [64, 65, 66],
+    "flute": [73, 72], "bass": [32, 33, 34], "organ": [19, 20], "synth": [80, 81], "sax": [64, 66],
     "brass": [56, 57, 61], "harpsichord": [6], "choir": [52, 53], "drums": [],
 }
 TEMPO_TAGS = ("slow", "medium", "fast")

@@ -182,6 +182,17 @@ def test_demo_mtat_clips_and_tags(tiny_demo):
             assert np.abs(s["audio"]).max() > 0.1  # music, not silence
 
 
+def test_demo_same_seed_same_bytes(tiny_demo, tmp_path):
+    base, cfg, summary = tiny_demo
+    again = demo.build_demo(str(tmp_path / "out"), root=None, cfg=cfg, workers=2, progress=False)
+    for name in ("nsynth", "mtat"):
+        for split in ("train", "valid", "test"):
+            with open(base / "out" / name / f"{split}.manifest.json") as f1, \
+                    open(tmp_path / "out" / name / f"{split}.manifest.json") as f2:
+                assert [s["sha256"] for s in json.load(f1)["shards"]] == [s["sha256"] for s in json.load(f2)["shards"]]
+    assert again["root"] is None  # rendered in a temporary folder, removed afterwards
+
+
 def test_demo_rerun_reuses_render_and_shards(tiny_demo, capsys):
     base, cfg, _ = tiny_demo
     again = demo.build_demo(str(base / "out"), root=str(base / "src"), cfg=cfg, workers=1, progress=False)
