@@ -84,6 +84,27 @@ def test_mtat_top_tags_ties_by_name_and_quoting(tmp_path):
     assert mtat.top_tags(tags, rows, 50) == ["guitar", "piano", "rock", "slow"]
 
 
+def test_mtat_annotations_with_bom_and_crlf(tmp_path):
+    # the file as a Windows tool may re-save it: UTF-8 byte-order mark, CRLF line ends
+    write_mtat(str(tmp_path), MTAT_TAGS, MTAT_CLIPS[:2])
+    path = tmp_path / "annotations_final.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes().replace(b"\n", b"\r\n"))
+    tags, rows = mtat.read_annotations(str(path))
+    assert tags == MTAT_TAGS and rows[1] == (2, "5/artist_b-album-02-song-30-59.mp3", ["piano", "slow"])
+
+
+@pytest.mark.parametrize("dataset", ["mtat", "msd", "musicnet", "nsynth"])
+def test_cli_recipe_options_parse(dataset, capsys):
+    from shard_tools.cli import main as cli_main
+
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["build", dataset, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "--root" in out and {"mtat": "--split-files", "msd": "--allow-pickle", "musicnet": "--valid-every",
+                                "nsynth": "--pitch-range"}[dataset] in out
+
+
 def test_mtat_build_default_split(tmp_path):
     root, out = str(tmp_path / "mtat"), str(tmp_path / "out")
     write_mtat(root, MTAT_TAGS, MTAT_CLIPS)
