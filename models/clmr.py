@@ -220,7 +220,8 @@ def nt_xent_stats(z1: Tensor, z2: Tensor, temperature: float, *, gather: bool) -
             neg_mask = torch.ones_like(cos, dtype=torch.bool)
             neg_mask[rows, own] = False
             neg_mask[rows, positive] = False
-            neg_sim = cos[neg_mask].mean() if neg_mask.any() else cos.new_zeros(())
+            # Masked sums, not boolean indexing: no host sync in the training step.
+            neg_sim = (cos * neg_mask).sum() / neg_mask.sum().clamp(min=1)
     return {"loss": loss, "accuracy": accuracy, "pos_sim": pos_sim, "neg_sim": neg_sim}
 
 

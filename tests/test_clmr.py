@@ -116,6 +116,8 @@ def test_nt_xent_matches_the_per_pair_formula():
     assert stats["accuracy"].item() == pytest.approx(expected_acc.item())
     assert expected_acc.item() >= 0.5  # the 6 near-copy anchors are right
     assert stats["pos_sim"].item() == pytest.approx(torch.cat([sim[:6, 6:].diag(), sim[6:, :6].diag()]).mean().item(), rel=1e-5)
+    negative = ~torch.eye(12, dtype=torch.bool) & ~torch.eye(12, dtype=torch.bool).roll(6, dims=1)
+    assert stats["neg_sim"].item() == pytest.approx(sim[negative].mean().item(), rel=1e-5)
 
 
 # ---- two gloo processes ----------------------------------------------------------------------
