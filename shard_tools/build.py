@@ -28,6 +28,7 @@ import json
 import multiprocessing as mp
 import os
 import random
+import re
 import time
 from collections import Counter, deque
 from collections.abc import Iterator
@@ -45,6 +46,8 @@ from shard_tools.recipe import Item, Recipe, Skip
 from shard_tools.writer import ShardWriter, write_bytes_atomic
 
 FORMAT = "musicssl-shards/1"
+_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
+_SPLIT_RE = re.compile(r"[A-Za-z0-9_]+")
 CODECS = ("flac", "wav")
 
 
@@ -317,7 +320,14 @@ def plan_items(recipe: Recipe, *, seed: int, slice_index: int, num_slices: int) 
         by_split.setdefault(item.split, []).append(item)
     plan: dict[str, list[Item]] = {}
     for split in sorted(by_split):
+        if not _SPLIT_RE.fullmatch(split):
+            raise ValueError(f"recipe {recipe.dataset!r} produced the split name {split!r}; split names become "
+                             f"file names and must match [A-Za-z0-9_]+")
         items = sorted(by_split[split], key=lambda it: it.key)
+        bad = next((it for it in items if not _KEY_RE.fullmatch(it.key)), None)
+        if bad is not None:
+            raise ValueError(f"recipe {recipe.dataset!r} produced the key {bad.key!r} ({bad.source}); keys must match "
+                             f"[A-Za-z0-9_-]+ (no dots: webdataset splits at the first dot), see recipe.make_key")
         for a, b in zip(items, items[1:]):
             if a.key == b.key:
                 raise ValueError(
