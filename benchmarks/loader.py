@@ -1,0 +1,291 @@
+"""Loader throughput next to its peers, in one process, on the same shards and cores.
+
+    .venv/bin/python benchmarks/loader.py            # demo shards if `shard-tools demo` works, else generated
+    .venv/bin/python benchmarks/loader.py --quick    # tiny sizes (CI keeps it from rotting)
+    .venv/bin/python benchmarks/loader.py --manifest path/to/train.manifest.json
+
+Measured (steady state: the clock starts when the first batch arrives, so worker start-up is out):
+
+- ``loader``      pipeline.loader.StreamingLoader, CLMR pairs, ``--workers`` workers.
+- ``decode_limit`` every audio member's bytes, already in memory, fully decoded with soundfile in a
+                  tight loop by ``--workers`` processes: what decoding alone costs on these cores.
+- ``webdataset``  a plain webdataset pipeline (shuffle, decode, two crops, batch) in a DataLoader.
+                  Its default audio decoder (torchaudio.load via a temp file) needs torchcodec,
+                  which this environment lacks, so the peer decodes with soundfile instead.
+- ``perfile``     the CLMR repository's pattern: one file per clip on disk, a map-style Dataset
+                  that decodes the whole file and then crops, in a shuffled DataLoader.
+
+The last line printed is one JSON object; ``ratios`` above 1 mean the loader is faster, and
+``loader_vs_decode_limit`` is the loader's clips/s as a fraction of the decode limit (it can exceed
+1: the loader decodes only the frames its crops need).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import itertools
+import json
+import multiprocessing as mp
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+
+import numpy as np
+import soundfile as sf
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from pipeline.loader import LoaderConfig, StreamingLoader  # noqa: E402
+from pipeline.shards import load_manifest  # noqa: E402
+
+
+_T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    print(f"[bench.loader {time.perf_counter() - _T0:6.1f}s] {msg}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# data
+
+
+def demo_shards(out: str) -> str | None:
+    """The MTAT-layout train split of `shard-tools demo` (6 s multi-instrument clips), built once
+    into ``out`` and reused; None when the demo cannot run here."""
+    def find() -> str | None:
+        for dirpath, _, files in sorted(os.walk(out)):
+            if "train.manifest.json" in files and os.path.basename(dirpath) == "mtat":
+                return os.path.join(dirpath, "train.manifest.json")
+        return None
+
+    if find():
+        return find()
+    exe = os.path.join(os.path.dirname(sys.executable), "shard-tools")
+    if not os.path.exists(exe):
+        return None
+    log(f"building demo shards into {out} (once; reused by later runs)")
+    cmd = [exe, "demo", "--out", out, "--notes-per-instrument", "1", "--programs-per-family", "3",
+           "--clips", "160", "--shard-size", "8000000", "--quiet"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        log(f"shard-tools demo failed ({proc.stderr.strip().splitlines()[-1:] or proc.returncode}); using generated shards")
+        return None
+    return find()
+
+
+def generated_shards(out: str, n: int, seconds: float, sr: int) -> str:
+    """Music-like clips (a few harmonic partials with vibrato plus a little noise), shard-format tars."""
+    sys.path.insert(0, os.path.join(REPO, "tests"))
+    import shardgen
+
+    rng = np.random.default_rng(0)
+    t = np.arange(int(seconds * sr)) / sr
+    clips = []
+    for i in range(n):
+        f0 = 110 * 2 ** (rng.integers(0, 36) / 12)
+        x = sum(0.3 / k * np.sin(2 * np.pi * k * f0 * t + 3 * np.sin(2 * np.pi * 5 * t)) for k in range(1, 6))
+        x = x * (0.6 + 0.4 * np.sin(2 * np.pi * rng.uniform(0.2, 2) * t)) + 0.02 * rng.standard_normal(len(t))
+        clips.append({"key": f"gen-{i:05d}", "audio": x[None].astype(np.float32), "sample_rate": sr, "labels": {}})
+    per = max(1, n // 4)
+    sizes = [per] * (n // per) + ([n % per] if n % per else [])
+    return shardgen.write_split(out, clips, sizes, labels={})
+
+
+def audio_members(manifest: str) -> list[bytes]:
+    out = []
+    for s in load_manifest(manifest).shards:
+        with tarfile.open(s.url) as tf:
+            for ti in tf:
+                if ti.isfile() and ti.name.rsplit(".", 1)[-1] in ("flac", "wav"):
+                    out.append(tf.extractfile(ti).read())
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# contenders
+
+
+def time_batches(batches, n_batches: int, batch_size: int) -> float:
+    """Clips per second after the first batch (start-up excluded)."""
+    it = iter(batches)
+    next(it)
+    t0 = time.perf_counter()
+    for _ in range(n_batches):
+        next(it)
+    return n_batches * batch_size / (time.perf_counter() - t0)
+
+
+def run_loader(manifest: str, args) -> float:
+    cfg = LoaderConfig(manifests=[manifest], batch_size=args.batch_size, crop_samples=args.crop, mode="pairs",
+                       num_workers=args.workers, shuffle_buffer=args.buffer, seed=0)
+    return time_batches(StreamingLoader(cfg), args.batches, args.batch_size)
+
+
+_BLOBS: list[bytes] = []
+
+
+def _decode_share(bounds: tuple[int, int]) -> int:
+    frames = 0
+    for b in _BLOBS[bounds[0] : bounds[1]]:
+        x, _ = sf.read(io.BytesIO(b), dtype="float32", always_2d=True)
+        frames += x.shape[0]
+    return frames
+
+
+def run_decode_limit(blobs: list[bytes], workers: int, passes: int) -> float:
+    global _BLOBS
+    _BLOBS = blobs * passes
+    n = len(_BLOBS)
+    shares = [(i * n // workers, (i + 1) * n // workers) for i in range(workers)]
+    with mp.get_context("fork").Pool(workers) as pool:
+        pool.map(_decode_share, [(0, 1)] * workers)  # warm the processes
+        t0 = time.perf_counter()
+        pool.map(_decode_share, shares)
+        dt = time.perf_counter() - t0
+    _BLOBS = []
+    return n / dt
+
+
+def _two_crops(x: np.ndarray, crop: int, rng: np.random.Generator) -> np.ndarray:
+    if x.shape[1] < crop:
+        x = np.pad(x, ((0, 0), (0, crop - x.shape[1])))
+    offs = rng.integers(0, x.shape[1] - crop + 1, size=2)
+    return np.stack([x[:, o : o + crop] for o in offs])
+
+
+def run_webdataset(manifest: str, args) -> float:
+    import webdataset as wds
+
+    urls = [s.url for s in load_manifest(manifest).shards]
+    rng = np.random.default_rng(0)
+
+    def sf_audio(key: str, data: bytes):
+        if key.rsplit(".", 1)[-1] not in ("flac", "wav"):
+            return None
+        x, _ = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        return x.T
+
+    def to_example(sample: dict) -> torch.Tensor:
+        x = sample.get("flac", sample.get("wav"))
+        return torch.from_numpy(_two_crops(x[:1], args.crop, rng))
+
+    # (WebDataset's repeat= argument is ignored in 1.0.2; .repeat() on the pipeline does repeat)
+    ds = (wds.WebDataset(urls, shardshuffle=False, nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker,
+                         empty_check=False)
+          .shuffle(args.buffer).decode(sf_audio).map(to_example).batched(args.batch_size).repeat())
+    dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=args.workers)
+    return time_batches(dl, args.batches, args.batch_size)
+
+
+class PerFileDataset(torch.utils.data.Dataset):
+    """CLMR's data path: a list of files; each item decodes the whole file, then crops."""
+
+    def __init__(self, files: list[str], crop: int):
+        self.files, self.crop = files, crop
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        x, _ = sf.read(self.files[i], dtype="float32", always_2d=True)
+        return torch.from_numpy(_two_crops(x.T[:1], self.crop, np.random.default_rng(i)))
+
+
+def run_perfile(blobs: list[bytes], folder: str, args) -> float:
+    files = []
+    for i, b in enumerate(blobs):
+        path = os.path.join(folder, f"{i:06d}.flac")
+        with open(path, "wb") as f:
+            f.write(b)
+        files.append(path)
+    sampler = torch.utils.data.RandomSampler(files, replacement=True, num_samples=10**9)
+    dl = torch.utils.data.DataLoader(PerFileDataset(files, args.crop), batch_size=args.batch_size, sampler=sampler,
+                                     num_workers=args.workers)
+    return time_batches(dl, args.batches, args.batch_size)
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Loader throughput vs decode limit, webdataset and a per-file loader.")
+    p.add_argument("--quick", action="store_true", help="tiny sizes (seconds; for CI)")
+    p.add_argument("--manifest", help="benchmark these shards instead of the demo / generated ones")
+    p.add_argument("--demo-dir", default=os.path.expanduser("~/.cache/musicssl/bench-loader-demo"),
+                   help="where the demo shards are built once and reused (default: %(default)s)")
+    p.add_argument("--generated", action="store_true", help="use generated shards even if the demo works")
+    p.add_argument("--workers", type=int, default=2, help="loader workers / decode processes (default 2)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batches", type=int, default=None, help="timed batches per contender (default 60; quick 4)")
+    p.add_argument("--crop", type=int, default=59049, help="crop length in samples (CLMR: 59049)")
+    p.add_argument("--buffer", type=int, default=256, help="shuffle buffer (loader and webdataset)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.batch_size, args.crop, args.buffer = 4, 8000, 16
+    args.batches = args.batches or (4 if args.quick else 60)
+
+    tmp = tempfile.mkdtemp(prefix="bench-loader-")
+    try:
+        source = "given"
+        manifest = args.manifest
+        if manifest is None and not args.quick and not args.generated:
+            manifest = demo_shards(args.demo_dir)
+            source = "shard-tools demo (mtat train)"
+        if manifest is None:
+            n, secs = (24, 1.0) if args.quick else (120, 6.0)
+            log(f"generating {n} clips of {secs:.0f} s at 22050 Hz")
+            manifest = generated_shards(os.path.join(tmp, "gen"), n, secs, 22050)
+            source = "generated"
+        m = load_manifest(manifest)
+        blobs = audio_members(manifest)
+        infos = [sf.info(io.BytesIO(b)) for b in blobs]
+        mean_sec = float(np.mean([i.frames / i.samplerate for i in infos]))
+        log(f"{len(blobs)} clips, {len(m.shards)} shards, mean {mean_sec:.2f} s, {sum(map(len, blobs)) / 2**20:.1f} MiB ({source})")
+        need = args.batches * args.batch_size
+        results = {}
+        log("loader ...")
+        results["loader"] = run_loader(manifest, args)
+        log("decode limit ...")
+        results["decode_limit"] = run_decode_limit(blobs, args.workers, passes=max(1, -(-need // len(blobs))))
+        log("webdataset ...")
+        results["webdataset"] = run_webdataset(manifest, args)
+        log("per-file ...")
+        os.makedirs(os.path.join(tmp, "files"))
+        results["perfile"] = run_perfile(blobs, os.path.join(tmp, "files"), args)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    print(f"\n{'contender':<14}{'clips/s':>10}{'audio-s/s':>12}")
+    for k, v in results.items():
+        print(f"{k:<14}{v:>10.1f}{v * mean_sec:>12.1f}")
+    out = {
+        "benchmark": "loader",
+        "source": source,
+        "clips": len(blobs),
+        "mean_clip_seconds": round(mean_sec, 3),
+        "workers": args.workers,
+        "batch_size": args.batch_size,
+        "crop_samples": args.crop,
+        "timed_batches": args.batches,
+        "clips_per_s": {k: round(v, 2) for k, v in results.items()},
+        "audio_seconds_per_s": {k: round(v * mean_sec, 2) for k, v in results.items()},
+        "ratios": {
+            "loader_vs_decode_limit": round(results["loader"] / results["decode_limit"], 3),
+            "loader_vs_webdataset": round(results["loader"] / results["webdataset"], 3),
+            "loader_vs_perfile": round(results["loader"] / results["perfile"], 3),
+        },
+    }
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
