@@ -128,7 +128,15 @@ def validate(cfg: Config, world_size: int) -> dict[str, Any]:
     min_crop = getattr(cfg.model, "input_samples", None)
     if min_crop is not None and crop < min_crop:
         raise ConfigError(f"--data.crop_samples={crop} is shorter than the model's input ({min_crop} samples)")
-    if cfg.checkpoint.resume not in ("none", "auto") and not fsio.exists(cfg.checkpoint.resume):
+    if cfg.checkpoint.resume == "none":
+        found = list_checkpoints(cfg.checkpoint_dir)
+        if found:
+            raise ConfigError(
+                f"--checkpoint.dir {cfg.checkpoint_dir} already holds checkpoints of an earlier run (newest "
+                f"{found[-1][1]}); continue it with --resume auto, or start afresh in another --train.out_dir "
+                "or --checkpoint.dir (a new run there would rotate the old checkpoints away)"
+            )
+    elif cfg.checkpoint.resume != "auto" and not fsio.exists(cfg.checkpoint.resume):
         raise ConfigError(f"--resume / --checkpoint.resume: {cfg.checkpoint.resume} does not exist; use auto or a ckpt-*.pt URL")
     return {"sample_rate": sample_rate, "crop_samples": crop}
 
@@ -305,17 +313,21 @@ def init_wandb(cfg: Config, run_id: str, out_dir: str) -> Any:
         return None
     import wandb
 
-    run = wandb.init(
-        project=cfg.logging.wandb_project,
-        entity=cfg.logging.wandb_entity,
-        name=cfg.logging.run_name or cfg.preset,
-        id=run_id,
-        resume="allow",
-        dir=out_dir,
-        mode=mode,
-        config=tc.to_dict(cfg),
-        settings=wandb.Settings(console="off", x_disable_stats=False, quiet=True),
-    )
+    def start(mode: str) -> Any:
+        return wandb.init(
+            project=cfg.logging.wandb_project, entity=cfg.logging.wandb_entity,
+            name=cfg.logging.run_name or cfg.preset, id=run_id, resume="allow", dir=out_dir, mode=mode,
+            config=tc.to_dict(cfg), settings=wandb.Settings(console="off", quiet=True),
+        )
+
+    try:
+        run = start(mode)
+    except Exception as exc:  # noqa: BLE001 - no network or a bad key must not cost the training run
+        if mode != "online":
+            raise
+        print(f"[train] W&B: online start failed ({exc}); logging offline instead (`wandb sync` it later)")
+        mode = "offline"
+        run = start(mode)
     print(f"[train] W&B: {mode} run {run_id} ({run.dir})")
     return run
 
@@ -419,8 +431,15 @@ def truncate_metrics(path: str, last_step: int) -> None:
     """Drop metrics.jsonl records after ``last_step`` (steps a killed run logged past its checkpoint)."""
     if not os.path.exists(path):
         return
+    keep = []
     with open(path) as f:
-        keep = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by kill -9
+            if record["step"] <= last_step:
+                keep.append(json.dumps(record) + "\n")
     fsio.write_bytes_atomic(path, "".join(keep).encode())
 
 
@@ -553,11 +572,20 @@ def train(cfg: Config) -> dict[str, Any]:
     loader_step0 = int(loader.state_dict()["step"])
     stream: Any = DevicePrefetcher(loader, device) if device.type == "cuda" else loader
     stream_iter: Iterator[dict[str, Any]] = iter(stream)
+    # Installed before the first batch, which can take long (worker start-up, remote shards). Only
+    # this process is covered: torch's DataLoader workers reinstall their own SIGTERM handler, so a
+    # SIGTERM sent to the whole process group kills them unless the loader makes them ignore it.
+    stop = StopFlag()
+    stop.install()
     # Take the first batch now, before seeding/restoring the RNGs: starting the loader's worker
     # processes draws torch's global generator once, and this keeps that draw out of the sequence
     # a resumed run must repeat.
     tw = time.perf_counter()
-    first_batch = next(stream_iter)
+    try:
+        first_batch = next(stream_iter)
+    except BaseException:
+        stop.restore()
+        raise
     pending_wait = time.perf_counter() - tw
     batches = itertools.chain([first_batch], stream_iter)
     # RNG last: the loader iterator and W&B may draw from the global generators.
@@ -603,8 +631,6 @@ def train(cfg: Config) -> dict[str, Any]:
     steps_per_epoch = int(getattr(loader, "steps_per_epoch", 0) or 0) // accum
 
     # ---- the loop -------------------------------------------------------------------------------
-    stop = StopFlag()
-    stop.install()
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16)
     metric_names: list[str] | None = None
     status = "completed"
@@ -617,6 +643,7 @@ def train(cfg: Config) -> dict[str, Any]:
     audio_logged = 0
     views = cfg.views
     clip_seconds = crop / sample_rate
+    finished_cleanly = False
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     try:
@@ -760,6 +787,7 @@ def train(cfg: Config) -> dict[str, Any]:
                 break
             if step % cfg.checkpoint.every == 0 or step == cfg.train.steps:
                 last_ckpt = write_checkpoint()
+        finished_cleanly = True
     except torch.OutOfMemoryError as exc:
         advice = oom_advice(cfg, world, micro_batch, crop, step)
         print(f"[train] rank {rank}: {advice}", file=sys.stderr, flush=True)
@@ -767,7 +795,7 @@ def train(cfg: Config) -> dict[str, Any]:
     finally:
         stop.restore()
         if wandb_run is not None:
-            wandb_run.finish()
+            wandb_run.finish(exit_code=0 if finished_cleanly else 1)
         close = getattr(stream_iter, "close", None)
         if callable(close):
             close()  # stops the loader's worker processes now rather than at garbage collection

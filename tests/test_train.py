@@ -212,10 +212,11 @@ def test_kill9_then_resume_repeats_the_uninterrupted_losses(manifest, tmp_path):
 
 
 def test_sigterm_writes_a_loadable_checkpoint_and_exits_0(manifest, tmp_path):
+    # SIGTERM to the trainer process (what torchrun forwards on preemption), with a loader worker
     out = str(tmp_path / "run")
     proc = subprocess.Popen(
         [sys.executable, TRAIN_PY, "--config", "clmr_tiny", f"--data.manifests={manifest}",
-         f"--train.out_dir={out}", *SMALL, "--train.steps=1000", "--data.num_workers=0", "--checkpoint.every=500"],
+         f"--train.out_dir={out}", *SMALL, "--train.steps=1000", "--data.num_workers=1", "--checkpoint.every=500"],
         cwd=str(tmp_path), env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     wait_for_lines(os.path.join(out, "metrics.jsonl"), 3, proc)
@@ -308,6 +309,14 @@ def test_bad_configs_name_the_flag(manifest, tmp_path, capsys, argv, message):
     argv = ["--config", "clmr_tiny", f"--data.manifests={manifest}", f"--train.out_dir={tmp_path}", *SMALL, *argv]
     assert train.main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_fresh_run_refuses_a_folder_with_checkpoints(manifest, tmp_path):
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    (folder / "ckpt-00000050.pt").write_bytes(b"")
+    with pytest.raises(train.ConfigError, match=r"already holds checkpoints .*ckpt-00000050.pt.*--resume auto"):
+        train.validate(config(manifest, str(tmp_path / "run")), world_size=1)
 
 
 def test_unknown_preset_and_world_size_divisibility(manifest):
