@@ -83,10 +83,6 @@ def _am_delay(samples: np.ndarray, sample_rate: int) -> np.ndarray:
 
 
 def _am_init(kind: str, sr: int, ir_dir: str, pitch_only: bool) -> None:
-    os.environ["OMP_NUM_THREADS"] = "1"
-    import torch
-
-    torch.set_num_threads(1)
     _W["sr"], _W["kind"] = sr, kind
     if kind == "audiomentations":
         import audiomentations as A
@@ -126,7 +122,8 @@ def _am_work(chunk: np.ndarray) -> np.ndarray:
 
 
 def run_workers(kind: str, clips: np.ndarray, batches: int, args, ir_dir: str, pitch_only: bool) -> float:
-    ctx = mp.get_context("spawn")
+    # fork, as torch's DataLoader does on Linux; the parent has run no torch op yet (see main).
+    ctx = mp.get_context("fork")
     with ctx.Pool(args.workers, initializer=_am_init, initargs=(kind, args.sr, ir_dir, pitch_only)) as pool:
         chunks = np.array_split(clips, args.workers * 4)
         pool.map(_am_work, np.array_split(clips[: args.workers * 2], args.workers * 2))  # warm up
@@ -231,27 +228,36 @@ def main() -> None:
     if args.quick:
         args.batch, args.samples, args.batches, args.peer_batches = 4, 16384, 1, 1
 
-    import torch
+    # Worker-based contenders first, before this process runs any torch op, so forked workers
+    # inherit no OpenMP thread pool; one thread each, as in a loader's workers.
+    os.environ.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    import audiomentations  # noqa: F401 - imported once here, inherited by the forked workers
 
-    torch.set_num_threads(args.threads)
+    import pipeline.augment_cpu  # noqa: F401
+
     clips = make_clips(args.batch, args.samples, args.sr)
     results: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as ir_dir:
         write_irs(ir_dir, args.sr)
         for pitch_only, prefix in ((False, ""), (True, "pitch_")):
             what = "pitch shift" if pitch_only else "CLMR chain"
-            print(f"[{what}] ours ({args.device}, {args.threads} threads) ...", flush=True)
-            results[prefix + "ours"] = run_ours(clips, args.batches, args, pitch_only)
             print(f"[{what}] audiomentations ({args.workers} workers) ...", flush=True)
             results[prefix + "audiomentations"] = run_workers("audiomentations", clips, args.peer_batches, args,
                                                               ir_dir, pitch_only)
+        print(f"[CLMR chain] our CPU path, CpuAugment ({args.workers} workers) ...", flush=True)
+        results["cpu_path"] = run_workers("cpu_path", clips, args.peer_batches, args, ir_dir, False)
+
+        import torch
+
+        torch.set_num_threads(args.threads)
+        for pitch_only, prefix in ((False, ""), (True, "pitch_")):
+            what = "pitch shift" if pitch_only else "CLMR chain"
+            print(f"[{what}] ours ({args.device}, {args.threads} threads) ...", flush=True)
+            results[prefix + "ours"] = run_ours(clips, args.batches, args, pitch_only)
             if not args.skip_torch_audiomentations:
                 print(f"[{what}] torch-audiomentations per example ({args.threads} threads) ...", flush=True)
                 results[prefix + "torch_audiomentations"] = run_torch_audiomentations(
                     clips, args.peer_batches, args, pitch_only)
-            if not pitch_only:
-                print(f"[{what}] our CPU path, CpuAugment ({args.workers} workers) ...", flush=True)
-                results["cpu_path"] = run_workers("cpu_path", clips, args.peer_batches, args, ir_dir, pitch_only)
     accuracy = pitch_accuracy(args.sr, args.samples)
 
     ratios = {}
