@@ -54,6 +54,7 @@ class EvalOptions:
     recalibrate_bn: bool = True
     calib_crops: int = 512
     supervised_steps: int | None = None  # None = the checkpoint's step count, else 500
+    supervised_steps_per_dataset: dict[str, int] = field(default_factory=dict)  # dataset name -> steps (wins)
     supervised_seconds: float | None = None
     supervised_batch_size: int = 32
     supervised_lr: float = 1e-3
@@ -142,7 +143,7 @@ def run_evaluation(opts: EvalOptions) -> dict:
         if "random" in opts.baselines:
             add_rows(random_encoder(arch_cfg, sample_rate=sr, seed=opts.seed, layer=opts.layer), opts.fractions)
         if "supervised" in opts.baselines:
-            steps = opts.supervised_steps or ckpt_step or 500
+            steps = opts.supervised_steps_per_dataset.get(ds.name) or opts.supervised_steps or ckpt_step or 500
             for f in opts.fractions:
                 torch.manual_seed(opts.seed)
                 enc = random_encoder(arch_cfg, sample_rate=sr, seed=opts.seed, layer=opts.layer, name="supervised")
