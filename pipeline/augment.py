@@ -225,6 +225,7 @@ class Transform(nn.Module, ABC):
     def draw_params(self, n: int) -> dict[str, Tensor]:
         return {}
 
+    @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:
         _check_input(x)
         params = self.draw(x.shape[0])
@@ -360,13 +361,15 @@ class HighLowPass(Transform):
     """
 
     name = "filter"
-    pad = 2048  # samples of zero padding: longer than the filter's ringing at the lowest cutoff
 
     def __init__(self, *, sample_rate: int, p: float, highpass_hz=(200.0, 1200.0),
                  lowpass_hz=(2200.0, 4000.0), highpass_prob: float = 0.5, order: int = 4, generator=None):
         super().__init__(p=p, generator=generator)
         self.sample_rate, self.highpass_hz, self.lowpass_hz = sample_rate, highpass_hz, lowpass_hz
         self.highpass_prob, self.order = highpass_prob, order
+        # Zero padding longer than the filter's ringing (a few periods of the lowest cutoff), so
+        # the circular FFT convolution does not wrap the end of a clip onto its start.
+        self.pad = max(2048, math.ceil(16 * sample_rate / min(highpass_hz[0], lowpass_hz[0])))
 
     def draw_params(self, n):
         hp = torch.rand(n, generator=self.generator) < self.highpass_prob
@@ -527,7 +530,7 @@ def _chain_offsets(score: Tensor, search: int) -> Tensor:
     m, n_blocks, _ = score.shape
     width = 2 * search + 1
     if score.device.type == "cpu":
-        sc = score.numpy()
+        sc = score.detach().numpy()
         rows, window = np.arange(m)[:, None], np.arange(width)[None, :]
         d = np.zeros(m, dtype=np.int64)
         out = np.zeros((m, n_blocks + 1), dtype=np.int64)
@@ -719,6 +722,7 @@ class Compose(nn.Module):
             t.generator = self.generator
         self.last_params: dict[str, Tensor] = {}
 
+    @torch.no_grad()  # augmentation is data preparation: no autograd graph, ever
     def forward(self, x: Tensor) -> Tensor:
         _check_input(x)
         params: dict[str, Tensor] = {}
