@@ -326,3 +326,27 @@ def test_unknown_preset_and_world_size_divisibility(manifest):
     assert train.validate(cfg, world_size=2)["sample_rate"] == 8000  # 12 = 2 ranks x 6
     with pytest.raises(train.ConfigError, match="world size 8 x --train.grad_accum=1 = 8; use e.g. --train.global_batch_size=16"):
         train.validate(cfg, world_size=8)
+
+
+@pytest.mark.parametrize("preset", ["wav2vec2_tiny", "cpc_tiny"])
+def test_single_view_presets_train(manifest, tmp_path, preset):
+    out = str(tmp_path / "run")
+    cfg = tc.apply_overrides(tc.preset(preset), [
+        f"--data.manifests={manifest}", f"--train.out_dir={out}", "--logging.wandb_mode=disabled",
+        "--data.num_workers=0", "--train.steps=3", "--train.global_batch_size=4", "--data.sample_rate=8000",
+        *(["--data.crop_samples=4000"] if preset == "wav2vec2_tiny" else []),
+    ])
+    summary = train.train(cfg)
+    records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert summary["status"] == "completed" and [r["step"] for r in records] == [1, 2, 3]
+    assert all(0 < r["loss"] < 20 and not r["skipped"] for r in records)
+    if preset == "wav2vec2_tiny":
+        from models.wav2vec2 import gumbel_temperature
+
+        # the trainer calls set_step(step) before each step: Gumbel temperature follows the step
+        assert [r["temperature"] for r in records] == pytest.approx(
+            [gumbel_temperature(cfg.model, s) for s in range(3)], rel=1e-6)
+        # warmup_linear: lr rises by one warmup step per step
+        assert [r["lr"] for r in records] == pytest.approx([cfg.optim.lr * (s + 1) / 20 for s in range(3)])
+    else:
+        assert all("contrastive_acc" in r for r in records)
