@@ -270,6 +270,14 @@ def test_slices_and_merge_equal_the_whole(tree, reference, tmp_path, capsys):
     assert sorted(s["path"] for s in rep["files_skipped"]) == sorted(s["path"] for s in ref_report["files_skipped"])
     problems, stats = verify(out, progress=False)
     assert problems == [] and stats["samples"] == 18
+    # partial manifests named one by one, merged elsewhere: the shard URLs become absolute
+    elsewhere = str(tmp_path / "merged")
+    partials = [os.path.join(out, f"valid.manifest.slice-{i}-of-3.json") for i in range(3)]
+    assert cli_main(["merge", *partials, "--out", elsewhere]) == 0
+    m = json.load(open(os.path.join(elsewhere, "valid.manifest.json")))
+    assert all(s["url"].startswith(out) for s in m["shards"])
+    assert m["num_samples"] == merged["valid.manifest.json"]["num_samples"]
+    assert verify(elsewhere, progress=False)[0] == []
 
 
 def test_cli_errors_name_the_problem(tmp_path, capsys):
