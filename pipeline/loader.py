@@ -245,23 +245,26 @@ class _BadSample(Exception):
 
 
 def _read_spans(f: sf.SoundFile, spans: list[tuple[int, int]], name: str) -> list[np.ndarray]:
-    """Decode only the frame spans ``[(offset, length)]`` of an open file (FLAC seeks are exact)."""
+    """Decode only the frame spans ``[(offset, length)]`` of an open file (FLAC seeks are exact);
+    returns ``(channels, length)`` views."""
     out = []
+    check_finite = f.subtype in ("FLOAT", "DOUBLE")  # integer PCM cannot hold NaN or inf
     for off, n in spans:
         f.seek(off)
-        x = f.read(n, dtype="float32", always_2d=True)
+        # reading into a given array skips soundfile's tell() (a second seek per read)
+        x = f.read(n, out=np.empty((n, f.channels), dtype=np.float32))
         if x.shape[0] != n:
             raise _BadSample("corrupt", f"{name}: {x.shape[0]} of {n} frames decodable at offset {off}")
-        if not np.isfinite(x).all():
+        if check_finite and not np.isfinite(x).all():
             raise _BadSample("corrupt", f"{name}: non-finite samples")
-        out.append(np.ascontiguousarray(x.T))
+        out.append(x.T)
     return out
 
 
 @dataclass
 class _Example:
     key: str
-    views: np.ndarray  # (V, C, L) float32
+    views: list[np.ndarray]  # V arrays (C, L) float32
     length: int
     labels: dict
     padded: bool
@@ -304,7 +307,7 @@ class _Cropper:
             return [union[:, s - lo : s - lo + n] for s, n in spans], L, padded, sr
         return _read_spans(f, spans, name), L, padded, sr
 
-    def __call__(self, raw: RawSample, url: str, crop_rng: np.random.Generator, tf_rng: np.random.Generator) -> _Example:
+    def __call__(self, raw: RawSample, url: str, crop_rng: np.random.Generator, tf_rng: Callable[[], np.random.Generator]) -> _Example:
         cfg = self.cfg
         name = f"{url}:{raw.key}"
         if raw.audio is None or raw.meta is None:
@@ -328,17 +331,17 @@ class _Cropper:
                 if x.shape[1] < L:
                     x = np.pad(x, ((0, 0), (0, L - x.shape[1])))
             views.append(audio_io.to_mono(x) if cfg.mono else x)
-        v = np.stack(views).astype(np.float32, copy=False)  # (V, C, L)
         if self.transform is not None:
-            out = self.transform(v, tf_rng)
+            v = np.stack(views)  # (V, C, L)
+            out = self.transform(v, tf_rng())
             if out.shape != v.shape:
                 raise ValueError(f"loader transform {self.transform!r} returned shape {out.shape} for input {v.shape}; it must keep the shape")
-            v = np.asarray(out, dtype=np.float32)
-        return _Example(key=raw.key, views=v, length=L, labels=self.labels.encode(meta), padded=padded)
+            views = list(np.asarray(out, dtype=np.float32))
+        return _Example(key=raw.key, views=views, length=L, labels=self.labels.encode(meta), padded=padded)
 
 
 def _collate(examples: list[_Example], cfg: LoaderConfig, spec: dict[str, dict]) -> tuple[dict, int]:
-    chans = {e.views.shape[1] for e in examples}
+    chans = {v.shape[0] for e in examples for v in e.views}
     if len(chans) > 1:
         raise ValueError(f"samples with {sorted(chans)} channels in one batch; set data.mono=True or shard with one channel count")
     C = chans.pop()
@@ -347,19 +350,25 @@ def _collate(examples: list[_Example], cfg: LoaderConfig, spec: dict[str, dict])
         T = cfg.crop_samples
     else:
         T = min(lengths) if cfg.pad_to == "shortest" else max(lengths)
-    audio = np.zeros((len(examples), cfg.views, C, T), dtype=np.float32)
+    audio_t = torch.empty((len(examples), cfg.views, C, T), dtype=torch.float32)
+    if torch.utils.data.get_worker_info() is not None:
+        # allocate in shared memory now: the DataLoader would otherwise copy the batch there to send it
+        audio_t.share_memory_()
+    audio = audio_t.numpy()
     out_len = np.empty(len(examples), dtype=np.int64)
     padded = 0
     for i, e in enumerate(examples):
         n = min(e.length, T)
-        audio[i, :, :, :n] = e.views[:, :, :n]
+        for v, x in enumerate(e.views):
+            audio[i, v, :, :n] = x[:, :n]
+        audio[i, :, :, n:] = 0.0
         out_len[i] = n
         padded += n < T
     labels = {}
     for name, s in spec.items():
         vals = [e.labels[name] for e in examples]
         labels[name] = torch.from_numpy(np.stack(vals)) if s["kind"] == "multi_hot" else torch.tensor(vals, dtype=torch.int64)
-    batch = {"audio": torch.from_numpy(audio), "lengths": torch.from_numpy(out_len), "labels": labels, "keys": [e.key for e in examples]}
+    batch = {"audio": audio_t, "lengths": torch.from_numpy(out_len), "labels": labels, "keys": [e.key for e in examples]}
     return batch, padded
 
 
@@ -468,7 +477,8 @@ class _WorkerStream(torch.utils.data.IterableDataset):
                 if isinstance(payload, _BadSample):
                     raise payload
                 assert isinstance(payload, RawSample)
-                ex = self._cropper(payload, self.plan.urls[ident[0]][ident[1]], _rng(*key, attempt, _CROP), _rng(*key, attempt, _TRANSFORM))
+                ex = self._cropper(payload, self.plan.urls[ident[0]][ident[1]], _rng(*key, attempt, _CROP),
+                                   lambda: _rng(*key, attempt, _TRANSFORM))  # noqa: B023 - called at once
                 if attempt:
                     self._stats["substituted"] += 1
                 return ex
