@@ -244,15 +244,16 @@ class _BadSample(Exception):
         self.kind = kind  # "corrupt" | "short" | "truncated"
 
 
-def _read_spans(f: sf.SoundFile, spans: list[tuple[int, int]], name: str) -> list[np.ndarray]:
+def _read_spans(f: sf.SoundFile, spans: list[tuple[int, int]], name: str, dest: list[np.ndarray] | None = None) -> list[np.ndarray]:
     """Decode only the frame spans ``[(offset, length)]`` of an open file (FLAC seeks are exact);
-    returns ``(channels, length)`` views."""
+    returns ``(channels, length)`` views. ``dest[i]``: a contiguous ``(length, channels)`` array to
+    decode span i into (the batch itself, saving a copy)."""
     out = []
     check_finite = f.subtype in ("FLOAT", "DOUBLE")  # integer PCM cannot hold NaN or inf
-    for off, n in spans:
+    for i, (off, n) in enumerate(spans):
         f.seek(off)
         # reading into a given array skips soundfile's tell() (a second seek per read)
-        x = f.read(n, out=np.empty((n, f.channels), dtype=np.float32))
+        x = f.read(n, out=dest[i] if dest is not None else np.empty((n, f.channels), dtype=np.float32))
         if x.shape[0] != n:
             raise _BadSample("corrupt", f"{name}: {x.shape[0]} of {n} frames decodable at offset {off}")
         if check_finite and not np.isfinite(x).all():
@@ -264,7 +265,7 @@ def _read_spans(f: sf.SoundFile, spans: list[tuple[int, int]], name: str) -> lis
 @dataclass
 class _Example:
     key: str
-    views: list[np.ndarray]  # V arrays (C, L) float32
+    views: list[np.ndarray] | None  # V arrays (C, L) float32; None: decoded into the batch already
     length: int
     labels: dict
     padded: bool
@@ -276,8 +277,12 @@ class _Cropper:
     def __init__(self, cfg: LoaderConfig, labels: LabelEncoder, transform: Transform | None):
         self.cfg, self.labels, self.transform = cfg, labels, transform
 
-    def _crop(self, f: sf.SoundFile, name: str, rng: np.random.Generator) -> tuple[list[np.ndarray], int, bool, int]:
-        """Pick the view offsets and decode just those frames: (pieces at the source rate, L, padded, sr)."""
+    def _crop(self, f: sf.SoundFile, name: str, rng: np.random.Generator, dest: np.ndarray | None) -> tuple[list[np.ndarray] | None, int, bool, int]:
+        """Pick the view offsets and decode just those frames: (pieces at the source rate, L, padded, sr).
+
+        With ``dest`` (the example's ``(V, 1, T)`` slot of the batch) a mono file at the target rate is
+        decoded straight into the batch and the pieces are None.
+        """
         cfg = self.cfg
         frames, sr = int(f.frames), int(f.samplerate)
         if frames <= 0:
@@ -300,14 +305,24 @@ class _Cropper:
             # a few extra source frames so the resampler's edge does not fall inside the crop
             n_src = min(frames, -(-L * sr // target) + 8)
             spans = [(min(o * sr // target, frames - n_src), n_src) for o in offsets]
+        direct = dest is not None and target == sr and f.channels == 1
         if len(spans) == 2 and abs(spans[0][0] - spans[1][0]) < spans[0][1]:
             # overlapping views: one decode of their union
             lo = min(spans[0][0], spans[1][0])
             (union,) = _read_spans(f, [(lo, max(spans[0][0], spans[1][0]) + spans[0][1] - lo)], name)
-            return [union[:, s - lo : s - lo + n] for s, n in spans], L, padded, sr
+            pieces = [union[:, s - lo : s - lo + n] for s, n in spans]
+            if not direct:
+                return pieces, L, padded, sr
+            for v, x in enumerate(pieces):
+                dest[v, :, :L] = x
+            return None, L, padded, sr
+        if direct:
+            _read_spans(f, spans, name, [dest[v, 0, :L].reshape(L, 1) for v in range(len(spans))])
+            return None, L, padded, sr
         return _read_spans(f, spans, name), L, padded, sr
 
-    def __call__(self, raw: RawSample, url: str, crop_rng: np.random.Generator, tf_rng: Callable[[], np.random.Generator]) -> _Example:
+    def __call__(self, raw: RawSample, url: str, crop_rng: np.random.Generator, tf_rng: Callable[[], np.random.Generator],
+                 dest: np.ndarray | None = None) -> _Example:
         cfg = self.cfg
         name = f"{url}:{raw.key}"
         if raw.audio is None or raw.meta is None:
@@ -318,11 +333,13 @@ class _Cropper:
             raise _BadSample("corrupt", f"{name}.json: invalid JSON ({exc})") from exc
         try:
             with sf.SoundFile(io.BytesIO(raw.audio)) as f:
-                pieces, L, padded, sr = self._crop(f, name, crop_rng)
+                pieces, L, padded, sr = self._crop(f, name, crop_rng, dest)
         except _BadSample:
             raise
         except Exception as exc:  # soundfile raises LibsndfileError / RuntimeError / TypeError
             raise _BadSample("corrupt", f"{name}: not decodable audio ({exc})") from exc
+        if pieces is None:  # already in the batch
+            return _Example(key=raw.key, views=None, length=L, labels=self.labels.encode(meta), padded=padded)
         target = cfg.sample_rate or sr
         views = []
         for x in pieces:
@@ -340,8 +357,18 @@ class _Cropper:
         return _Example(key=raw.key, views=views, length=L, labels=self.labels.encode(meta), padded=padded)
 
 
-def _collate(examples: list[_Example], cfg: LoaderConfig, spec: dict[str, dict]) -> tuple[dict, int]:
-    chans = {v.shape[0] for e in examples for v in e.views}
+def _batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
+    t = torch.empty(shape, dtype=torch.float32)
+    if torch.utils.data.get_worker_info() is not None:
+        # allocate in shared memory now: the DataLoader would otherwise copy the batch there to send it
+        t.share_memory_()
+    return t
+
+
+def _collate(examples: list[_Example], cfg: LoaderConfig, spec: dict[str, dict], audio_t: torch.Tensor | None = None) -> tuple[dict, int]:
+    """Stack examples into a §2 batch; ``audio_t`` is the preallocated ``(B, V, 1, T)`` batch that
+    examples with ``views=None`` were decoded into."""
+    chans = {v.shape[0] for e in examples for v in (e.views or [])} | ({1} if audio_t is not None else set())
     if len(chans) > 1:
         raise ValueError(f"samples with {sorted(chans)} channels in one batch; set data.mono=True or shard with one channel count")
     C = chans.pop()
@@ -350,16 +377,14 @@ def _collate(examples: list[_Example], cfg: LoaderConfig, spec: dict[str, dict])
         T = cfg.crop_samples
     else:
         T = min(lengths) if cfg.pad_to == "shortest" else max(lengths)
-    audio_t = torch.empty((len(examples), cfg.views, C, T), dtype=torch.float32)
-    if torch.utils.data.get_worker_info() is not None:
-        # allocate in shared memory now: the DataLoader would otherwise copy the batch there to send it
-        audio_t.share_memory_()
+    if audio_t is None:
+        audio_t = _batch_tensor((len(examples), cfg.views, C, T))
     audio = audio_t.numpy()
     out_len = np.empty(len(examples), dtype=np.int64)
     padded = 0
     for i, e in enumerate(examples):
         n = min(e.length, T)
-        for v, x in enumerate(e.views):
+        for v, x in enumerate(e.views or []):
             audio[i, v, :, :n] = x[:, :n]
         audio[i, :, :, n:] = 0.0
         out_len[i] = n
@@ -395,6 +420,7 @@ class _WorkerStream(torch.utils.data.IterableDataset):
         epoch = g // S
         done = _count_below(g, w, W) - _count_below(epoch * S, w, W)  # its batches already given this epoch
         self._cropper = _Cropper(self.cfg, LabelEncoder(self.spec), self.transform)
+        self._direct = self.cfg.mono and not self.cfg.variable_length and self.transform is None
         self._stats: Counter = Counter()
         self._truncated: dict[str, int] = {}  # shard url -> samples readable before the break
         while True:
@@ -453,10 +479,13 @@ class _WorkerStream(torch.utils.data.IterableDataset):
                 next(stream)
             for b in range(done, n_batches):
                 examples = []
-                for p in range(b * B, (b + 1) * B):
+                # fixed-length mono crops without a CPU transform decode straight into the batch
+                audio_t = _batch_tensor((B, cfg.views, 1, cfg.crop_samples)) if self._direct else None
+                dest = audio_t.numpy() if audio_t is not None else None
+                for j, p in enumerate(range(b * B, (b + 1) * B)):
                     idx, payload = next(stream)
-                    examples.append(self._example(epoch, w, p, items, idx, payload))
-                batch, padded = _collate(examples, cfg, self.spec)
+                    examples.append(self._example(epoch, w, p, items, idx, payload, None if dest is None else dest[j]))
+                batch, padded = _collate(examples, cfg, self.spec, audio_t)
                 self._stats["examples"] += B
                 self._stats["padded"] += padded
                 batch["_pos"] = [w, epoch, b]
@@ -466,7 +495,7 @@ class _WorkerStream(torch.utils.data.IterableDataset):
             for c in cursors.values():
                 c[1].close()
 
-    def _example(self, epoch: int, w: int, p: int, items: list, idx: int, payload: object) -> _Example:
+    def _example(self, epoch: int, w: int, p: int, items: list, idx: int, payload: object, dest: np.ndarray | None) -> _Example:
         """The example at stream position p: the emitted sample, or a substitute if it is bad."""
         cfg = self.cfg
         key = (cfg.seed, epoch, self.rank, w, p)
@@ -478,7 +507,7 @@ class _WorkerStream(torch.utils.data.IterableDataset):
                     raise payload
                 assert isinstance(payload, RawSample)
                 ex = self._cropper(payload, self.plan.urls[ident[0]][ident[1]], _rng(*key, attempt, _CROP),
-                                   lambda: _rng(*key, attempt, _TRANSFORM))  # noqa: B023 - called at once
+                                   lambda: _rng(*key, attempt, _TRANSFORM), dest)  # noqa: B023 - called at once
                 if attempt:
                     self._stats["substituted"] += 1
                 return ex

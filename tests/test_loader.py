@@ -319,3 +319,19 @@ def test_missing_manifest_and_too_small_epoch(data, tmp_path):
     with pytest.raises(ValueError, match="lower data.batch_size"):
         StreamingLoader(_cfg(data["manifest"], batch_size=20), world_size=2)
     assert os.path.exists(data["manifest"])
+
+
+@pytest.mark.parametrize("mono", [True, False])
+def test_stereo_sources_downmixed_or_kept(tmp_path, mono):
+    clips = shardgen.make_clips(6, sample_rate=SR, channels=2, seed=12)
+    man = shardgen.write_split(str(tmp_path), clips, [6])
+    src = {c["key"]: _quantized(c) for c in clips}
+    b = next(iter(StreamingLoader(_cfg(man, mono=mono, mode="single"))))
+    assert b["audio"].shape == (3, 1, 1 if mono else 2, 1000)
+    for i, k in enumerate(b["keys"]):
+        view = b["audio"][i, 0].numpy()
+        # locate the window through the first channel (kept) or the downmix (mono)
+        ref = src[k].mean(0, keepdims=True, dtype=np.float32) if mono else src[k]
+        off = _offset(ref[:1], view[:1])
+        assert off >= 0
+        np.testing.assert_array_equal(view, ref[:, off : off + 1000])
