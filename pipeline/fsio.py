@@ -116,6 +116,12 @@ def makedirs(url: str) -> None:
     # object stores have no folders
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_bytes_atomic(url: str, data: bytes) -> None:
     """Write ``data`` so that readers see either nothing or the whole file.
 
@@ -128,6 +134,8 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
         try:
+            # mkstemp creates 0600; give the file the mode a plain open() would (0666 & ~umask)
+            os.fchmod(fd, 0o666 & ~_umask())
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
