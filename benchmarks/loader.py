@@ -222,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--demo-dir", default=os.path.expanduser("~/.cache/musicssl/bench-loader-demo"),
                    help="where the demo shards are built once and reused (default: %(default)s)")
     p.add_argument("--generated", action="store_true", help="use generated shards even if the demo works")
+    p.add_argument("--gen-clips", type=int, default=120, help="generated shards: clip count (default 120)")
+    p.add_argument("--gen-seconds", type=float, default=6.0,
+                   help="generated shards: clip length in seconds (default 6, the demo's; real MTAT clips are 30)")
     p.add_argument("--workers", type=int, default=2, help="loader workers / decode processes (default 2)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--batches", type=int, default=None, help="timed batches per contender (default 60; quick 4)")
@@ -240,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             manifest = demo_shards(args.demo_dir)
             source = "shard-tools demo (mtat train)"
         if manifest is None:
-            n, secs = (24, 1.0) if args.quick else (120, 6.0)
+            n, secs = (24, 1.0) if args.quick else (args.gen_clips, args.gen_seconds)
             log(f"generating {n} clips of {secs:.0f} s at 22050 Hz")
             manifest = generated_shards(os.path.join(tmp, "gen"), n, secs, 22050)
             source = "generated"
