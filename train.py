@@ -443,15 +443,15 @@ def truncate_metrics(path: str, last_step: int) -> None:
     fsio.write_bytes_atomic(path, "".join(keep).encode())
 
 
-def loader_stats_numbers(stats: Any) -> dict[str, float]:
+def loader_stats_numbers(stats: Any) -> dict[str, int | float]:
     """Numeric entries of ``loader.stats()`` (nested dicts flattened with '/')."""
-    out: dict[str, float] = {}
+    out: dict[str, int | float] = {}
     if isinstance(stats, dict):
         for k, v in stats.items():
             if isinstance(v, dict):
                 out.update({f"{k}/{kk}": vv for kk, vv in loader_stats_numbers(v).items()})
             elif isinstance(v, (int, float)) and not isinstance(v, bool):
-                out[str(k)] = float(v)
+                out[str(k)] = v
     return out
 
 
@@ -743,7 +743,7 @@ def train(cfg: Config) -> dict[str, Any]:
                 names = sorted(data_stats)
                 summed = torch.tensor([data_stats[k] for k in names], dtype=torch.float64, device=device)
                 dist.all_reduce(summed)
-                data_stats = dict(zip(names, summed.tolist()))
+                data_stats = {k: int(v) if float(v).is_integer() else v for k, v in zip(names, summed.tolist())}
             if master and log_now:
                 span = max(window["time"], 1e-9)
                 clips_s = window["clips"] / span
@@ -830,7 +830,7 @@ def print_summary(s: dict[str, Any]) -> None:
         + (f" (resumed from {s['resumed_from']})" if s["resumed_from"] else ""),
         f"  loss               {f(s['first_loss'], '.4f')} -> {f(s['last_loss'], '.4f')}",
         f"  non-finite skipped {s['nonfinite_skipped']}",
-        f"  wall time          {fmt_duration(s['wall_s'])}  ({f(s['steps_per_s'], '.2f')} steps/s, "
+        f"  loop time          {fmt_duration(s['wall_s'])}  ({f(s['steps_per_s'], '.2f')} steps/s, "
         f"{f(s['clips_per_s'], '.1f')} clips/s, {f(s['audio_hours_per_s'], '.4f')} audio-h/s)",
         f"  data wait          {100 * s['data_wait_fraction']:.1f}% of step time",
         f"  loader             {json.dumps(s['loader_stats'])}",
