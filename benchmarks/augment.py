@@ -222,6 +222,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch threads for in-process contenders (default 2)")
     ap.add_argument("--workers", type=int, default=2, help="worker processes for per-example contenders (default 2)")
     ap.add_argument("--device", default="cpu", help="device for ours: cpu or cuda (default cpu)")
+    ap.add_argument("--omp-wait-policy", default="PASSIVE", choices=["PASSIVE", "ACTIVE"],
+                    help="OMP_WAIT_POLICY for torch's threads (default PASSIVE: robust on a shared CPU)")
     ap.add_argument("--skip-torch-audiomentations", action="store_true", help="leave out the slowest peer")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, one batch each (CI smoke run)")
     args = ap.parse_args()
@@ -231,6 +233,9 @@ def main() -> None:
     # Worker-based contenders first, before this process runs any torch op, so forked workers
     # inherit no OpenMP thread pool; one thread each, as in a loader's workers.
     os.environ.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    # Idle OpenMP threads sleep instead of spinning. On a CPU shared with other jobs a spinning
+    # thread burns the time slice its partner needs, and every parallel op waits at its barrier.
+    os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy
     import audiomentations  # noqa: F401 - imported once here, inherited by the forked workers
 
     import pipeline.augment_cpu  # noqa: F401
@@ -276,7 +281,7 @@ def main() -> None:
     print(json.dumps({
         "benchmark": "augment",
         "config": {k: getattr(args, k) for k in ("batch", "samples", "sr", "batches", "peer_batches", "threads",
-                                                 "workers", "device", "quick")},
+                                                 "workers", "device", "omp_wait_policy", "quick")},
         "clips_per_s": {k: round(v, 2) for k, v in results.items()},
         "pitch_accuracy": accuracy,
         "ratios": ratios,
