@@ -255,7 +255,8 @@ def compute_mask_spans(
     short = sz - span <= num
     span = torch.where(short, sz - num - 1, span)
     start_range = sz - span  # starts are drawn from [0, start_range)
-    width = max(tsz, int(start_range.max()))  # host sync: one small reduction per batch
+    # starts lie below start_range <= max(tsz, num + 1); bound num on the host to avoid a device sync
+    width = max(tsz, max(min_spans, int(mask_prob * tsz / mask_length) + 1) + 1)
     pos = torch.arange(width, device=gdev)
     keys = torch.rand(bsz, width, generator=generator, device=gdev)
     keys = keys.masked_fill(pos[None, :] >= start_range[:, None], float("inf"))
@@ -522,8 +523,13 @@ class Wav2Vec2Pretrain(nn.Module):
         else:
             frames = frame_lengths(c, lengths.to(feats.device)).clamp_max(t)
         padding = torch.arange(t, device=feats.device)[None, :] >= frames[:, None]
-        # SDPA takes its fast path without a mask: drop it when nothing is padded (one sync)
-        padding_or_none = padding if bool(padding.any()) else None
+        # SDPA takes its fast path without a mask: drop it when nothing is padded. Checked on the
+        # host lengths when they are CPU tensors (the loader's), else one small device sync.
+        if lengths is None:
+            padding_or_none = None
+        else:
+            shortest = int(frame_lengths(c, lengths.min().cpu()))
+            padding_or_none = padding if shortest < t else None
         x = F.dropout(self.post_extract_proj(feats), c.dropout_input, self.training)
         return x, feats, pen, padding_or_none, frames
 
@@ -578,8 +584,8 @@ class Wav2Vec2Pretrain(nn.Module):
             if padding is not None and bool((mask & padding).any()):
                 raise ValueError("mask_indices mark padded frames; padded frames cannot be masked")
         counts = mask.sum(1)
-        m = int(counts[0])
-        if bool((counts != m).any()):
+        m, m_max = torch.stack([counts.min(), counts.max()]).tolist()  # the step's one host sync
+        if m != m_max:
             raise ValueError(f"every clip needs the same number of masked frames, got {counts.tolist()}")
         if m < 2:
             raise ValueError(
@@ -589,13 +595,16 @@ class Wav2Vec2Pretrain(nn.Module):
             )
         x = torch.where(mask[..., None], self.mask_emb.to(x.dtype), x)
         x, _ = self.encoder(x, padding)
+        # masked frame positions in time order, (B, M): a stable sort, where x[mask] would sync
+        where = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices[:, :m]
 
-        # targets: quantize only the masked frames (fairseq), (B, M, C)
-        y = F.dropout(feats[mask], c.dropout_features, self.training)
+        # targets: quantize only the masked frames (fairseq), (B*M, C)
+        y = feats.gather(1, where[..., None].expand(-1, -1, feats.shape[-1])).flatten(0, 1)
+        y = F.dropout(y, c.dropout_features, self.training)
         q, codes, code_ppl, prob_ppl = self.quantizer(y, self.temperature)
         targets = self.project_q(q.to(y.dtype)).view(b, m, -1)  # (B, M, F)
         codes = codes.view(b, m, -1)
-        preds = self.final_proj(x[mask]).view(b, m, -1)  # (B, M, F)
+        preds = self.final_proj(x.gather(1, where[..., None].expand(-1, -1, x.shape[-1])))  # (B, M, F)
 
         if negative_indices is None:
             negative_indices = sample_negatives(m, c.num_negatives, b, generator=generator, device=x.device)
@@ -627,8 +636,8 @@ class Wav2Vec2Pretrain(nn.Module):
                 "contrastive_acc": acc,
                 "code_perplexity": code_ppl.detach(),
                 "prob_perplexity": prob_ppl.detach(),
-                "temperature": torch.tensor(self.temperature),
-                "num_masked": torch.tensor(float(n)),
+                "temperature": torch.tensor(self.temperature, device=loss.device),
+                "num_masked": torch.tensor(float(n), device=loss.device),
                 "mask_fraction": (counts.sum() / frames.sum().clamp_min(1)).float(),
             }
         return {
