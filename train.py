@@ -686,23 +686,25 @@ def train(cfg: Config) -> dict[str, Any]:
 
             clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), clip)
-            # One all-reduce agrees on loss, metrics, a non-finite loss on any rank and a stop request.
+            # One all-reduce (and one host sync) agrees on the loss, the model metrics, a non-finite
+            # loss on any rank and a stop request; the grad norm is already the same on every rank.
             if metric_names is None:
                 metric_names = sorted(metric_sum)
-            local_bad = float(not torch.isfinite(loss_sum).item())
+            zero = torch.zeros((), device=device)
             packed = torch.stack([
                 loss_sum / accum,
-                torch.tensor(local_bad, device=device),
+                (~torch.isfinite(loss_sum)).float(),
                 torch.tensor(float(stop.reason is not None), device=device),
-                *[metric_sum[k] / accum for k in metric_names],
+                grad_norm.detach().float() / world,
+                *[metric_sum.get(k, zero) / accum for k in metric_names],
             ])
             if world > 1:
                 dist.all_reduce(packed)
                 packed[0] /= world
-                packed[3:] /= world
+                packed[4:] /= world
             values = packed.tolist()
-            loss_value, any_bad, stop_requested = values[0], values[1] > 0, values[2] > 0
-            skip = any_bad or not math.isfinite(grad_norm.item())
+            loss_value, any_bad, stop_requested, gnorm = values[0], values[1] > 0, values[2] > 0, values[3]
+            skip = any_bad or not math.isfinite(gnorm)
             if skip:
                 nonfinite_run += 1
                 nonfinite_total += 1
@@ -729,11 +731,11 @@ def train(cfg: Config) -> dict[str, Any]:
                 window["finite"] += 1
                 first_loss = loss_value if first_loss is None else first_loss
                 last_loss = loss_value
-            model_metrics = {k: values[3 + i] for i, k in enumerate(metric_names)}
+            model_metrics = {k: values[4 + i] for i, k in enumerate(metric_names)}
             if master:
                 append_jsonl(metrics_path, {
                     "step": step, "loss": loss_value if math.isfinite(loss_value) else None, "lr": lr,
-                    "grad_norm": grad_norm.item() if math.isfinite(grad_norm.item()) else None,
+                    "grad_norm": gnorm if math.isfinite(gnorm) else None,
                     "skipped": skip, "time_s": round(dt, 6), "wait_s": round(wait, 6), **model_metrics,
                 })
 
@@ -749,7 +751,7 @@ def train(cfg: Config) -> dict[str, Any]:
                 clips_s = window["clips"] / span
                 record = {
                     "train/loss": window["loss"] / max(1, window["finite"]),
-                    "train/lr": lr, "train/grad_norm": grad_norm.item(),
+                    "train/lr": lr, "train/grad_norm": gnorm,
                     **{f"model/{k}": v for k, v in model_metrics.items()},
                     "perf/steps_per_s": window["steps"] / span, "perf/clips_per_s": clips_s,
                     "perf/audio_hours_per_s": clips_s * views * clip_seconds / 3600,
@@ -766,7 +768,7 @@ def train(cfg: Config) -> dict[str, Any]:
                 eta = (cfg.train.steps - step) * (time.perf_counter() - t_start) / max(1, done)
                 extras = " | ".join(f"{k} {v:.3g}" for k, v in model_metrics.items())
                 print(f"step {step}/{cfg.train.steps} | loss {record['train/loss']:.4f} | lr {lr:.2e} | "
-                      f"gnorm {grad_norm.item():.3g}" + (f" | {extras}" if extras else "")
+                      f"gnorm {gnorm:.3g}" + (f" | {extras}" if extras else "")
                       + f" | {clips_s:.1f} clips/s | wait {100 * record['perf/data_wait_fraction']:.1f}% | "
                       f"skipped {nonfinite_total} | eta {fmt_duration(eta)}", flush=True)
                 window = {k: 0 if isinstance(v, int) else 0.0 for k, v in window.items()}
