@@ -241,12 +241,12 @@ def test_sigterm_writes_a_loadable_checkpoint_and_exits_0(manifest, tmp_path):
         assert torch.equal(v, state["model"][k])
 
 
-def test_torchrun_two_gloo_ranks_with_accumulation(manifest, tmp_path):
+def test_torchrun_two_gloo_ranks_with_accumulation_and_exact_resume(manifest, tmp_path):
     out = str(tmp_path / "ddp")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", TRAIN_PY,
            "--config", "clmr_tiny", f"--data.manifests={manifest}", f"--train.out_dir={out}", *SMALL,
            "--train.steps=4", "--train.grad_accum=2", "--train.global_batch_size=16", "--data.num_workers=0",
-           "--checkpoint.every=2", "--logging.every=2"]
+           "--checkpoint.every=2", "--checkpoint.keep=3", "--logging.every=2"]
     res = subprocess.run(cmd, cwd=str(tmp_path), env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "on 2 x cpu, global batch 16 = 2 ranks x 2 micro-steps x 4 clips" in res.stdout
@@ -259,6 +259,14 @@ def test_torchrun_two_gloo_ranks_with_accumulation(manifest, tmp_path):
     assert not torch.equal(ranks[0]["augment"]["_extra_state"]["generator"], ranks[1]["augment"]["_extra_state"]["generator"])
     assert [r["loader"]["step"] for r in ranks] == [8, 8]
     assert state["loader"]["world_size"] == 2
+
+    # both ranks restore their own stream position, augmentation generator and RNG from step 2
+    os.remove(os.path.join(out, "checkpoints", "ckpt-00000004.pt"))
+    res = subprocess.run([*cmd, "--resume", "auto"], cwd=str(tmp_path), env=subprocess_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "resuming from" in res.stdout and "ckpt-00000002.pt at step 2" in res.stdout
+    assert losses(out) == pytest.approx(ls, rel=1e-6, abs=1e-7)
 
 
 def test_nonfinite_losses_are_skipped_then_stop_with_a_checkpoint(manifest, tmp_path):
