@@ -358,3 +358,18 @@ def test_single_view_presets_train(manifest, tmp_path, preset):
         assert [r["lr"] for r in records] == pytest.approx([cfg.optim.lr * (s + 1) / 20 for s in range(3)])
     else:
         assert all("contrastive_acc" in r for r in records)
+
+
+def test_checkpoints_in_a_bucket_rotate_and_resume(manifest, tmp_path, moto_s3):
+    from tests.conftest import make_bucket
+
+    make_bucket("train-ckpts")
+    url = "s3://train-ckpts/runs/clmr"
+    common = ["--data.num_workers=0", "--checkpoint.every=1", "--checkpoint.keep=2", f"--checkpoint.dir={url}"]
+    out = str(tmp_path / "run")
+    train.train(config(manifest, out, "--train.steps=3", *common))
+    assert [s for s, _ in train.list_checkpoints(url)] == [2, 3]
+    summary = train.train(config(manifest, out, "--train.steps=5", *common, "--checkpoint.resume=auto"))
+    assert summary["resumed_from"] == f"{url}/ckpt-00000003.pt" and summary["steps_run"] == 2
+    assert [s for s, _ in train.list_checkpoints(url)] == [4, 5]
+    assert train.load_checkpoint(f"{url}/ckpt-00000005.pt")["step"] == 5
