@@ -334,12 +334,13 @@ def init_wandb(cfg: Config, run_id: str, out_dir: str) -> Any:
 
 def log_audio_examples(run: Any, step: int, clean: torch.Tensor, augmented: torch.Tensor,
                        params: dict[str, torch.Tensor], keys: list[str], sample_rate: int, n: int,
-                       out_dir: str) -> int:
+                       out_dir: str, no_params: str = "no augmentation") -> int:
     """Log ``n`` clips (every view, clean and augmented) to W&B and as WAVs + params.json on disk.
 
     W&B gets one ``wandb.Audio`` panel per augmented view (caption = its parameters) and a table of
     clean/augmented pairs with the parameters; ``<out_dir>/examples/step-<step>/`` gets the
-    augmented views via ``pipeline.augment.write_examples``. Returns the number of views logged.
+    augmented views via ``pipeline.augment.write_examples``. ``no_params`` is the caption of a view
+    without recorded parameters. Returns the number of views logged.
     """
     import wandb
 
@@ -360,7 +361,7 @@ def log_audio_examples(run: Any, step: int, clean: torch.Tensor, augmented: torc
             p = {name: p.get(name, {}) for name in applied}  # transforms without parameters (polarity) too
             caption = f"{key} view {v}: " + (", ".join(
                 f"{name}({', '.join(f'{k}={x:.3g}' if isinstance(x, float) else f'{k}={x}' for k, x in q.items())})"
-                if q else name for name, q in p.items()) or "no augmentation")
+                if q else name for name, q in p.items()) or no_params)
             a_clean = wandb.Audio(clean[i, v].mean(0).numpy(), sample_rate=sample_rate, caption=f"{key} view {v} clean")
             a_aug = wandb.Audio(augmented[i, v].mean(0).numpy(), sample_rate=sample_rate, caption=caption)
             panels[f"examples/clip{i}_view{v}"] = wandb.Audio(augmented[i, v].mean(0).numpy(),
@@ -672,8 +673,10 @@ def train(cfg: Config) -> dict[str, Any]:
                 if clean is not None:
                     keys = list(batch.get("keys", []))
                     params = augmenter.last_params if augment_on_device else {}
+                    no_params = ("augmented in the loader workers (--augment.backend=cpu; parameters not recorded)"
+                                 if cfg.augment.enabled and not augment_on_device else "no augmentation")
                     audio_logged += log_audio_examples(wandb_run, step + 1, clean, audio, params, keys,
-                                                       sample_rate, cfg.logging.audio_examples, out_dir)
+                                                       sample_rate, cfg.logging.audio_examples, out_dir, no_params)
                 batch = {**batch, "audio": audio, "lengths": batch["lengths"].to(device, non_blocking=True)}
                 sync = ddp.no_sync() if ddp is not None and micro < accum - 1 else contextlib.nullcontext()
                 with sync:
