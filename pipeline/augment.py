@@ -460,6 +460,15 @@ class PitchShift(Transform):
         return y * (_rms(x) / _rms(y).clamp_min(1e-12))
 
 
+def _mirror_pad(x: Tensor, left: int, right: int) -> Tensor:
+    """Pad rows ``(m, T)`` by reflection, so reads past either end run back into the signal (no
+    clamped, DC-like samples); beyond one reflection (clips shorter than the pad) with zeros."""
+    t = x.shape[-1]
+    rl, rr = min(left, t - 1), min(right, t - 1)
+    xp = torch.nn.functional.pad(x.unsqueeze(1), (rl, rr), mode="reflect").squeeze(1) if rl or rr else x
+    return torch.nn.functional.pad(xp, (left - rl, right - rr)) if left > rl or right > rr else xp
+
+
 def pitch_shift_granular(x: Tensor, factor: Tensor, *, grain: int = 2048) -> Tensor:
     """Pitch-shift each row of ``x`` (m, T) by its frequency ``factor`` (m,): aligned two-grain OLA.
 
@@ -484,11 +493,8 @@ def pitch_shift_granular(x: Tensor, factor: Tensor, *, grain: int = 2048) -> Ten
     pad = 2 * math.ceil((fmax * hop + 2 * search + 2) / 2)  # even: the half-rate frames line up
     n_blocks = -(-t // hop)
     win = 2 * pad + hop
-    # Mirror-pad so reads past either end run back into the signal (no clamped, DC-like samples).
     right = (n_blocks - 1) * hop + win - pad - t + 1
-    xp = torch.nn.functional.pad(x.unsqueeze(1), (pad, min(right, t - 1)), mode="reflect").squeeze(1)
-    if right > t - 1:
-        xp = torch.nn.functional.pad(xp, (0, right - (t - 1)))
+    xp = _mirror_pad(x, pad, right)
     frames = xp.unfold(-1, win, hop)[:, :n_blocks]  # (m, J, win) view: block j's neighbourhood, local 0 = c_j - pad
     frames_next = xp[:, 1:].unfold(-1, win, hop)[:, :n_blocks]  # the same, one sample later (interpolation's right tap)
     f = factor.to(device=x.device, dtype=torch.float32).view(-1, 1)

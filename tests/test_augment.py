@@ -263,3 +263,14 @@ def test_write_examples_writes_wavs_and_their_params(tmp_path):
         assert set(entry["params"]) == applied
         if "pitch" in applied:
             assert entry["params"]["pitch"]["semitones"] == pytest.approx(float(chain.last_params["pitch.semitones"][i]))
+
+
+@pytest.mark.parametrize("length", [1, 17, 300, 5000])
+def test_short_and_stereo_clips_keep_shape_and_stay_finite(device, length):
+    x = torch.randn(3, 2, length, generator=torch.Generator().manual_seed(12)).to(device) * 0.1
+    chain = _full_chain(seed=8, **{f"{n}_p": 1.0 for n in ("noise", "gain", "filter", "delay", "speed", "pitch",
+                                                          "reverb")}, noise_color=("white", "pink"))
+    y = chain(x)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    # Every transform ran, so the clips really changed.
+    assert not torch.equal(y, x)
