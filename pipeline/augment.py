@@ -91,7 +91,7 @@ class AugmentConfig:
     reverb_rt60_s: tuple[float, float] = (0.2, 1.0)
     reverb_wet: tuple[float, float] = (0.1, 0.5)
     reverb_ir_dir: str | None = None  # a folder of IR audio files; None: generated IRs
-    reverb_ir_seconds: float = 1.0  # IR length (generated) or cut (files)
+    reverb_ir_seconds: float = 1.0  # generated IR length (at least the longest RT60) or the cut of IR files
 
     def __post_init__(self) -> None:
         self.order = tuple(self.order)
@@ -680,7 +680,8 @@ class Reverb(Transform):
                  ir_dir: str | None = None, ir_seconds: float = 1.0, generator=None):
         super().__init__(p=p, generator=generator)
         self.sample_rate, self.rt60_s, self.wet, self.ir_dir = sample_rate, rt60_s, wet, ir_dir
-        self.ir_len = int(round(ir_seconds * sample_rate))
+        # A generated IR lasts at least the longest RT60, so every drawn decay reaches -60 dB.
+        self.ir_len = int(round(max(ir_seconds, rt60_s[1]) * sample_rate))
         if ir_dir is not None:
             bank, self.ir_names = load_ir_bank(ir_dir, sample_rate, ir_seconds)
             self.register_buffer("ir_bank", torch.from_numpy(bank), persistent=False)

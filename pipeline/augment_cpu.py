@@ -158,7 +158,7 @@ class CpuAugment:
         wet = rng.uniform(*c.reverb_wet)
         if self.ir_bank is None:
             rt60 = rng.uniform(*c.reverb_rt60_s)
-            n = int(round(c.reverb_ir_seconds * sr))
+            n = int(round(max(c.reverb_ir_seconds, c.reverb_rt60_s[1]) * sr))
             env = np.exp(-math.log(1000.0) * (np.arange(n) / sr) / rt60)
             ir = rng.standard_normal((x.shape[0], n)) * env
             ir /= np.sqrt(np.sum(ir**2, axis=-1, keepdims=True))

@@ -167,7 +167,8 @@ def test_polarity_inverts_only_the_selected_examples(device):
 
 def _full_chain(seed: int = 0, **overrides) -> Compose:
     base = dict(polarity_p=0.8, noise_p=0.5, gain_p=0.5, filter_p=0.8, delay_p=0.5, speed_p=0.5,
-                pitch_p=0.6, reverb_p=0.6, reverb_ir_seconds=0.3)
+                pitch_p=0.6, reverb_p=0.6, reverb_ir_seconds=0.3,
+                reverb_rt60_s=(0.1, 0.3))
     base.update(overrides)
     return build_augment(AugmentConfig(**base), sample_rate=SR, seed=seed)
 

@@ -27,7 +27,7 @@ def views_of(signal: np.ndarray, v: int = 2) -> np.ndarray:
 
 def test_deterministic_given_rng_and_differs_across_seeds():
     x = views_of(render_note(62, 1.0)[:16384], 3)
-    cfg = AugmentConfig(noise_p=0.5, speed_p=0.5, reverb_ir_seconds=0.3)
+    cfg = AugmentConfig(noise_p=0.5, speed_p=0.5, reverb_ir_seconds=0.3, reverb_rt60_s=(0.1, 0.3))
     aug = CpuAugment(cfg, sample_rate=SR)
     a = aug(x, np.random.default_rng(0))
     b = aug(x, np.random.default_rng(0))
@@ -40,7 +40,7 @@ def test_deterministic_given_rng_and_differs_across_seeds():
 
 def test_picklable_for_loader_workers():
     x = views_of(render_note(62, 1.0)[:8192])
-    aug = CpuAugment(AugmentConfig(noise_p=1.0, reverb_ir_seconds=0.3), sample_rate=SR)
+    aug = CpuAugment(AugmentConfig(noise_p=1.0, reverb_ir_seconds=0.3, reverb_rt60_s=(0.1, 0.3)), sample_rate=SR)
     clone = pickle.loads(pickle.dumps(aug))
     assert np.array_equal(aug(x, np.random.default_rng(3)), clone(x, np.random.default_rng(3)))
 
