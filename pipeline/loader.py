@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import io
 import json
+import signal
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -564,7 +565,7 @@ class StreamingLoader:
         else:
             batches = torch.utils.data.DataLoader(
                 ds, batch_size=None, num_workers=cfg.num_workers, prefetch_factor=cfg.prefetch_factor,
-                pin_memory=cfg.pin_memory and torch.cuda.is_available(),
+                pin_memory=cfg.pin_memory and torch.cuda.is_available(), worker_init_fn=_ignore_sigterm,
             )
         W = self._plan.workers
         for batch in batches:
@@ -630,6 +631,13 @@ class StreamingLoader:
             )
         self._step = (int(state["epoch"]) + 1) * self.steps_per_epoch
         warnings.warn(f"[musicssl] loader layout changed; continuing at the start of epoch {state['epoch'] + 1}", stacklevel=2)
+
+
+def _ignore_sigterm(_worker_id: int) -> None:
+    # A preemption SIGTERM goes to the whole process group. Workers that died of it would make
+    # torch's SIGCHLD handler raise in the trainer while it writes its last checkpoint; they still
+    # exit when the DataLoader shuts down or when their parent dies (torch's worker watchdog).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _pin(batch: dict) -> dict:

@@ -335,3 +335,20 @@ def test_stereo_sources_downmixed_or_kept(tmp_path, mono):
         off = _offset(ref[:1], view[:1])
         assert off >= 0
         np.testing.assert_array_equal(view, ref[:, off : off + 1000])
+
+
+def test_workers_survive_sigterm_to_the_process_group(data):
+    import multiprocessing
+    import signal
+
+    before = {p.pid for p in multiprocessing.active_children()}
+    ld = StreamingLoader(_cfg(data["manifest"], num_workers=2))
+    it = iter(ld)
+    first = next(it)
+    workers = [p.pid for p in multiprocessing.active_children() if p.pid not in before]
+    assert len(workers) == 2
+    for pid in workers:  # what a preemption does to the whole process group
+        os.kill(pid, signal.SIGTERM)
+    more = list(itertools.islice(it, 4))
+    assert len(more) == 4 and first["keys"] != more[0]["keys"]
+    it.close()
