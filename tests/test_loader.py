@@ -68,9 +68,9 @@ def test_split_disjoint_and_complete(data, world, workers):
 
 
 def test_order_depends_on_seed_only(data):
-    a = _epochs(_cfg(data["manifest"], num_workers=2), 2, 1)
-    b = _epochs(_cfg(data["manifest"], num_workers=2), 2, 1)
-    c = _epochs(_cfg(data["manifest"], num_workers=2, seed=8), 2, 1)
+    a = _epochs(_cfg(data["manifest"]), 2, 1)
+    b = _epochs(_cfg(data["manifest"]), 2, 1)
+    c = _epochs(_cfg(data["manifest"], seed=8), 2, 1)
     assert a == b and a != c
 
 
