@@ -171,6 +171,9 @@ def test_forward_seam_with_padding():
     assert (out["mask"].sum(1) == out["mask"].sum(1)[0]).all()
     with pytest.raises(ValueError, match="single-crop"):
         model({"audio": torch.zeros(2, 2, 1, SR), "lengths": torch.tensor([SR, SR])})
+    # a clip that is all padding leaves no frame to mask: a clear error, not a silent NaN
+    with pytest.raises(ValueError, match="longer crops"):
+        model({"audio": torch.zeros(2, 1, 1, SR), "lengths": torch.tensor([SR, 300])})
 
 
 def test_embed_layers_pooling_and_padding_invariance():
