@@ -108,3 +108,48 @@ def test_decoding_reads_the_tar_bytes_without_temp_files(tmp_path, monkeypatch):
     for i, k in enumerate(b["keys"]):
         win = np.lib.stride_tricks.sliding_window_view(src[k], 1000)
         assert (win == b["audio"][i, 0, 0].numpy()).all(axis=1).any()
+
+
+def test_transient_read_error_is_retried_by_reopening(tmp_path, monkeypatch, capsys):
+    from pipeline import shards
+
+    clips = shardgen.make_clips(12, sample_rate=8000, seed=23)
+    man = shardgen.write_split(str(tmp_path), clips, [12])
+    want = list(itertools.islice(StreamingLoader(_cfg(man, num_workers=0, batch_size=3)), 4))
+
+    real_open = shards.fsio.open_url
+    failures = {"left": 2}
+
+    class Flaky(io.RawIOBase):
+        """A shard file whose connection resets (twice) once the reader is past the first members."""
+
+        def __init__(self, f):
+            self.f = f
+
+        def read(self, n=-1):
+            if self.f.tell() > 20_000 and failures["left"]:
+                failures["left"] -= 1
+                raise ConnectionResetError("connection reset by peer (simulated)")
+            return self.f.read(n)
+
+        def seek(self, off, whence=0):
+            return self.f.seek(off, whence)
+
+        def tell(self):
+            return self.f.tell()
+
+        def seekable(self):
+            return True
+
+        def readable(self):
+            return True
+
+        def close(self):
+            self.f.close()
+            super().close()
+
+    monkeypatch.setattr(shards.fsio, "open_url", lambda url, mode="rb": Flaky(real_open(url, mode)) if url.endswith(".tar") else real_open(url, mode))
+    got = list(itertools.islice(StreamingLoader(_cfg(man, num_workers=0, batch_size=3)), 4))
+    assert failures["left"] == 0 and "transient error" in capsys.readouterr().out
+    assert [b["keys"] for b in got] == [b["keys"] for b in want]
+    assert all(torch.equal(g["audio"], w["audio"]) for g, w in zip(got, want))
