@@ -474,8 +474,9 @@ class GumbelQuantizer(nn.Module):
             onehot = hard - soft.detach() + soft  # straight-through
         else:
             onehot = hard
-        # (G, N, V) @ (G, V, d) -> (G, N, d): never materialise (N, G*V, d)
-        q = torch.bmm(onehot.transpose(0, 1), self.codevectors.to(onehot.dtype))
+        # (G, N, V) @ (G, V, d) -> (G, N, d): never materialise (N, G*V, d); float32 under autocast
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            q = torch.bmm(onehot.transpose(0, 1), self.codevectors.float())
         return q.transpose(0, 1).reshape(n, -1), codes, code_ppl, prob_ppl
 
 
@@ -609,10 +610,12 @@ class Wav2Vec2Pretrain(nn.Module):
         if negative_indices is None:
             negative_indices = sample_negatives(m, c.num_negatives, b, generator=generator, device=x.device)
         neg = negative_indices.to(x.device, torch.long)
-        # cosine of every masked prediction with every masked target of its clip: (B, M, M)
+        # cosine of every masked prediction with every masked target of its clip: (B, M, M), in
+        # float32 even under autocast (a bf16 bmm would round logits of magnitude 10 to ~0.05)
         pn = F.normalize(preds.float(), dim=-1, eps=1e-8)
         tn = F.normalize(targets.float(), dim=-1, eps=1e-8)
-        sim = torch.bmm(pn, tn.transpose(1, 2)) / c.logit_temp
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            sim = torch.bmm(pn, tn.transpose(1, 2)) / c.logit_temp
         pos = sim.diagonal(dim1=1, dim2=2)  # (B, M)
         neg_logits = sim.gather(2, neg)  # (B, M, K)
         same_code = (codes[:, :, None, :] == codes[:, None, :, :]).all(-1)  # (B, M, M)
