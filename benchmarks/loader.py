@@ -23,11 +23,13 @@ The last line printed is one JSON object; ``ratios`` above 1 mean the loader is 
 from __future__ import annotations
 
 import argparse
+import gc
 import io
 import itertools
 import json
 import multiprocessing as mp
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -113,14 +115,26 @@ def audio_members(manifest: str) -> list[bytes]:
 # contenders
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and of its finished (reaped) children."""
+    a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
+
+
 def time_batches(batches, n_batches: int, batch_size: int) -> float:
-    """Clips per second after the first batch (start-up excluded)."""
+    """Clips per second after the first batch (start-up excluded); the workers are shut down and
+    reaped before returning, so their CPU time shows in ``cpu_seconds()``."""
     it = iter(batches)
     next(it)
     t0 = time.perf_counter()
     for _ in range(n_batches):
         next(it)
-    return n_batches * batch_size / (time.perf_counter() - t0)
+    rate = n_batches * batch_size / (time.perf_counter() - t0)
+    if hasattr(it, "close"):
+        it.close()
+    del it
+    gc.collect()
+    return rate
 
 
 def run_loader(manifest: str, args) -> float:
@@ -253,22 +267,29 @@ def main(argv: list[str] | None = None) -> int:
         mean_sec = float(np.mean([i.frames / i.samplerate for i in infos]))
         log(f"{len(blobs)} clips, {len(m.shards)} shards, mean {mean_sec:.2f} s, {sum(map(len, blobs)) / 2**20:.1f} MiB ({source})")
         need = args.batches * args.batch_size
-        results = {}
-        log("loader ...")
-        results["loader"] = run_loader(manifest, args)
-        log("decode limit ...")
-        results["decode_limit"] = run_decode_limit(blobs, args.workers, passes=max(1, -(-need // len(blobs))))
-        log("webdataset ...")
-        results["webdataset"] = run_webdataset(manifest, args)
-        log("per-file ...")
+        results, cpu = {}, {}
+        passes = max(1, -(-need // len(blobs)))
         os.makedirs(os.path.join(tmp, "files"))
-        results["perfile"] = run_perfile(blobs, os.path.join(tmp, "files"), args)
+        contenders = {
+            "loader": lambda: run_loader(manifest, args),
+            "decode_limit": lambda: run_decode_limit(blobs, args.workers, passes=passes),
+            "webdataset": lambda: run_webdataset(manifest, args),
+            "perfile": lambda: run_perfile(blobs, os.path.join(tmp, "files"), args),
+        }
+        for name, fn in contenders.items():
+            log(f"{name} ...")
+            c0 = cpu_seconds()
+            results[name] = fn()
+            # clips worked on: the timed ones plus the warm-up batch (decode limit: every clip once
+            # per pass); prefetched-but-unused batches add a little CPU to the DataLoader contenders
+            done = len(blobs) * passes if name == "decode_limit" else (args.batches + 1) * args.batch_size
+            cpu[name] = 1000 * (cpu_seconds() - c0) / done
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    print(f"\n{'contender':<14}{'clips/s':>10}{'audio-s/s':>12}")
+    print(f"\n{'contender':<14}{'clips/s':>10}{'audio-s/s':>12}{'CPU ms/clip':>13}")
     for k, v in results.items():
-        print(f"{k:<14}{v:>10.1f}{v * mean_sec:>12.1f}")
+        print(f"{k:<14}{v:>10.1f}{v * mean_sec:>12.1f}{cpu[k]:>13.2f}")
     out = {
         "benchmark": "loader",
         "source": source,
@@ -280,10 +301,15 @@ def main(argv: list[str] | None = None) -> int:
         "timed_batches": args.batches,
         "clips_per_s": {k: round(v, 2) for k, v in results.items()},
         "audio_seconds_per_s": {k: round(v * mean_sec, 2) for k, v in results.items()},
+        # CPU time per clip (all processes, start-up included): less sensitive to a shared machine
+        "cpu_ms_per_clip": {k: round(v, 3) for k, v in cpu.items()},
         "ratios": {
             "loader_vs_decode_limit": round(results["loader"] / results["decode_limit"], 3),
             "loader_vs_webdataset": round(results["loader"] / results["webdataset"], 3),
             "loader_vs_perfile": round(results["loader"] / results["perfile"], 3),
+            "loader_vs_decode_limit_cpu": round(cpu["decode_limit"] / cpu["loader"], 3),
+            "loader_vs_webdataset_cpu": round(cpu["webdataset"] / cpu["loader"], 3),
+            "loader_vs_perfile_cpu": round(cpu["perfile"] / cpu["loader"], 3),
         },
     }
     print(json.dumps(out))

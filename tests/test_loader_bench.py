@@ -15,7 +15,11 @@ def test_loader_benchmark_quick():
                           capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert set(out["ratios"]) == {"loader_vs_decode_limit", "loader_vs_webdataset", "loader_vs_perfile"}
+    peers = ("decode_limit", "webdataset", "perfile")
+    assert set(out["ratios"]) == {f"loader_vs_{p}{s}" for p in peers for s in ("", "_cpu")}
+    for p in peers:  # the ratios are what the per-contender figures say
+        assert abs(out["ratios"][f"loader_vs_{p}"] - out["clips_per_s"]["loader"] / out["clips_per_s"][p]) < 0.01
+        assert abs(out["ratios"][f"loader_vs_{p}_cpu"] - out["cpu_ms_per_clip"][p] / out["cpu_ms_per_clip"]["loader"]) < 0.01
     assert all(v > 0 for v in out["ratios"].values())
     for name in ("loader", "decode_limit", "webdataset", "perfile"):
         assert out["clips_per_s"][name] > 0
