@@ -229,6 +229,13 @@ class Config:
         expected = MODELS[self.arch][1]
         if type(self.model).__name__ != expected:
             raise ValueError(f"arch {self.arch!r} needs a {expected} in `model`, got {type(self.model).__name__}")
+        # LayerDrop skips whole layers on some steps; DDP then errors on the parameters that got no
+        # gradient unless it is told to look for them.
+        if getattr(self.model, "layerdrop", 0.0) > 0 and not self.train.find_unused_parameters:
+            raise ValueError(
+                f"--model.layerdrop={self.model.layerdrop} needs --train.find_unused_parameters=true "
+                "(DDP fails on steps that skip a layer); or set --model.layerdrop=0"
+            )
 
     @property
     def out_dir(self) -> str:
@@ -308,7 +315,8 @@ def wav2vec2_musicnet() -> Config:
         augment=_augment_config_class()(enabled=False),  # wav2vec2 learns from masking, not augmentation
         model=model_cfg.base(),
         optim=_wav2vec2_optim(steps, warmup=32_000),
-        train=TrainConfig(steps=steps, global_batch_size=64),
+        # BASE uses LayerDrop 0.05: DDP must look for the parameters a skipped layer leaves unused
+        train=TrainConfig(steps=steps, global_batch_size=64, find_unused_parameters=True),
         logging=LoggingConfig(every=100, audio_every=10_000),
         checkpoint=CheckpointConfig(every=5000),
     )
