@@ -53,7 +53,7 @@ class Plan:
 
 def tiny_plan(model: str) -> Plan:
     return Plan(model=model, steps=12, batch_size=16, demo_notes=3, demo_programs=3, demo_clips=32, demo_clip_seconds=2.0,
-                probe_epochs=40, probe_patience=8, calib_crops=64, clmr_blocks=6)
+                probe_epochs=20, probe_patience=5, calib_crops=32, clmr_blocks=6)
 
 
 def pretrain_overrides(plan: Plan, demo: str, out: str) -> list[str]:
