@@ -97,7 +97,8 @@ def run_evaluation(opts: EvalOptions) -> dict:
     t_start = time.perf_counter()
     probe_cfg = ProbeConfig(probe=opts.probe, max_epochs=opts.max_epochs, patience=opts.patience, seed=opts.seed)
     cache = os.path.join(opts.out, "cache") if opts.cache is None else (opts.cache or None)
-    arch_cfg = checkpoint_config(opts.checkpoint) if opts.checkpoint else preset_config(opts.preset, opts.overrides)
+    arch_cfg = (checkpoint_config(opts.checkpoint) if opts.checkpoint
+                else preset_config(opts.preset, opts.overrides) if opts.preset else None)  # None: log-mel only
     ckpt_step = None
     results = {
         "format": "musicssl-eval/1", "datasets": {}, "tasks": {}, "rows": [], "encoders": {},

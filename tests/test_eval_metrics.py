@@ -112,3 +112,14 @@ def test_multi_hot_probe_beats_chance() -> None:
     fit = train_probe(task, x[:300], y[:300], x[300:400], y[300:400], ProbeConfig(max_epochs=300, patience=20))
     res = score(task, y[400:], fit.probe.predict(x[400:], task.kind))
     assert res["roc_auc"] > 0.9 and res["pr_auc"] > 0.6
+
+
+def test_metrics_benchmark_quick_runs() -> None:
+    import json
+    import subprocess
+    import sys
+
+    root = __file__.rsplit("/tests/", 1)[0]
+    out = subprocess.run([sys.executable, "benchmarks/eval_metrics.py", "--quick"], cwd=root, capture_output=True, text=True, check=True)
+    last = json.loads(out.stdout.strip().splitlines()[-1])
+    assert last["clips"] == 300 and last["ratios"]["numpy_metrics_vs_sklearn"] > 0
