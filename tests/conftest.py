@@ -7,6 +7,8 @@
 - ``write_tone(path, ...)``: writes a sine tone (any format soundfile writes) and returns its
   samples; also available as the ``tone`` fixture.
 - ``crash_on_marker``: a worker function that kills its process on one item (shard builder tests).
+- ``one_thread``: torch on one thread for the test, restored after; model test files opt in with
+  ``pytestmark = pytest.mark.usefixtures("one_thread")``.
 """
 
 from __future__ import annotations
@@ -49,6 +51,18 @@ def crash_on_marker(item, conv) -> tuple:
 @pytest.fixture
 def tone():
     return write_tone
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Run the test with torch on one thread: tiny models gain nothing from threads, and on a CPU
+    shared with other test processes OpenMP spin-waits cost seconds."""
+    import torch  # here, not at the top: spawned shard-builder workers import this file too
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _free_port() -> int:

@@ -18,13 +18,7 @@ from models.clmr import CLMR, CLMRConfig, SampleCNN, benchmark_step, nt_xent, nt
 SR = 22050
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models are faster on one thread, and CI shares its two cores with other test processes."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @lru_cache(maxsize=4)

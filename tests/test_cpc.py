@@ -14,13 +14,7 @@ from tests.test_clmr import rendered_notes
 NOTES = ((0, 24, 40, 56, 73, 11), (52, 64))  # piano, guitar, violin, trumpet, flute, vibraphone at E3, E4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models are faster on one thread, and CI shares its two cores with other test processes."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_config_frames_and_sizes():
