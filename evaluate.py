@@ -86,7 +86,6 @@ def run_evaluation(opts: EvalOptions) -> dict:
     """Probe the checkpoint and the baselines on every dataset and fraction; write and return results."""
     import torch
 
-    from eval_tools import report
     from eval_tools.data import Dataset
     from eval_tools.encoders import (checkpoint_config, encoder_from_checkpoint, logmel_encoder, preset_config,
                                      random_encoder)

@@ -133,7 +133,7 @@ def run(plan: Plan, *, out: str, demo: str) -> dict:
     clips = {d: load_manifest(f"{demo}/{d}/train.manifest.json").num_samples for d in ("nsynth", "mtat")}
     sup_steps = {d: max(1, round(crops_seen * n / sum(clips.values()) / plan.batch_size)) for d, n in clips.items()}
 
-    print(f"[quickstart] 3/3 probes: pretrained vs random init vs supervised vs log-mel", flush=True)
+    print("[quickstart] 3/3 probes: pretrained vs random init vs supervised vs log-mel", flush=True)
     t2 = time.perf_counter()
     opts = evaluate.EvalOptions(
         data=[f"{demo}/nsynth", f"{demo}/mtat"], out=os.path.join(out, "eval"), checkpoint=ckpt,
