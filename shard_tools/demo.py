@@ -229,8 +229,8 @@ def decimate3(x: np.ndarray) -> np.ndarray:
     return (frames @ _TAPS[::-1].astype(np.float32)).astype(np.float32)
 
 
-def _render(pm, seconds: float) -> np.ndarray:
-    """A PrettyMIDI object -> float32 mono at SAMPLE_RATE, exactly ``seconds`` long."""
+def _render(pm, seconds: float, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """A PrettyMIDI object -> float32 mono at ``sample_rate``, exactly ``seconds`` long."""
     import midirenderer
     import pretty_midi
 
@@ -244,32 +244,45 @@ def _render(pm, seconds: float) -> np.ndarray:
     wav = midirenderer.render_wave_from(_SOUNDFONT, buf.getvalue())
     audio, sr = sf.read(io.BytesIO(wav), dtype="float32", always_2d=True)
     mono = audio.mean(axis=1)
-    if sr == 3 * SAMPLE_RATE:
+    if sample_rate == SAMPLE_RATE and sr == 3 * SAMPLE_RATE:
         mono = decimate3(mono)
     else:
-        mono = resample(mono[None], int(sr), SAMPLE_RATE)[0]
-    n = int(round(seconds * SAMPLE_RATE))
+        mono = resample(mono[None], int(sr), sample_rate)[0]
+    n = int(round(seconds * sample_rate))
     out = np.zeros(n, dtype=np.float32)
     out[: min(n, len(mono))] = mono[:n]
     return out
 
 
-def render_note(program: int, key: int, velocity: int) -> np.ndarray:
-    """One NSynth-style note: ``key`` held 3 s of a 4 s, 16 kHz mono float32 signal."""
+def render_note(program: int, pitch: int, *, velocity: int = 100, seconds: float, held: float | None = None,
+                sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """One real instrument note from the GM soundfont pretty_midi ships, through midirenderer.
+
+    GM ``program`` plays MIDI ``pitch`` at ``velocity`` from 0 s for ``held`` seconds (default: all
+    of ``seconds``); the result is float32 mono at ``sample_rate``, exactly ``seconds`` long (the
+    release tail up to there, zeros after), at the soundfont's own level (not normalised). The demo
+    datasets and the tests' rendered notes both come from here.
+    """
     import pretty_midi
 
     pm = pretty_midi.PrettyMIDI()
     inst = pretty_midi.Instrument(program=program)
-    inst.notes.append(pretty_midi.Note(velocity=velocity, pitch=key, start=0.0, end=NOTE_OFF))
+    inst.notes.append(pretty_midi.Note(velocity=velocity, pitch=pitch, start=0.0,
+                                       end=seconds if held is None else held))
     pm.instruments.append(inst)
-    audio = _render(pm, NOTE_SECONDS) * NOTE_GAIN
+    return _render(pm, seconds, sample_rate)
+
+
+def nsynth_note(program: int, key: int, velocity: int) -> np.ndarray:
+    """One NSynth-style note: ``key`` held 3 s of a 4 s, 16 kHz mono float32 signal."""
+    audio = render_note(program, key, velocity=velocity, seconds=NOTE_SECONDS, held=NOTE_OFF) * NOTE_GAIN
     peak = float(np.abs(audio).max())
     return audio * (0.99 / peak) if peak > 0.99 else audio
 
 
 def _note_task(task: tuple) -> tuple[str, float]:
     path, program, key, velocity = task
-    audio = render_note(program, key, velocity)
+    audio = nsynth_note(program, key, velocity)
     sf.write(path, audio, SAMPLE_RATE, subtype="PCM_16", format="WAV")
     return path, float(np.abs(audio).max())
 

@@ -2,43 +2,27 @@
 
 from __future__ import annotations
 
-import io
 from functools import lru_cache
 
 import numpy as np
+
+from tests.notes import rendered_note
 
 SR = 22050
 
 
 @lru_cache(maxsize=8)
 def render_note(pitch: int = 69, seconds: float = 1.5, program: int = 73, total: float | None = None) -> np.ndarray:
-    """A real instrument note (GM soundfont shipped with pretty_midi), mono float32 at SR.
+    """A real instrument note held ``seconds`` (``tests.notes``), mono float32 at SR, peak 0.5.
 
     ``program`` 73 is a flute: its fundamental dominates, so the strongest spectral peak is f0.
     ``total`` pads with silence to that many seconds.
     """
-    import midirenderer
-    import pretty_midi
-    import soundfile as sf
-
-    from pipeline.audio import resample, to_mono
-
-    with open(pretty_midi.__path__[0] + "/TimGM6mb.sf2", "rb") as f:
-        sf2 = f.read()
-    pm = pretty_midi.PrettyMIDI()
-    inst = pretty_midi.Instrument(program=program)
-    inst.notes.append(pretty_midi.Note(velocity=100, pitch=pitch, start=0.0, end=seconds))
-    pm.instruments.append(inst)
-    buf = io.BytesIO()
-    pm.write(buf)
-    audio, sr = sf.read(io.BytesIO(bytes(midirenderer.render_wave_from(sf2, buf.getvalue()))),
-                        dtype="float32", always_2d=True)
-    mono = resample(to_mono(np.ascontiguousarray(audio.T)), sr, SR)[0]
-    mono = mono / np.abs(mono).max() * 0.5
+    mono = rendered_note(program, pitch, seconds=seconds, sample_rate=SR)
     if total is not None:
         n = int(total * SR)
         mono = np.pad(mono, (0, max(0, n - len(mono))))[:n]
-    return mono.astype(np.float32)
+    return mono
 
 
 def f0_hz(x: np.ndarray, sr: int = SR, fmin: float = 60.0, fmax: float = 2000.0) -> float:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import io
 import math
-from functools import lru_cache
 
 import numpy as np
 import pytest
@@ -14,6 +12,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from models.clmr import CLMR, CLMRConfig, SampleCNN, benchmark_step, nt_xent, nt_xent_stats
+from tests.notes import rendered_notes
 
 SR = 22050
 
@@ -21,31 +20,7 @@ SR = 22050
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-@lru_cache(maxsize=4)
-def rendered_notes(programs: tuple[int, ...], pitches: tuple[int, ...], seconds: float = 1.0) -> np.ndarray:
-    """Real instrument notes from the GM soundfont pretty_midi ships: float32 (len(programs)*len(pitches), samples) at 22.05 kHz."""
-    import midirenderer
-    import pretty_midi
-
-    from pipeline.audio import decode_bytes, resample, to_mono
-
-    with open(pretty_midi.__path__[0] + "/TimGM6mb.sf2", "rb") as f:
-        sf2 = f.read()
-    n = int(seconds * SR)
-    clips = []
-    for program in programs:
-        for pitch in pitches:
-            pm = pretty_midi.PrettyMIDI()
-            inst = pretty_midi.Instrument(program=program)
-            inst.notes.append(pretty_midi.Note(velocity=100, pitch=pitch, start=0.0, end=seconds))
-            pm.instruments.append(inst)
-            buf = io.BytesIO()
-            pm.write(buf)
-            audio, sr = decode_bytes(midirenderer.render_wave_from(sf2, buf.getvalue()), name=f"program {program} pitch {pitch}")
-            mono = resample(to_mono(audio), sr, SR)[0]
-            mono = np.pad(mono, (0, max(0, n - mono.size)))[:n]
-            clips.append(mono / (np.abs(mono).max() + 1e-8) * 0.5)
-    return np.stack(clips).astype(np.float32)
+NOTES = ((0, 24, 40, 56, 73, 11), (52, 64))  # piano, guitar, violin, trumpet, flute, vibraphone at E3, E4
 
 
 def two_crops(clips: np.ndarray, crop: int, gen: torch.Generator) -> torch.Tensor:
@@ -212,7 +187,7 @@ def test_all_gather_nt_xent_over_two_gloo_ranks_equals_the_concatenated_batch(tm
 
 
 def test_a_few_adam_steps_lower_the_loss_on_rendered_notes():
-    clips = rendered_notes((0, 24, 40, 56, 73, 11), (52, 64))  # piano, guitar, violin, trumpet, flute, vibraphone
+    clips = rendered_notes(*NOTES, seconds=1.0, sample_rate=SR)
     config = CLMRConfig.tiny()
     torch.manual_seed(0)
     model = CLMR(config)
@@ -258,7 +233,7 @@ def test_embed_shapes_values_and_determinism():
     config = CLMRConfig.tiny()
     torch.manual_seed(0)
     model = CLMR(config).eval()
-    audio = torch.from_numpy(rendered_notes((0, 24, 40, 56, 73, 11), (52, 64))[:3, : 3 * config.input_samples])
+    audio = torch.from_numpy(rendered_notes(*NOTES, seconds=1.0, sample_rate=SR)[:3, : 3 * config.input_samples])
     with torch.no_grad():
         out = model.embed(audio)
         again = model.embed(audio)

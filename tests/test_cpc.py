@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from models.cpc import CPC, CPCConfig, benchmark_step, cpc_infonce, sample_negatives
-from tests.test_clmr import rendered_notes
+from tests.notes import rendered_notes
 
+SR = 22050
 NOTES = ((0, 24, 40, 56, 73, 11), (52, 64))  # piano, guitar, violin, trumpet, flute, vibraphone at E3, E4
 
 
@@ -142,7 +143,7 @@ def _crops(clips: np.ndarray, crop: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def test_a_few_adam_steps_lower_the_loss_on_rendered_notes():
-    clips = rendered_notes(*NOTES)
+    clips = rendered_notes(*NOTES, seconds=1.0, sample_rate=SR)
     cfg = CPCConfig.tiny()
     torch.manual_seed(0)
     model = CPC(cfg)
@@ -174,7 +175,7 @@ def test_embed_shapes_values_causality_and_determinism():
     cfg = CPCConfig.tiny()
     torch.manual_seed(0)
     model = CPC(cfg).eval()
-    audio = torch.from_numpy(rendered_notes(*NOTES)[:3, : cfg.input_samples])
+    audio = torch.from_numpy(rendered_notes(*NOTES, seconds=1.0, sample_rate=SR)[:3, : cfg.input_samples])
     with torch.no_grad():
         out = model.embed(audio)
         again = model.embed(audio)
@@ -201,7 +202,7 @@ def test_lengths_mask_padding_out_of_targets_and_negatives():
     cfg = CPCConfig.tiny()
     torch.manual_seed(0)
     model = CPC(cfg)
-    clips = torch.from_numpy(rendered_notes(*NOTES)[:2, : cfg.input_samples])
+    clips = torch.from_numpy(rendered_notes(*NOTES, seconds=1.0, sample_rate=SR)[:2, : cfg.input_samples])
     short = 1300
     clips[1, short:] = 0.0  # the loader pads with zeros at the end
     lengths = torch.tensor([cfg.input_samples, short])
@@ -244,7 +245,7 @@ def test_bf16_autocast_forward_gives_a_finite_loss_close_to_fp32():
     cfg = CPCConfig.tiny()
     torch.manual_seed(0)
     model = CPC(cfg)
-    batch = {"audio": _crops(rendered_notes(*NOTES), cfg.input_samples, torch.Generator().manual_seed(1))}
+    batch = {"audio": _crops(rendered_notes(*NOTES, seconds=1.0, sample_rate=SR), cfg.input_samples, torch.Generator().manual_seed(1))}
     torch.manual_seed(3)
     loss32, _ = model(batch)
     torch.manual_seed(3)

@@ -106,7 +106,7 @@ def test_plan_is_deterministic_and_spread():
     # organ programs that sound an octave low are played an octave up
     organ = {t[1]: t[2] - e for t in tasks1 for e in [int(os.path.basename(t[0])[:-4].split("-")[1])] if t[1] in (16, 20)}
     assert organ == {16: 12, 20: 0}
-    assert demo.render_note(73, 72, 100).tobytes() == demo.render_note(73, 72, 100).tobytes()
+    assert demo.nsynth_note(73, 72, 100).tobytes() == demo.nsynth_note(73, 72, 100).tobytes()
 
 
 @pytest.fixture(scope="module")

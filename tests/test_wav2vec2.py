@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import io
 import math
-from functools import lru_cache
 
 import numpy as np
 import pytest
@@ -19,6 +17,7 @@ from models.wav2vec2 import (
     gumbel_temperature,
     sample_negatives,
 )
+from tests.notes import rendered_notes
 
 SR = 16000
 
@@ -230,36 +229,10 @@ def test_bf16_autocast_forward_backward_finite_and_close():
 # ------------------------------------------------------------------ training on rendered notes
 
 
-@lru_cache(maxsize=1)
-def _rendered_notes() -> torch.Tensor:
-    """1.2 s notes of 4 GM instruments x 2 pitches from the soundfont pretty_midi ships, at 16 kHz."""
-    import midirenderer
-    import pretty_midi
-
-    from pipeline.audio import decode_bytes, resample, to_mono
-
-    with open(pretty_midi.__path__[0] + "/TimGM6mb.sf2", "rb") as f:
-        sf2 = f.read()
-    n = int(1.2 * SR)
-    clips = []
-    for program in (0, 40, 56, 73):  # piano, violin, trumpet, flute
-        for pitch in (57, 64):
-            pm = pretty_midi.PrettyMIDI()
-            inst = pretty_midi.Instrument(program=program)
-            inst.notes.append(pretty_midi.Note(velocity=100, pitch=pitch, start=0.0, end=1.2))
-            pm.instruments.append(inst)
-            buf = io.BytesIO()
-            pm.write(buf)
-            audio, sr = decode_bytes(midirenderer.render_wave_from(sf2, buf.getvalue()), name=f"program {program}")
-            mono = resample(to_mono(audio), sr, SR)[0]
-            mono = np.pad(mono, (0, max(0, n - mono.size)))[:n]
-            clips.append(mono / (np.abs(mono).max() + 1e-8) * 0.5)
-    return torch.from_numpy(np.stack(clips).astype(np.float32))
-
-
 def test_a_few_steps_lower_every_loss_term_on_rendered_notes():
     torch.manual_seed(0)
-    audio = _rendered_notes()
+    # 1.2 s notes of piano, violin, trumpet, flute x 2 pitches
+    audio = torch.from_numpy(rendered_notes((0, 40, 56, 73), (57, 64), seconds=1.2, sample_rate=SR))
     assert audio.shape == (8, int(1.2 * SR)) and audio.abs().max() > 0.4
     model = Wav2Vec2Pretrain(Wav2Vec2Config.tiny())
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
