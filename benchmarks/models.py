@@ -12,7 +12,8 @@ median is reported, which keeps a machine shared with other jobs from favouring 
 
 CLMR (SampleCNN + NT-Xent) and CPC are timed through the model seam (``model(batch)``, backward) at
 their tiny and full presets; no peer, timing only. A model file that is not in the checkout yet is
-reported as missing.
+reported as missing. ``benchmark_step(model, batch, ...)`` times full Adam steps of any model on the
+seam (optionally under bf16 autocast), for use from Python.
 
 The last line printed is one JSON object; ``ratios.wav2vec2_vs_hf`` = HF's median step time / ours
 (above 1: ours is faster).
@@ -58,6 +59,43 @@ def _interleaved(fns: dict[str, Callable[[], None]], steps: int, warmup: int, sy
             sync()
             times[name].append(time.perf_counter() - t0)
     return times
+
+
+def benchmark_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, steps: int, warmup: int = 2,
+                   lr: float = 3e-4, dtype: torch.dtype | None = None) -> dict[str, float]:
+    """Time full training steps (zero_grad, ``loss, _ = model(batch)``, backward, Adam) of any model on
+    the seam of docs/architecture.md §4, on the device ``batch["audio"]`` lives on.
+
+    ``dtype=torch.bfloat16`` runs the forward under autocast. Returns ``ms_per_step`` (mean),
+    ``clips_per_s``, ``params`` (all trainable), ``encoder_params`` (when the model has an
+    ``encoder``) and the last ``loss``. For example, on a GPU::
+
+        benchmark_step(CLMR(CLMRConfig.tiny()).cuda(), {"audio": audio.cuda()}, steps=10, dtype=torch.bfloat16)
+    """
+    device = batch["audio"].device
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    last: list[torch.Tensor] = []
+
+    def step() -> None:
+        with torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss, _ = model(batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        last[:] = [loss.detach()]
+
+    elapsed = sum(_interleaved({"step": step}, steps, warmup, sync)["step"])
+    clips = batch["audio"].shape[0]
+    result = {
+        "ms_per_step": 1000 * elapsed / max(steps, 1),
+        "clips_per_s": clips * steps / elapsed if elapsed > 0 else float("inf"),
+        "params": float(sum(p.numel() for p in model.parameters())),
+        "loss": float(last[0]) if last else float("nan"),
+    }
+    if isinstance(getattr(model, "encoder", None), torch.nn.Module):
+        result["encoder_params"] = float(sum(p.numel() for p in model.encoder.parameters()))
+    return result
 
 
 def wav2vec2_vs_hf(config: Wav2Vec2Config, *, batch: int, seconds: float, steps: int, warmup: int,

@@ -28,7 +28,6 @@ Usage::
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
@@ -41,7 +40,6 @@ __all__ = [
     "CLMRConfig",
     "SampleCNN",
     "all_gather_with_grad",
-    "benchmark_step",
     "nt_xent",
     "nt_xent_stats",
 ]
@@ -276,50 +274,3 @@ class CLMR(nn.Module):
             raise ValueError(f"CLMR.embed expects mono audio (B, T), got shape {tuple(audio.shape)}")
         frames = self.encoder.features(audio.unsqueeze(1)).transpose(1, 2)  # (B, T', C)
         return {"pooled": frames.mean(dim=1), "frames": frames}
-
-
-def benchmark_step(
-    config: CLMRConfig,
-    *,
-    batch_size: int,
-    steps: int,
-    device: str = "cpu",
-    warmup: int = 2,
-    dtype: torch.dtype | None = None,
-) -> dict[str, float]:
-    """Time forward+backward+Adam steps of ``CLMR(config)`` on random audio (for benchmarks/models.py).
-
-    ``dtype=torch.bfloat16`` runs the forward under autocast. Returns ``ms_per_step``,
-    ``clips_per_s``, ``params`` (all trainable), ``encoder_params`` and the last ``loss``.
-    """
-    model = CLMR(config).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-4)
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    audio = (0.1 * torch.randn(batch_size, 2, 1, config.input_samples, generator=gen)).to(device)
-    loss = torch.zeros(())
-
-    def step() -> Tensor:
-        with torch.autocast(device_type=torch.device(device).type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss, _ = model({"audio": audio})
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss
-
-    for _ in range(warmup):
-        loss = step()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        loss = step()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - t0
-    return {
-        "ms_per_step": 1000 * elapsed / max(steps, 1),
-        "clips_per_s": batch_size * steps / elapsed if elapsed > 0 else float("inf"),
-        "params": float(sum(p.numel() for p in model.parameters())),
-        "encoder_params": float(sum(p.numel() for p in model.encoder.parameters())),
-        "loss": float(loss.detach()),
-    }

@@ -22,14 +22,13 @@ Usage::
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["CPC", "CPCConfig", "CPCEncoder", "benchmark_step", "cpc_infonce", "sample_negatives"]
+__all__ = ["CPC", "CPCConfig", "CPCEncoder", "cpc_infonce", "sample_negatives"]
 
 
 @dataclass(kw_only=True)
@@ -299,49 +298,3 @@ class CPC(nn.Module):
             raise ValueError(f"CPC.embed expects mono audio (B, T), got shape {tuple(audio.shape)}")
         z, c = self.encode(audio)
         return {"pooled": c.mean(dim=1), "frames": c, "encoder_pooled": z.mean(dim=1), "encoder_frames": z}
-
-
-def benchmark_step(
-    config: CPCConfig,
-    *,
-    batch_size: int,
-    steps: int,
-    device: str = "cpu",
-    warmup: int = 2,
-    dtype: torch.dtype | None = None,
-) -> dict[str, float]:
-    """Time forward+backward+Adam steps of ``CPC(config)`` on random audio (for benchmarks/models.py).
-
-    ``dtype=torch.bfloat16`` runs the forward under autocast. Returns ``ms_per_step``,
-    ``clips_per_s``, ``params`` and the last ``loss``.
-    """
-    model = CPC(config).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=2e-4)
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    audio = (0.1 * torch.randn(batch_size, 1, 1, config.input_samples, generator=gen)).to(device)
-    loss = torch.zeros(())
-
-    def step() -> Tensor:
-        with torch.autocast(device_type=torch.device(device).type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss, _ = model({"audio": audio})
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss
-
-    for _ in range(warmup):
-        loss = step()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        loss = step()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - t0
-    return {
-        "ms_per_step": 1000 * elapsed / max(steps, 1),
-        "clips_per_s": batch_size * steps / elapsed if elapsed > 0 else float("inf"),
-        "params": float(sum(p.numel() for p in model.parameters())),
-        "loss": float(loss.detach()),
-    }

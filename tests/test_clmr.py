@@ -11,7 +11,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from models.clmr import CLMR, CLMRConfig, SampleCNN, benchmark_step, nt_xent, nt_xent_stats
+from benchmarks.models import benchmark_step
+from models.clmr import CLMR, CLMRConfig, SampleCNN, nt_xent, nt_xent_stats
 from tests.notes import rendered_notes
 
 SR = 22050
@@ -248,6 +249,7 @@ def test_embed_shapes_values_and_determinism():
 
 
 def test_benchmark_step_runs_and_reports_the_model_size():
-    res = benchmark_step(CLMRConfig.tiny(), batch_size=4, steps=1, warmup=1)
+    audio = 0.1 * torch.randn(4, 2, 1, CLMRConfig.tiny().input_samples, generator=torch.Generator().manual_seed(0))
+    res = benchmark_step(CLMR(CLMRConfig.tiny()), {"audio": audio}, steps=1, warmup=1)
     tiny_params = sum(p.numel() for p in CLMR(CLMRConfig.tiny()).parameters())
     assert res["params"] == tiny_params and res["ms_per_step"] > 0 and math.isfinite(res["loss"])

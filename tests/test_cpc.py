@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.cpc import CPC, CPCConfig, benchmark_step, cpc_infonce, sample_negatives
+from benchmarks.models import benchmark_step
+from models.cpc import CPC, CPCConfig, cpc_infonce, sample_negatives
 from tests.notes import rendered_notes
 
 SR = 22050
@@ -258,6 +259,7 @@ def test_bf16_autocast_forward_gives_a_finite_loss_close_to_fp32():
 
 
 def test_benchmark_step_runs_and_reports_the_model_size():
-    res = benchmark_step(CPCConfig.tiny(), batch_size=2, steps=1, warmup=1)
+    audio = 0.1 * torch.randn(2, 1, 1, CPCConfig.tiny().input_samples, generator=torch.Generator().manual_seed(0))
+    res = benchmark_step(CPC(CPCConfig.tiny()), {"audio": audio}, steps=1, warmup=1, lr=2e-4)
     assert res["params"] == sum(p.numel() for p in CPC(CPCConfig.tiny()).parameters())
     assert res["ms_per_step"] > 0 and math.isfinite(res["loss"])
