@@ -176,7 +176,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch", type=int, default=8, help="clips per wav2vec2 step (default 8)")
     ap.add_argument("--seconds", type=float, default=2.0, help="clip length at 16 kHz (default 2.0)")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per model (default 10)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     ap.add_argument("--profile", action="store_true", help="print a CPU op profile of one step each")
     args = ap.parse_args(argv)

@@ -139,7 +139,7 @@ def has_demo() -> bool:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=2, help="builder worker processes (default 2)")
     ap.add_argument("--source", choices=("demo", "clips"), default="demo" if has_demo() else "clips",
                     help="demo: the `shard-tools demo` set (NSynth + MTAT layouts, default when shard_tools.demo "
                          "exists); clips: long mixed-instrument clips, half MP3")
@@ -149,7 +149,7 @@ def main() -> None:
     ap.add_argument("--root", default=None, help="benchmark the audio below this folder instead (folder recipe)")
     ap.add_argument("--phrases", type=int, default=6, help="distinct rendered phrases the clips are tiled from")
     ap.add_argument("--quick", action="store_true", help="tiny sizes (a few notes and 2 s clips), for the test")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the generated or rendered audio and of the build (default 0)")
     ap.add_argument("--repeat", type=int, default=2, help="runs of each, alternating; the best of each counts")
     args = ap.parse_args()
     if args.quick:
