@@ -4,11 +4,16 @@
     .venv/bin/python benchmarks/loader.py --quick    # tiny sizes (CI keeps it from rotting)
     .venv/bin/python benchmarks/loader.py --manifest path/to/train.manifest.json
 
-Measured (steady state: the clock starts when the first batch arrives, so worker start-up is out):
+Measured in steady state: the window opens when the first batch arrives (worker start-up is out);
+clips/s and CPU ms per clip (this process and its live children, from /proc) cover the same window.
+CPU ms per clip is the steadier figure on a machine shared with other jobs.
 
 - ``loader``      pipeline.loader.StreamingLoader, CLMR pairs, ``--workers`` workers.
-- ``decode_limit`` every audio member's bytes, already in memory, fully decoded with soundfile in a
-                  tight loop by ``--workers`` processes: what decoding alone costs on these cores.
+- ``decode_limit`` every audio member's bytes, already in memory, fully decoded in a tight loop by
+                  ``--workers`` processes: what decoding alone costs on these cores. It decodes with
+                  the same libsndfile call as the loader (one ``sf_readf_float`` into a fresh array,
+                  without ``soundfile.read``'s extra tell/seek), so the loader's cheaper read path
+                  is not counted as a win over decoding; ``--sfread-limit`` uses ``soundfile.read``.
 - ``webdataset``  a plain webdataset pipeline (shuffle, decode, two crops, batch) in a DataLoader.
                   Its default audio decoder (torchaudio.load via a temp file) needs torchcodec,
                   which this environment lacks, so the peer decodes with soundfile instead.
@@ -29,7 +34,6 @@ import itertools
 import json
 import multiprocessing as mp
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -37,14 +41,17 @@ import tarfile
 import tempfile
 import time
 
-import numpy as np
-import soundfile as sf
-import torch
+# spinning OpenMP threads would steal the shared cores from the other contender processes
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import soundfile as sf  # noqa: E402
+import torch  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from pipeline.loader import LoaderConfig, StreamingLoader  # noqa: E402
+from pipeline.loader import LoaderConfig, StreamingLoader, _readf  # noqa: E402
 from pipeline.shards import load_manifest  # noqa: E402
 
 
@@ -115,57 +122,80 @@ def audio_members(manifest: str) -> list[bytes]:
 # contenders
 
 
-def cpu_seconds() -> float:
-    """User + system CPU time of this process and of its finished (reaped) children."""
-    a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
+def tree_cpu_seconds() -> float:
+    """User + system CPU time of this process and its live child processes (DataLoader workers,
+    pool processes) from /proc, so it can be read at the start and the end of a timed window."""
+    me = os.getpid()
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended while we looked
+            continue
+        # after the ")" closing the command name: state, ppid, ..., utime (11), stime (12)
+        if int(entry) == me or int(fields[1]) == me:
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
 
 
-def time_batches(batches, n_batches: int, batch_size: int) -> float:
-    """Clips per second after the first batch (start-up excluded); the workers are shut down and
-    reaped before returning, so their CPU time shows in ``cpu_seconds()``."""
+def time_batches(batches, n_batches: int, batch_size: int) -> tuple[float, float]:
+    """(clips per second, CPU ms per clip) over the same steady-state window: it opens when the first
+    batch has arrived (worker start-up is out) and closes at the last timed batch. The work the
+    workers do ahead (prefetch) is about the same at both ends of the window, so it cancels."""
     it = iter(batches)
     next(it)
-    t0 = time.perf_counter()
+    c0, t0 = tree_cpu_seconds(), time.perf_counter()
     for _ in range(n_batches):
         next(it)
-    rate = n_batches * batch_size / (time.perf_counter() - t0)
+    dt, cpu = time.perf_counter() - t0, tree_cpu_seconds() - c0
     if hasattr(it, "close"):
         it.close()
     del it
     gc.collect()
-    return rate
+    n = n_batches * batch_size
+    return n / dt, 1000 * cpu / n
 
 
-def run_loader(manifest: str, args) -> float:
+def run_loader(manifest: str, args) -> tuple[float, float]:
     cfg = LoaderConfig(manifests=[manifest], batch_size=args.batch_size, crop_samples=args.crop, mode="pairs",
                        num_workers=args.workers, shuffle_buffer=args.buffer, seed=0)
     return time_batches(StreamingLoader(cfg), args.batches, args.batch_size)
 
 
 _BLOBS: list[bytes] = []
+_SFREAD = False
 
 
 def _decode_share(bounds: tuple[int, int]) -> int:
     frames = 0
     for b in _BLOBS[bounds[0] : bounds[1]]:
-        x, _ = sf.read(io.BytesIO(b), dtype="float32", always_2d=True)
+        if _SFREAD:
+            x, _ = sf.read(io.BytesIO(b), dtype="float32", always_2d=True)
+        else:
+            with sf.SoundFile(io.BytesIO(b)) as f:
+                x = np.empty((f.frames, f.channels), dtype=np.float32)
+                if _readf(f, x) != len(x):
+                    raise RuntimeError("decode_limit: a clip did not decode completely")
         frames += x.shape[0]
     return frames
 
 
-def run_decode_limit(blobs: list[bytes], workers: int, passes: int) -> float:
-    global _BLOBS
-    _BLOBS = blobs * passes
+def run_decode_limit(blobs: list[bytes], workers: int, passes: int, sfread: bool = False) -> tuple[float, float]:
+    global _BLOBS, _SFREAD
+    _BLOBS, _SFREAD = blobs * passes, sfread
     n = len(_BLOBS)
     shares = [(i * n // workers, (i + 1) * n // workers) for i in range(workers)]
     with mp.get_context("fork").Pool(workers) as pool:
         pool.map(_decode_share, [(0, 1)] * workers)  # warm the processes
-        t0 = time.perf_counter()
+        c0, t0 = tree_cpu_seconds(), time.perf_counter()
         pool.map(_decode_share, shares)
-        dt = time.perf_counter() - t0
+        dt, cpu = time.perf_counter() - t0, tree_cpu_seconds() - c0
     _BLOBS = []
-    return n / dt
+    return n / dt, 1000 * cpu / n
 
 
 def _two_crops(x: np.ndarray, crop: int, rng: np.random.Generator) -> np.ndarray:
@@ -175,7 +205,7 @@ def _two_crops(x: np.ndarray, crop: int, rng: np.random.Generator) -> np.ndarray
     return np.stack([x[:, o : o + crop] for o in offs])
 
 
-def run_webdataset(manifest: str, args) -> float:
+def run_webdataset(manifest: str, args) -> tuple[float, float]:
     import webdataset as wds
 
     urls = [s.url for s in load_manifest(manifest).shards]
@@ -213,7 +243,7 @@ class PerFileDataset(torch.utils.data.Dataset):
         return torch.from_numpy(_two_crops(x.T[:1], self.crop, np.random.default_rng(i)))
 
 
-def run_perfile(blobs: list[bytes], folder: str, args) -> float:
+def run_perfile(blobs: list[bytes], folder: str, args) -> tuple[float, float]:
     files = []
     for i, b in enumerate(blobs):
         path = os.path.join(folder, f"{i:06d}.flac")
@@ -244,10 +274,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=int, default=None, help="timed batches per contender (default 60; quick 4)")
     p.add_argument("--crop", type=int, default=59049, help="crop length in samples (CLMR: 59049)")
     p.add_argument("--buffer", type=int, default=256, help="shuffle buffer (loader and webdataset)")
+    p.add_argument("--sfread-limit", action="store_true",
+                   help="decode limit with soundfile.read (the weaker peer used before; default: libsndfile's read call)")
     args = p.parse_args(argv)
     if args.quick:
         args.batch_size, args.crop, args.buffer = 4, 8000, 16
-    args.batches = args.batches or (4 if args.quick else 60)
+    # quick: enough batches that the CPU window spans several clock ticks
+    args.batches = args.batches or (30 if args.quick else 60)
 
     tmp = tempfile.mkdtemp(prefix="bench-loader-")
     try:
@@ -272,18 +305,13 @@ def main(argv: list[str] | None = None) -> int:
         os.makedirs(os.path.join(tmp, "files"))
         contenders = {
             "loader": lambda: run_loader(manifest, args),
-            "decode_limit": lambda: run_decode_limit(blobs, args.workers, passes=passes),
+            "decode_limit": lambda: run_decode_limit(blobs, args.workers, passes=passes, sfread=args.sfread_limit),
             "webdataset": lambda: run_webdataset(manifest, args),
             "perfile": lambda: run_perfile(blobs, os.path.join(tmp, "files"), args),
         }
         for name, fn in contenders.items():
             log(f"{name} ...")
-            c0 = cpu_seconds()
-            results[name] = fn()
-            # clips worked on: the timed ones plus the warm-up batch (decode limit: every clip once
-            # per pass); prefetched-but-unused batches add a little CPU to the DataLoader contenders
-            done = len(blobs) * passes if name == "decode_limit" else (args.batches + 1) * args.batch_size
-            cpu[name] = 1000 * (cpu_seconds() - c0) / done
+            results[name], cpu[name] = fn()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -299,9 +327,10 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size": args.batch_size,
         "crop_samples": args.crop,
         "timed_batches": args.batches,
+        "decode_limit_reader": "soundfile.read" if args.sfread_limit else "sf_readf_float",
         "clips_per_s": {k: round(v, 2) for k, v in results.items()},
         "audio_seconds_per_s": {k: round(v * mean_sec, 2) for k, v in results.items()},
-        # CPU time per clip (all processes, start-up included): less sensitive to a shared machine
+        # CPU time per clip (all processes, same window as clips/s): less sensitive to a shared machine
         "cpu_ms_per_clip": {k: round(v, 3) for k, v in cpu.items()},
         "ratios": {
             "loader_vs_decode_limit": round(results["loader"] / results["decode_limit"], 3),

@@ -676,7 +676,7 @@ class StreamingLoader:
                                ring=ring)
             batches = torch.utils.data.DataLoader(
                 ds, batch_size=None, collate_fn=_as_is, num_workers=cfg.num_workers, prefetch_factor=cfg.prefetch_factor,
-                worker_init_fn=_init_worker, multiprocessing_context=ctx,
+                worker_init_fn=_ignore_sigterm, multiprocessing_context=ctx,
             )
         slots: dict[tuple[int, int], torch.Tensor] = {}  # (worker, slot) -> the shared buffer, mapped once
         for batch in batches:
@@ -755,13 +755,11 @@ class StreamingLoader:
         warnings.warn(f"[musicssl] loader layout changed; continuing at the start of epoch {state['epoch'] + 1}", stacklevel=2)
 
 
-def _init_worker(_worker_id: int) -> None:
+def _ignore_sigterm(_worker_id: int) -> None:
     # A preemption SIGTERM goes to the whole process group. Workers that died of it would make
     # torch's SIGCHLD handler raise in the trainer while it writes its last checkpoint; they still
     # exit when the DataLoader shuts down or when their parent dies (torch's worker watchdog).
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    # the workers do numpy and libsndfile work; torch intra-op threads would only oversubscribe the cores
-    torch.set_num_threads(1)
 
 
 def _pin(batch: dict) -> dict:

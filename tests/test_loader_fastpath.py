@@ -1,0 +1,115 @@
+"""The loader's fast paths give the same values as the plain ones: recycled worker buffers, direct
+libsndfile reads, overlapping views decoded once."""
+
+from __future__ import annotations
+
+import io
+import itertools
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import pipeline.loader as loader_mod
+from pipeline.loader import LoaderConfig, StreamingLoader
+from tests import shardgen
+
+SR = 8000
+
+
+def _source(clip: dict) -> np.ndarray:
+    """The clip as the loader sees it after the 16-bit FLAC round trip, (1, N)."""
+    x, _ = sf.read(io.BytesIO(shardgen.encode(clip["audio"], clip["sample_rate"])), dtype="float32", always_2d=True)
+    return x.T
+
+
+def _offset(source: np.ndarray, view: np.ndarray) -> int:
+    """Where ``view`` (1, L) occurs in ``source`` (1, N); -1 if nowhere."""
+    win = np.lib.stride_tricks.sliding_window_view(source[0], view.shape[-1])
+    hits = np.flatnonzero((win == view[0]).all(axis=1))
+    return int(hits[0]) if len(hits) else -1
+
+
+@pytest.fixture(scope="module")
+def short(tmp_path_factory):
+    clips = shardgen.make_clips(24, sample_rate=SR, seconds=(0.3, 0.5), seed=11)
+    man = shardgen.write_split(str(tmp_path_factory.mktemp("short")), clips, [12, 12])
+    return man, {c["key"]: _source(c) for c in clips}
+
+
+def _cfg(man: str, **kw) -> LoaderConfig:
+    base = dict(manifests=[man], batch_size=3, crop_samples=700, shuffle_buffer=6, num_workers=2, prefetch_factor=2, seed=3)
+    base.update(kw)
+    return LoaderConfig(**base)
+
+
+def test_held_worker_batches_are_not_overwritten(short):
+    """Workers recycle a few shared buffers; batches the caller keeps must stay intact."""
+    man, source = short
+    ld = StreamingLoader(_cfg(man))
+    held = list(itertools.islice(ld, 3 * ld.steps_per_epoch))  # 24 batches through 4 slots per worker
+    storages = {b["audio"].untyped_storage().data_ptr() for b in held}
+    assert len(storages) == len(held)  # every batch owns its memory
+    for b in held:
+        for i, key in enumerate(b["keys"]):
+            for v in range(2):
+                assert _offset(source[key], b["audio"][i, v].numpy()) >= 0, f"view {v} of {key} was overwritten"
+
+
+class _NoSlots(loader_mod._Ring):
+    def __init__(self, workers: int, slots: int, ctx) -> None:
+        super().__init__(workers, 0, ctx)
+
+
+class _OneSlot(loader_mod._Ring):
+    def __init__(self, workers: int, slots: int, ctx) -> None:
+        super().__init__(workers, 1, ctx)
+
+
+@pytest.mark.parametrize("ring", [_NoSlots, _OneSlot])
+def test_without_free_slots_workers_fall_back_to_fresh_buffers(short, monkeypatch, ring):
+    man, _ = short
+    ld = StreamingLoader(_cfg(man))
+    want = list(itertools.islice(ld, 2 * ld.steps_per_epoch))
+    monkeypatch.setattr(loader_mod, "_Ring", ring)  # workers fork after this, so they see it too
+    ld = StreamingLoader(_cfg(man))
+    got = list(itertools.islice(ld, 2 * ld.steps_per_epoch))
+    for g, w in zip(got, want):
+        assert g["keys"] == w["keys"]
+        assert torch.equal(g["audio"], w["audio"]) and torch.equal(g["lengths"], w["lengths"])
+        assert all(torch.equal(g["labels"][k], w["labels"][k]) for k in w["labels"])
+
+
+@pytest.fixture(scope="module")
+def long(tmp_path_factory):
+    # 2 s clips: a 6000-frame crop spans several FLAC blocks and two crops overlap most of the time
+    clips = shardgen.make_clips(8, sample_rate=SR, seconds=(2.0, 2.0), seed=12)
+    man = shardgen.write_split(str(tmp_path_factory.mktemp("long")), clips, [8])
+    return man, {c["key"]: _source(c) for c in clips}
+
+
+@pytest.mark.parametrize("direct_read", [True, False])
+def test_views_are_exact_windows_overlapping_or_not(long, monkeypatch, direct_read):
+    man, source = long
+    if not direct_read:  # the public SoundFile.read path must give the same frames
+        monkeypatch.setattr(loader_mod, "_SF_READF", None)
+    ld = StreamingLoader(_cfg(man, batch_size=2, crop_samples=6000, num_workers=0))
+    overlapping = apart = 0
+    for b in itertools.islice(ld, 2 * ld.steps_per_epoch):
+        for i, key in enumerate(b["keys"]):
+            a, c = (_offset(source[key], b["audio"][i, v].numpy()) for v in range(2))
+            assert a >= 0 and c >= 0, f"a view of {key} is not a window of its clip"
+            overlapping += abs(a - c) < 6000
+            apart += abs(a - c) >= 6000
+    assert overlapping >= 3 and apart >= 1  # both decode paths ran
+
+
+def test_direct_reads_equal_public_reads_batch_for_batch(long, monkeypatch):
+    man, _ = long
+    cfg = _cfg(man, batch_size=2, crop_samples=6000, num_workers=0)
+    fast = list(itertools.islice(StreamingLoader(cfg), 8))
+    monkeypatch.setattr(loader_mod, "_SF_READF", None)
+    plain = list(itertools.islice(StreamingLoader(cfg), 8))
+    for f, p in zip(fast, plain):
+        assert f["keys"] == p["keys"] and torch.equal(f["audio"], p["audio"])
