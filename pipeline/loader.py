@@ -49,6 +49,7 @@ import io
 import json
 import signal
 import warnings
+import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -452,23 +453,22 @@ def _as_is(batch: dict) -> dict:
 
 
 class _Ring:
-    """Recycled shared-memory audio buffers: ``slots`` per logical worker.
+    """Recycled shared-memory audio buffers: ``slots`` per logical worker, one semaphore each.
 
     Sending a fresh shared-memory batch from a worker costs a new shared file, a page fault per
     4 KiB page as the worker writes it, a file descriptor passed over a socket and an unmap in the
     main process: measured ~10 ms of CPU per 7.5 MB CLMR batch, as much as decoding a third of it.
     So each worker fills a few buffers in turn; each is pickled (file descriptor and all) only the
-    first time, later batches name the slot. The main process copies the batch out of the slot
-    (a plain memcpy into recycled private memory, or straight into pinned memory) and then releases
-    the slot on the worker's semaphore. Worker ``w`` uses its slots in cycle and the main process
-    releases them in the same order (it receives a worker's batches in the order sent), so a
-    counting semaphore is all the bookkeeping needed. A worker that finds no free slot (the main
-    process holds more batches than expected) falls back to a fresh buffer rather than wait.
+    first time, later batches just name the slot. A slot is the worker's again once its semaphore
+    is released by the main process: at once after copying it into pinned memory (CUDA), or, when
+    the caller gets the shared buffer itself (CPU), when the last tensor viewing that batch is
+    freed. Callers may keep batches as long as they like: a worker that finds none of its slots
+    free writes a fresh buffer instead of waiting.
     """
 
     def __init__(self, workers: int, slots: int, ctx) -> None:
         self.slots = slots
-        self.free = [ctx.Semaphore(slots) for _ in range(workers)]
+        self.free = [[ctx.Semaphore(1) for _ in range(slots)] for _ in range(workers)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -514,13 +514,14 @@ class _WorkerStream(torch.utils.data.IterableDataset):
         ring = self.ring
         if ring is None or self.cfg.variable_length or (self._bufs and tuple(self._bufs[0].shape) != shape):
             return _batch_tensor(shape)
-        if not ring.free[self._w].acquire(block=False):
-            return _batch_tensor(shape)
-        i = self._next_slot
-        self._next_slot = (i + 1) % ring.slots
-        if i == len(self._bufs):
-            self._bufs.append(_batch_tensor(shape))
-        return self._bufs[i]
+        for k in range(ring.slots):  # slots come back in any order: the caller frees batches as it likes
+            i = (self._next_slot + k) % ring.slots
+            if ring.free[self._w][i].acquire(block=False):
+                self._next_slot = (i + 1) % ring.slots
+                while len(self._bufs) <= i:
+                    self._bufs.append(_batch_tensor(shape))
+                return self._bufs[i]
+        return _batch_tensor(shape)
 
     def _ship(self, batch: dict) -> None:
         """A batch in a ring slot travels as the slot number (plus the buffer itself the first time)."""
@@ -664,6 +665,8 @@ class StreamingLoader:
         W = self._plan.workers
         # pinning happens here, not in the DataLoader: a ring slot is copied once, straight into pinned memory
         pin = cfg.pin_memory and torch.cuda.is_available()
+        # ring slots still handed out to the caller when the stream stops are never released: their
+        # worker is gone with the DataLoader
         ring = None
         if cfg.num_workers == 0:
             batches: Iterable[dict] = _WorkerStream(cfg, self._plan, self.label_specs, rank=self.rank, start_step=self._step,
@@ -689,11 +692,19 @@ class StreamingLoader:
                 i, buf = slot
                 if buf is not None:
                     slots[(w, i)] = buf
-                src = slots[(w, i)]
-                batch["audio"] = torch.empty(src.shape, dtype=src.dtype, pin_memory=pin)
-                # numpy's single-threaded memcpy: torch's copy_ wakes its OpenMP pool and measured ~4x the CPU
-                np.copyto(batch["audio"].numpy(), src.numpy())
-                ring.free[w].release()
+                src, free = slots[(w, i)], ring.free[w][i]
+                if pin:
+                    batch["audio"] = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
+                    # numpy's single-threaded memcpy: torch's copy_ wakes its OpenMP pool and measured ~4x the CPU
+                    np.copyto(batch["audio"].numpy(), src.numpy())
+                    free.release()
+                else:
+                    # the caller's tensor owns a fresh numpy view of the slot, not the slot tensor we
+                    # keep: when the last tensor or view of this batch is freed, so is that array,
+                    # and the slot goes back to its worker
+                    view = src.numpy()[...]
+                    weakref.finalize(view, free.release)
+                    batch["audio"] = torch.from_numpy(view)
             self._step += 1
             batch = _finish(batch)
             if pin:

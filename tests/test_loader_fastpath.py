@@ -57,6 +57,21 @@ def test_held_worker_batches_are_not_overwritten(short):
                 assert _offset(source[key], b["audio"][i, v].numpy()) >= 0, f"view {v} of {key} was overwritten"
 
 
+def test_batches_kept_out_of_order_stay_intact(short):
+    """Dropping some batches and keeping others frees slots out of order; the kept ones must survive."""
+    man, source = short
+    ld = StreamingLoader(_cfg(man))
+    kept = []
+    for n, b in enumerate(itertools.islice(ld, 4 * ld.steps_per_epoch)):
+        if n % 3 == 1:
+            kept.append(b)
+        del b
+    for b in kept:
+        for i, key in enumerate(b["keys"]):
+            for v in range(2):
+                assert _offset(source[key], b["audio"][i, v].numpy()) >= 0, f"view {v} of {key} was overwritten"
+
+
 class _NoSlots(loader_mod._Ring):
     def __init__(self, workers: int, slots: int, ctx) -> None:
         super().__init__(workers, 0, ctx)
@@ -113,3 +128,15 @@ def test_direct_reads_equal_public_reads_batch_for_batch(long, monkeypatch):
     plain = list(itertools.islice(StreamingLoader(cfg), 8))
     for f, p in zip(fast, plain):
         assert f["keys"] == p["keys"] and torch.equal(f["audio"], p["audio"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_pinned_batches_from_worker_slots(short):
+    """With pin_memory the slot is copied into pinned memory and released at once."""
+    man, source = short
+    ld = StreamingLoader(_cfg(man, pin_memory=True))
+    held = list(itertools.islice(ld, 2 * ld.steps_per_epoch))
+    for b in held:
+        assert b["audio"].is_pinned() and b["lengths"].is_pinned()
+        for i, key in enumerate(b["keys"]):
+            assert _offset(source[key], b["audio"][i, 1].numpy()) >= 0
