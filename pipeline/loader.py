@@ -458,7 +458,8 @@ class _Ring:
     Sending a fresh shared-memory batch from a worker costs a new shared file, a page fault per
     4 KiB page as the worker writes it, a file descriptor passed over a socket and an unmap in the
     main process: measured ~10 ms of CPU per 7.5 MB CLMR batch, as much as decoding a third of it.
-    So each worker fills a few buffers in turn; each is pickled (file descriptor and all) only the
+    So each worker reuses a few buffers (at most ``prefetch_factor + 2``, created as needed; /dev/shm
+    must hold that many batches per worker); each is pickled (file descriptor and all) only the
     first time, later batches just name the slot. A slot is the worker's again once its semaphore
     is released by the main process: at once after copying it into pinned memory (CUDA), or, when
     the caller gets the shared buffer itself (CPU), when the last tensor viewing that batch is
@@ -499,7 +500,6 @@ class _WorkerStream(torch.utils.data.IterableDataset):
         self._w = w
         self._bufs: list[torch.Tensor] = []  # this worker's ring slots, created on first use
         self._sent: set[int] = set()  # slots the main process has already received once
-        self._next_slot = 0
         self._stats: Counter = Counter()
         self._truncated: dict[str, int] = {}  # shard url -> samples readable before the break
         while True:
@@ -514,11 +514,12 @@ class _WorkerStream(torch.utils.data.IterableDataset):
         ring = self.ring
         if ring is None or self.cfg.variable_length or (self._bufs and tuple(self._bufs[0].shape) != shape):
             return _batch_tensor(shape)
-        for k in range(ring.slots):  # slots come back in any order: the caller frees batches as it likes
-            i = (self._next_slot + k) % ring.slots
+        # the lowest free slot: slots come back in any order (the caller frees batches as it likes),
+        # and a slot is only created when all before it are in use, so the shared memory held is
+        # what is really in flight
+        for i in range(ring.slots):
             if ring.free[self._w][i].acquire(block=False):
-                self._next_slot = (i + 1) % ring.slots
-                while len(self._bufs) <= i:
+                if i == len(self._bufs):
                     self._bufs.append(_batch_tensor(shape))
                 return self._bufs[i]
         return _batch_tensor(shape)
