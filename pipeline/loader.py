@@ -171,7 +171,8 @@ class _Plan:
             where = ", ".join(m.url for m in manifests)
             raise ValueError(
                 f"{where}: {self.total} samples per epoch is less than one global batch "
-                f"(world_size {world_size} x batch_size {batch_size}); lower data.batch_size"
+                f"(world_size {world_size} x batch_size {batch_size}); lower the per-rank batch_size "
+                "(train.py: --train.global_batch_size) or add data"
             )
 
     def batches(self, w: int, epoch: int) -> int:
@@ -748,7 +749,7 @@ class StreamingLoader:
         if state.get("format") != STATE_FORMAT:
             raise ValueError(f"loader state has format {state.get('format')!r}, expected {STATE_FORMAT!r}")
         mine = self.state_dict()
-        for k, flag in (("seed", "data.seed"), ("batch_size", "data.batch_size"), ("manifests", "data.manifests"), ("weights", "data.weights")):
+        for k, flag in (("seed", "data.seed"), ("batch_size", "batch size (train.py: --train.global_batch_size)"), ("manifests", "data.manifests"), ("weights", "data.weights")):
             if state.get(k) != mine[k]:
                 raise ValueError(f"loader state has {k}={state.get(k)!r} but this loader {mine[k]!r}; resume with the same {flag}")
         self._base_stats = Counter({k: int(v) for k, v in (state.get("stats") or {}).items()})

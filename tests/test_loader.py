@@ -316,7 +316,7 @@ def test_config_errors_name_the_field(kw, field):
 def test_missing_manifest_and_too_small_epoch(data, tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.manifest.json"):
         StreamingLoader(_cfg(str(tmp_path / "nope.manifest.json")))
-    with pytest.raises(ValueError, match="lower data.batch_size"):
+    with pytest.raises(ValueError, match="lower the per-rank batch_size"):
         StreamingLoader(_cfg(data["manifest"], batch_size=20), world_size=2)
     assert os.path.exists(data["manifest"])
 
