@@ -192,3 +192,18 @@ def test_batchnorm_recalibration_matches_clean_statistics() -> None:
     var = torch.stack([h[i : i + 32].var(dim=(0, 2), unbiased=True) for i in (0, 32)]).mean(0)
     assert torch.allclose(bn.running_var, var, rtol=1e-4)
     assert bn.momentum == 0.1 and not bn.training  # the module's own settings are restored
+
+
+def test_cpc_checkpoint_probe_end_to_end(tiny_data: str, tmp_path) -> None:
+    """Issue 8: a CPC checkpoint goes through the same probe as CLMR (context features, mean-pooled)."""
+    ckpt = str(tmp_path / "ckpt-00000007.pt")
+    _fake_checkpoint(ckpt, preset="cpc_tiny")
+    opts = evaluate.EvalOptions(data=[tiny_data], out=str(tmp_path / "eval"), checkpoint=ckpt, baselines=["random"],
+                                max_epochs=60, patience=10, calib_crops=64, progress=False)
+    res = evaluate.run_evaluation(opts)
+    rows = {(r["encoder"], r["task"]): r for r in res["rows"]}
+    assert set(rows) == {(e, t) for e in ("pretrained", "random init") for t in ("toy/pitch", "toy/tags")}
+    # four notes an octave and more apart: CPC's context features separate them far above chance (0.25)
+    assert rows[("pretrained", "toy/pitch")]["test"]["accuracy"] > 0.4, rows[("pretrained", "toy/pitch")]
+    assert rows[("pretrained", "toy/pitch")]["test"]["n"] == 24
+    assert 0.0 <= rows[("pretrained", "toy/tags")]["test"]["roc_auc"] <= 1.0
