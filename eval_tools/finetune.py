@@ -15,6 +15,8 @@ demo data; a full MTAT train split at 16 kHz takes ~30 GB.
 
 from __future__ import annotations
 
+import dataclasses
+
 import copy
 import time
 from dataclasses import dataclass
@@ -124,7 +126,9 @@ def evaluate_heads(enc: Encoder, heads: Heads, ds: Dataset, split: str, tasks: l
     """Score the heads on whole clips (the clip embedding is the encoder's crop average)."""
     from eval_tools.extract import extract
 
-    emb = extract(enc, ds, split, cache_dir=None, progress=False)
+    # the heads were trained on embed()["pooled"] (the last layer): score them on that, whatever
+    # layer choice the encoder carries for probing (wav2vec2's layer="all" gives (N, L, D))
+    emb = extract(dataclasses.replace(enc, layer=-1), ds, split, cache_dir=None, progress=False)
     heads.eval()
     out = {}
     with torch.no_grad():

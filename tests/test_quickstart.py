@@ -38,3 +38,18 @@ def test_quickstart_tiny(tmp_path, capsys) -> None:
     assert table in printed
     acc = rows[("log-mel", "nsynth/pitch")]["test"]["accuracy"]
     assert f"| log-mel | {100 * acc:.1f} |" in table
+
+
+def test_quickstart_tiny_wav2vec2_scores_every_layer(tmp_path, capsys) -> None:
+    """``--model wav2vec2``: probes pick the best layer on valid, and the supervised baseline (whose heads
+    train on the pooled last layer) is scored on that same pooled output, clip for clip."""
+    out, demo = str(tmp_path / "qs"), str(tmp_path / "demo")
+    assert quickstart.main(["--tiny", "--model", "wav2vec2", "--out", out, "--demo", demo]) == 0
+    res = json.load(open(os.path.join(out, "eval", "results.json")))
+    q = json.load(open(os.path.join(out, "quickstart.json")))
+    assert q["pretrain_summary"]["step"] == 12
+    rows = {(r["encoder"], r["task"]): r for r in res["rows"]}
+    n_test = {d: res["datasets"][d]["num_samples"]["test"] for d in ("nsynth", "mtat")}
+    for e in ("pretrained", "random init", "supervised", "log-mel"):
+        for t in ("nsynth/pitch", "nsynth/instrument_family_str", "mtat/tags"):
+            assert rows[(e, t)]["test"]["n"] == n_test[t.split("/")[0]], (e, t)
