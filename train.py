@@ -833,7 +833,7 @@ def print_summary(s: dict[str, Any]) -> None:
         f"== {s['preset']} ({s['arch']}): {s['status']} at step {s['step']} ==",
         f"  steps this run     {s['steps_run']} on {s['world_size']} x {s['device']}"
         + (f" (resumed from {s['resumed_from']})" if s["resumed_from"] else ""),
-        f"  loss               {f(s['first_loss'], '.4f')} -> {f(s['last_loss'], '.4f')}",
+        f"  loss (one step)    first {f(s['first_loss'], '.4f')} -> last {f(s['last_loss'], '.4f')}",
         f"  non-finite skipped {s['nonfinite_skipped']}",
         f"  loop time          {fmt_duration(s['wall_s'])}  ({f(s['steps_per_s'], '.2f')} steps/s, "
         f"{f(s['clips_per_s'], '.1f')} clips/s, {f(s['audio_hours_per_s'], '.4f')} audio-h/s)",
