@@ -207,3 +207,23 @@ def test_cpc_checkpoint_probe_end_to_end(tiny_data: str, tmp_path) -> None:
     assert rows[("pretrained", "toy/pitch")]["test"]["accuracy"] > 0.4, rows[("pretrained", "toy/pitch")]
     assert rows[("pretrained", "toy/pitch")]["test"]["n"] == 24
     assert 0.0 <= rows[("pretrained", "toy/tags")]["test"]["roc_auc"] <= 1.0
+
+
+def test_probe_logs_table_scalars_and_plots_to_wandb_offline(tiny_data: str, tmp_path, monkeypatch) -> None:
+    """The results reach W&B: an offline run holds the scalar per (task, encoder) and the plots."""
+    import glob
+
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wb"))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    os.makedirs(tmp_path / "wb")
+    opts = evaluate.EvalOptions(data=[tiny_data], out=str(tmp_path / "eval"), baselines=["logmel"], max_epochs=30,
+                                patience=5, progress=False, wandb_mode="offline")
+    res = evaluate.run_evaluation(opts)
+    acc = {(r["encoder"], r["task"]): r for r in res["rows"]}[("log-mel", "toy/pitch")]["test"]["accuracy"]
+    assert acc >= 0.9
+    runs = glob.glob(str(tmp_path / "wb" / "wandb" / "offline-run-*" / "run-*.wandb"))
+    assert len(runs) == 1, runs
+    blob = open(runs[0], "rb").read()
+    assert b"toy/pitch/log-mel/frac1/accuracy" in blob
+    assert b"confusion-toy__pitch-log-mel.png" in blob
+    assert glob.glob(str(tmp_path / "wb" / "wandb" / "offline-run-*" / "files" / "media" / "images" / "confusion-toy__pitch*.png"))
