@@ -219,7 +219,7 @@ def _layer(text: str) -> int | str:
 
 
 def _add_encoder_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", help="a train.py checkpoint (ckpt-XXXXXXXX.pt); its config rebuilds the encoder")
+    p.add_argument("--checkpoint", help="a train.py checkpoint (ckpt-<step>.pt); its config rebuilds the encoder")
     p.add_argument("--preset", help="train.py preset whose architecture the random/supervised baselines use when "
                    "there is no --checkpoint (e.g. clmr_tiny, wav2vec2_tiny, cpc_tiny)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",

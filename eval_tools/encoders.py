@@ -157,7 +157,7 @@ def load_checkpoint(path: str) -> dict:
     try:
         data = fsio.read_bytes(path)
     except FileNotFoundError as exc:
-        raise FileNotFoundError(f"--checkpoint {path}: no such file; pass a ckpt-XXXXXXXX.pt written by train.py") from exc
+        raise FileNotFoundError(f"--checkpoint {path}: no such file; pass a ckpt-<step>.pt written by train.py") from exc
     ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     if not isinstance(ckpt, dict) or ckpt.get("format") != "musicssl-ckpt/1":
         raise ValueError(f"--checkpoint {path}: not a musicssl checkpoint (format 'musicssl-ckpt/1' expected, see docs/architecture.md §5)")
