@@ -417,18 +417,15 @@ def cmd_embed(argv: list[str]) -> int:
             for s in iter_samples([m], sample_rate=sr, mono=True):
                 yield s["key"], s["audio"][0]
 
-    keys, vecs, buf = [], [], []
+    keys: list[str] = []
     bar = tqdm(desc=f"embed ({enc.arch}, {sr} Hz)", unit="clip")
-    for key, audio in clips():
-        keys.append(key)
-        buf.append(np.ascontiguousarray(audio, dtype=np.float32))
-        if len(buf) == a.batch:
-            vecs.append(enc.embed_clips(buf))
-            bar.update(len(buf))
-            buf = []
-    if buf:
-        vecs.append(enc.embed_clips(buf))
-        bar.update(len(buf))
+
+    def audio():
+        for key, clip in clips():
+            keys.append(key)
+            yield np.ascontiguousarray(clip, dtype=np.float32)
+
+    vecs = list(enc.embed_stream(audio(), a.batch, bar.update))
     bar.close()
     if not keys:
         print("embed: no clip could be read", file=sys.stderr)

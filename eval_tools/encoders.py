@@ -52,6 +52,22 @@ class Encoder:
         parts = {"ident": self.ident, "arch": self.arch, "layer": self.layer, "window": self.window, "sr": self.sample_rate}
         return f"{self.arch}-{_sha(json.dumps(parts, sort_keys=True).encode(), 12)}"
 
+    def embed_stream(self, clips, batch: int, on_batch=None):
+        """Embed an iterable of 1-D clips ``batch`` at a time; yields one array per batch (see
+        :meth:`embed_clips`) and calls ``on_batch(n)`` after each, e.g. a progress bar's update."""
+        buf: list[np.ndarray] = []
+        for audio in clips:
+            buf.append(audio)
+            if len(buf) == batch:
+                yield self.embed_clips(buf)
+                if on_batch:
+                    on_batch(len(buf))
+                buf = []
+        if buf:
+            yield self.embed_clips(buf)
+            if on_batch:
+                on_batch(len(buf))
+
     @torch.no_grad()
     def embed_clips(self, clips: list[np.ndarray]) -> np.ndarray:
         """``clips``: list of 1-D float32 arrays. Returns ``(N, D)``, or ``(N, L, D)`` for ``layer='all'``."""

@@ -59,21 +59,16 @@ def extract(enc: Encoder, ds: Dataset, split: str, *, cache_dir: str | None = No
     keys: list[str] = []
     vecs: list[np.ndarray] = []
     labels: dict[str, list] = {k: [] for k in ds.spec}
-    clips: list[np.ndarray] = []
     bar = tqdm(total=ds.num_samples.get(split), desc=f"embed {enc.name} {ds.name}/{split}", unit="clip",
                disable=not progress, leave=False)
-    for key, audio, lab in iter_clips(ds, split, enc.sample_rate):
-        keys.append(key)
-        clips.append(audio)
-        for k in labels:
-            labels[k].append(lab[k])
-        if len(clips) == clip_batch:
-            vecs.append(enc.embed_clips(clips))
-            bar.update(len(clips))
-            clips = []
-    if clips:
-        vecs.append(enc.embed_clips(clips))
-        bar.update(len(clips))
+    def audio():
+        for key, clip, lab in iter_clips(ds, split, enc.sample_rate):
+            keys.append(key)
+            for k in labels:
+                labels[k].append(lab[k])
+            yield clip
+
+    vecs.extend(enc.embed_stream(audio(), clip_batch, bar.update))
     bar.close()
     if not keys:
         raise ValueError(f"{ds.manifests[split]}: the split yielded no decodable clips; run `shard-tools verify` on it")
