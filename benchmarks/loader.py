@@ -66,9 +66,11 @@ def log(msg: str) -> None:
 # data
 
 
-def demo_shards(out: str) -> str | None:
-    """The MTAT-layout train split of `shard-tools demo` (6 s multi-instrument clips), built once
-    into ``out`` and reused; None when the demo cannot run here."""
+def demo_shards(cache: str, clip_seconds: float) -> str | None:
+    """The MTAT-layout train split of `shard-tools demo` with clips of ``clip_seconds``, built once
+    into ``cache/clip<seconds>s`` and reused; None when the demo cannot run here."""
+    out = os.path.join(cache, f"clip{clip_seconds:g}s")
+
     def find() -> str | None:
         for dirpath, _, files in sorted(os.walk(out)):
             if "train.manifest.json" in files and os.path.basename(dirpath) == "mtat":
@@ -80,9 +82,9 @@ def demo_shards(out: str) -> str | None:
     exe = os.path.join(os.path.dirname(sys.executable), "shard-tools")
     if not os.path.exists(exe):
         return None
-    log(f"building demo shards into {out} (once; reused by later runs)")
+    log(f"building {clip_seconds:g} s demo shards into {out} (once; reused by later runs)")
     cmd = [exe, "demo", "--out", out, "--notes-per-instrument", "1", "--programs-per-family", "3",
-           "--clips", "160", "--shard-size", "8000000", "--quiet"]
+           "--clips", "160", "--clip-seconds", f"{clip_seconds:g}", "--shard-size", "8000000", "--quiet"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         log(f"shard-tools demo failed ({proc.stderr.strip().splitlines()[-1:] or proc.returncode}); using generated shards")
@@ -116,6 +118,19 @@ def audio_members(manifest: str) -> list[bytes]:
                 if ti.isfile() and ti.name.rsplit(".", 1)[-1] in ("flac", "wav"):
                     out.append(tf.extractfile(ti).read())
     return out
+
+
+def expected_pair_share(frames: int, crop: int) -> float:
+    """Expected share of a clip's frames that two independent uniform crops cover together: what
+    the loader must decode (it decodes the union of the two views once), against the whole clip
+    the decode limit and the per-file loader decode. Offsets are uniform on ``0..M`` with
+    ``M = frames - crop``; the union is ``crop + min(|o1 - o2|, crop)``."""
+    if frames <= crop:
+        return 1.0
+    m = frames - crop
+    d = np.arange(m + 1)
+    p = np.where(d == 0, 1.0, 2.0 * (m + 1 - d)) / (m + 1) ** 2  # P(|o1 - o2| = d)
+    return float((crop + (p * np.minimum(d, crop)).sum()) / frames)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -259,19 +274,71 @@ def run_perfile(blobs: list[bytes], folder: str, args) -> tuple[float, float]:
 # ------------------------------------------------------------------------------------------------
 
 
+def measure(manifest: str, source: str, args, tmp: str) -> dict:
+    """All four contenders on one set of shards, ``args.rounds`` times interleaved (loader, decode
+    limit, webdataset, per-file, loader, ...): the medians per contender, and the ratios of the medians."""
+    m = load_manifest(manifest)
+    blobs = audio_members(manifest)
+    infos = [sf.info(io.BytesIO(b)) for b in blobs]
+    mean_sec = float(np.mean([i.frames / i.samplerate for i in infos]))
+    rate = int(np.median([i.samplerate for i in infos]))
+    log(f"{len(blobs)} clips, {len(m.shards)} shards, mean {mean_sec:.2f} s at {rate} Hz, "
+        f"{sum(map(len, blobs)) / 2**20:.1f} MiB ({source})")
+    need = args.batches * args.batch_size
+    passes = max(1, -(-need // len(blobs)))
+    files = os.path.join(tmp, f"files-{len(os.listdir(tmp))}")
+    os.makedirs(files)
+    contenders = {
+        "loader": lambda: run_loader(manifest, args),
+        "decode_limit": lambda: run_decode_limit(blobs, args.workers, passes=passes, sfread=args.sfread_limit),
+        "webdataset": lambda: run_webdataset(manifest, args),
+        "perfile": lambda: run_perfile(blobs, files, args),
+    }
+    runs: dict[str, list[tuple[float, float]]] = {k: [] for k in contenders}
+    for r in range(args.rounds):
+        for name, fn in contenders.items():
+            runs[name].append(fn())
+            log(f"round {r + 1}/{args.rounds} {name}: {runs[name][-1][0]:.1f} clips/s, {runs[name][-1][1]:.2f} CPU ms/clip")
+    rates = {k: float(np.median([x[0] for x in v])) for k, v in runs.items()}
+    cpu = {k: float(np.median([x[1] for x in v])) for k, v in runs.items()}
+    crop_share = float(np.mean([expected_pair_share(i.frames, args.crop) for i in infos]))
+    return {
+        "source": source,
+        "clips": len(blobs),
+        "mean_clip_seconds": round(mean_sec, 3),
+        "sample_rate": rate,
+        "crops_share_of_clip": round(crop_share, 3),
+        "clips_per_s": {k: round(v, 2) for k, v in rates.items()},
+        "clips_per_s_runs": {k: [round(x[0], 1) for x in v] for k, v in runs.items()},
+        "audio_seconds_per_s": {k: round(v * mean_sec, 2) for k, v in rates.items()},
+        # CPU time per clip (all processes, same window as clips/s): less sensitive to a shared machine
+        "cpu_ms_per_clip": {k: round(v, 3) for k, v in cpu.items()},
+        "ratios": {
+            **{f"loader_vs_{p}": round(rates["loader"] / rates[p], 3) for p in ("decode_limit", "webdataset", "perfile")},
+            **{f"loader_vs_{p}_cpu": round(cpu[p] / cpu["loader"], 3) for p in ("decode_limit", "webdataset", "perfile")},
+        },
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Loader throughput vs decode limit, webdataset and a per-file loader.")
+    p = argparse.ArgumentParser(
+        description="Loader throughput vs decode limit, webdataset and a per-file loader.",
+        epilog="The first data set is the headline: its ratios carry plain keys (loader_vs_perfile); "
+               "each further one adds keys with its tag (loader_6s_vs_perfile_6s).")
     p.add_argument("--quick", action="store_true", help="tiny sizes (seconds; for CI)")
     p.add_argument("--manifest", help="benchmark these shards instead of the demo / generated ones")
+    p.add_argument("--clip-seconds", type=float, nargs="+", default=[29.1, 6.0], metavar="S",
+                   help="demo (or generated) clip lengths, one data set each (default: 29.1, MagnaTagATune's "
+                        "clip length, then 6, the quickstart demo's)")
     p.add_argument("--demo-dir", default=os.path.expanduser("~/.cache/musicssl/bench-loader-demo"),
-                   help="where the demo shards are built once and reused (default: %(default)s)")
+                   help="where the demo shards are built once per clip length and reused (default: %(default)s)")
     p.add_argument("--generated", action="store_true", help="use generated shards even if the demo works")
     p.add_argument("--gen-clips", type=int, default=120, help="generated shards: clip count (default 120)")
-    p.add_argument("--gen-seconds", type=float, default=6.0,
-                   help="generated shards: clip length in seconds (default 6, the demo's; real MTAT clips are 30)")
     p.add_argument("--workers", type=int, default=2, help="loader workers / decode processes (default 2)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--batches", type=int, default=None, help="timed batches per contender (default 60; quick 4)")
+    p.add_argument("--batches", type=int, default=None, help="timed batches per contender and round (default 60; quick 30)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="interleaved rounds per data set; figures are the medians (default 3; quick 1)")
     p.add_argument("--crop", type=int, default=59049, help="crop length in samples (CLMR: 59049)")
     p.add_argument("--buffer", type=int, default=256, help="shuffle buffer (loader and webdataset)")
     p.add_argument("--sfread-limit", action="store_true",
@@ -279,67 +346,57 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.batch_size, args.crop, args.buffer = 4, 8000, 16
+        args.clip_seconds = [1.0]
     # quick: enough batches that the CPU window spans several clock ticks
     args.batches = args.batches or (30 if args.quick else 60)
+    args.rounds = args.rounds or (1 if args.quick else 3)
+    if args.rounds < 1 or args.batches < 1:
+        p.error("--rounds and --batches must be at least 1")
 
     tmp = tempfile.mkdtemp(prefix="bench-loader-")
+    sets: list[tuple[str, dict]] = []
     try:
-        source = "given"
-        manifest = args.manifest
-        if manifest is None and not args.quick and not args.generated:
-            manifest = demo_shards(args.demo_dir)
-            source = "shard-tools demo (mtat train)"
-        if manifest is None:
-            n, secs = (24, 1.0) if args.quick else (args.gen_clips, args.gen_seconds)
-            log(f"generating {n} clips of {secs:.0f} s at 22050 Hz")
-            manifest = generated_shards(os.path.join(tmp, "gen"), n, secs, 22050)
-            source = "generated"
-        m = load_manifest(manifest)
-        blobs = audio_members(manifest)
-        infos = [sf.info(io.BytesIO(b)) for b in blobs]
-        mean_sec = float(np.mean([i.frames / i.samplerate for i in infos]))
-        log(f"{len(blobs)} clips, {len(m.shards)} shards, mean {mean_sec:.2f} s, {sum(map(len, blobs)) / 2**20:.1f} MiB ({source})")
-        need = args.batches * args.batch_size
-        results, cpu = {}, {}
-        passes = max(1, -(-need // len(blobs)))
-        os.makedirs(os.path.join(tmp, "files"))
-        contenders = {
-            "loader": lambda: run_loader(manifest, args),
-            "decode_limit": lambda: run_decode_limit(blobs, args.workers, passes=passes, sfread=args.sfread_limit),
-            "webdataset": lambda: run_webdataset(manifest, args),
-            "perfile": lambda: run_perfile(blobs, os.path.join(tmp, "files"), args),
-        }
-        for name, fn in contenders.items():
-            log(f"{name} ...")
-            results[name], cpu[name] = fn()
+        if args.manifest:
+            sets.append(("", measure(args.manifest, "given", args, tmp)))
+        else:
+            for i, secs in enumerate(args.clip_seconds):
+                tag = "" if i == 0 else f"_{secs:g}s".replace(".", "p")
+                manifest = None
+                if not args.quick and not args.generated:
+                    manifest = demo_shards(args.demo_dir, secs)
+                    source = f"shard-tools demo --clip-seconds {secs:g} (mtat train)"
+                if manifest is None:
+                    n = 24 if args.quick else args.gen_clips
+                    log(f"generating {n} clips of {secs:g} s at 22050 Hz")
+                    manifest = generated_shards(os.path.join(tmp, f"gen{i}"), n, secs, 22050)
+                    source = "generated"
+                sets.append((tag, measure(manifest, source, args, tmp)))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    print(f"\n{'contender':<14}{'clips/s':>10}{'audio-s/s':>12}{'CPU ms/clip':>13}")
-    for k, v in results.items():
-        print(f"{k:<14}{v:>10.1f}{v * mean_sec:>12.1f}{cpu[k]:>13.2f}")
+    for tag, d in sets:
+        print(f"\n{d['source']}: {d['clips']} clips, {d['mean_clip_seconds']} s at {d['sample_rate']} Hz, "
+              f"two crops cover {100 * d['crops_share_of_clip']:.0f} % of a clip on average; medians of {args.rounds} rounds")
+        print(f"{'contender':<14}{'clips/s':>10}{'audio-s/s':>12}{'CPU ms/clip':>13}   clips/s per round")
+        for k, v in d["clips_per_s"].items():
+            print(f"{k:<14}{v:>10.1f}{d['audio_seconds_per_s'][k]:>12.1f}{d['cpu_ms_per_clip'][k]:>13.2f}   {d['clips_per_s_runs'][k]}")
+        print("ratios: " + ", ".join(f"{k} {v}" for k, v in d["ratios"].items()))
+    head = sets[0][1]
+    ratios = dict(head["ratios"])
+    for tag, d in sets[1:]:
+        ratios.update({k.replace("loader_vs_", f"loader{tag}_vs_").replace("_cpu", "") + tag + ("_cpu" if k.endswith("_cpu") else ""): v
+                       for k, v in d["ratios"].items()})
     out = {
         "benchmark": "loader",
-        "source": source,
-        "clips": len(blobs),
-        "mean_clip_seconds": round(mean_sec, 3),
+        **{k: head[k] for k in ("source", "clips", "mean_clip_seconds", "sample_rate", "clips_per_s", "audio_seconds_per_s", "cpu_ms_per_clip")},
         "workers": args.workers,
         "batch_size": args.batch_size,
         "crop_samples": args.crop,
         "timed_batches": args.batches,
+        "rounds": args.rounds,
         "decode_limit_reader": "soundfile.read" if args.sfread_limit else "sf_readf_float",
-        "clips_per_s": {k: round(v, 2) for k, v in results.items()},
-        "audio_seconds_per_s": {k: round(v * mean_sec, 2) for k, v in results.items()},
-        # CPU time per clip (all processes, same window as clips/s): less sensitive to a shared machine
-        "cpu_ms_per_clip": {k: round(v, 3) for k, v in cpu.items()},
-        "ratios": {
-            "loader_vs_decode_limit": round(results["loader"] / results["decode_limit"], 3),
-            "loader_vs_webdataset": round(results["loader"] / results["webdataset"], 3),
-            "loader_vs_perfile": round(results["loader"] / results["perfile"], 3),
-            "loader_vs_decode_limit_cpu": round(cpu["decode_limit"] / cpu["loader"], 3),
-            "loader_vs_webdataset_cpu": round(cpu["webdataset"] / cpu["loader"], 3),
-            "loader_vs_perfile_cpu": round(cpu["perfile"] / cpu["loader"], 3),
-        },
+        "datasets": [d for _, d in sets],
+        "ratios": ratios,
     }
     print(json.dumps(out))
     return 0

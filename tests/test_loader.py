@@ -352,3 +352,23 @@ def test_workers_survive_sigterm_to_the_process_group(data):
     more = list(itertools.islice(it, 4))
     assert len(more) == 4 and first["keys"] != more[0]["keys"]
     it.close()
+
+
+def test_keyed_draws_are_deterministic_and_uniform():
+    from pipeline.loader import _KeyedDraws
+
+    a, b = _KeyedDraws(7, 1, 0, 2, 5), _KeyedDraws(7, 1, 0, 2, 5)
+    seq = [a.integers(0, 1000) for _ in range(50)]
+    assert seq == [b.integers(0, 1000) for _ in range(50)]  # same key: same draws
+    assert seq != [_KeyedDraws(7, 1, 0, 2, 6).integers(0, 1000) for _ in range(50)]  # the position changes them
+    assert len(set(seq)) > 40  # successive draws of one key differ
+    # the first draw over many keys (as the loader uses them): every value of a small range about
+    # equally often, and a huge range's mean near its middle
+    first = np.array([_KeyedDraws(0, 0, 0, 0, p).integers(3, 13) for p in range(20000)])
+    assert first.min() == 3 and first.max() == 12
+    counts = np.bincount(first - 3, minlength=10)
+    assert np.all(np.abs(counts - 2000) < 200), counts
+    big = np.array([_KeyedDraws(1, p).integers(0, 2**40) for p in range(4000)], dtype=np.float64)
+    assert abs(big.mean() / 2**40 - 0.5) < 0.02 and big.max() < 2**40
+    with pytest.raises(ValueError):
+        a.integers(5, 5)
