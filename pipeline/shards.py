@@ -4,15 +4,15 @@ Nothing here decodes audio or unpickles anything: a sample is handed on as the r
 ``<key>.flac`` (or ``.wav``) member and its parsed ``<key>.json``. The loader (``pipeline.loader``)
 decides what to decode.
 
-Tars are read with the standard library's ``tarfile`` over a seekable file object (a local file or
-an fsspec file for ``s3://``/``gs://``), so skipping a sample costs one header read and a seek, not
-the transfer of its audio. That is what makes a mid-epoch resume cheap.
+Tars are read header by header (:class:`TarCursor`, a lean parser of the formats ``tarfile``
+writes) over a seekable file object (a local file or an fsspec file for ``s3://``/``gs://``), so
+skipping a sample costs one header read and a seek, not the transfer of its audio. That is what
+makes a mid-epoch resume cheap.
 """
 
 from __future__ import annotations
 
 import json
-import tarfile
 from dataclasses import dataclass, field
 from typing import IO
 
@@ -171,6 +171,44 @@ def _split_name(name: str) -> tuple[str, str]:
     return key, ext
 
 
+_BLOCK = 512
+
+
+@dataclass
+class _Member:
+    """A regular file in a tar: its name, data size and where its data starts."""
+
+    name: str
+    size: int
+    offset: int
+
+    @property
+    def end(self) -> int:  # where the next header starts
+        return self.offset + -(-self.size // _BLOCK) * _BLOCK
+
+
+def _tar_int(field: bytes, what: str) -> int:
+    """A numeric header field: NUL/space-terminated octal, or GNU base-256 (first byte 0x80)."""
+    if field[:1] == b"\x80":
+        return int.from_bytes(field[1:], "big")
+    digits = field.split(b"\0", 1)[0].strip()
+    try:
+        return int(digits, 8) if digits else 0
+    except ValueError:
+        raise ValueError(f"bad {what} field {field!r}") from None
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    """The ``"<len> <key>=<value>\\n"`` records of a POSIX pax extended header."""
+    out, pos = {}, 0
+    while pos < len(data) and data[pos:pos + 1] != b"\0":
+        length = int(data[pos:data.index(b" ", pos)])
+        key, _, value = data[data.index(b" ", pos) + 1 : pos + length - 1].partition(b"=")
+        out[key.decode("utf-8")] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return out
+
+
 class TarCursor:
     """Random access *forward* over the samples of one tar shard, by sample index.
 
@@ -179,44 +217,92 @@ class TarCursor:
     past their data. Raises :class:`ShardReadError` for a truncated or malformed tar (including
     fewer samples than ``i + 1``). Transient remote errors are retried by reopening the shard and
     scanning back to the same sample.
+
+    The headers are parsed here rather than by ``tarfile``, whose full ``TarInfo`` parse measured
+    ~0.07 ms a member (a few percent of a clip's cost in the loader); this reads the ustar, GNU and
+    pax forms ``tarfile`` writes (long names, pax ``path``/``size`` records, base-256 sizes) and
+    checks every header's checksum.
     """
 
     def __init__(self, url: str):
         self.url = url
         self._f: IO | None = None
-        self._tf: tarfile.TarFile | None = None
-        self._pending: tarfile.TarInfo | None = None  # first header of the next group
+        self._pos = 0  # the file's position, tracked so that reading on costs no seek
+        self._next = 0  # where the next header starts
+        self._pending: _Member | None = None  # first member of the next group
+        self._broken: ShardReadError | None = None  # a bad header met after a complete sample, raised on the next get
         self._index = -1  # index of the group ``_pending`` belongs to
         self._eof = False
 
     def _open(self) -> None:
         self.close()
         self._f = fsio.with_retries(lambda: fsio.open_url(self.url, "rb"), what=self.url)
-        try:
-            self._tf = tarfile.open(fileobj=self._f, mode="r:")
-        except tarfile.TarError as exc:
-            raise ShardReadError(f"{self.url}: not a readable tar ({exc}); rebuild or re-upload this shard") from exc
-        self._pending, self._index, self._eof = None, -1, False
+        self._pos = self._next = 0
+        self._pending, self._index, self._eof, self._broken = None, -1, False, None
 
     def close(self) -> None:
-        if self._tf is not None:
-            self._tf.close()
         if self._f is not None:
             self._f.close()
-        self._f = self._tf = None
+        self._f = None
 
-    def _next_header(self) -> tarfile.TarInfo | None:
-        assert self._tf is not None
-        try:
-            ti = self._tf.next()
-        except tarfile.TarError as exc:
-            raise ShardReadError(f"{self.url}: truncated or malformed tar ({exc})") from exc
-        # tarfile remembers every member; we never look back, so keep memory flat on big shards
-        self._tf.members.clear()
-        while ti is not None and not ti.isfile():
-            ti = self._tf.next()
-            self._tf.members.clear()
-        return ti
+    def _read_at(self, offset: int, n: int) -> bytes:
+        assert self._f is not None
+        if offset != self._pos:
+            self._f.seek(offset)
+        data = self._f.read(n)
+        self._pos = offset + len(data)
+        return data
+
+    def _next_header(self) -> _Member | None:
+        """The next regular file's header (None at the end of the archive); the file is left at
+        its data. Directories and other non-files are passed over."""
+        name = size = None  # from a pax or GNU long-name header, for the member that follows
+        while True:
+            at = self._next
+            buf = self._read_at(at, _BLOCK)
+            if len(buf) < _BLOCK or buf.count(0) == _BLOCK:
+                # an end-of-archive block, or the file simply ends between members (as tarfile reads it)
+                if at == 0:
+                    raise ShardReadError(f"{self.url}: empty file, not a tar; rebuild or re-upload this shard")
+                return None
+            stored = buf[148:156]
+            try:
+                chksum = _tar_int(stored, "checksum")
+                member_size = _tar_int(buf[124:136], "size")
+            except ValueError as exc:
+                what = "not a tar" if at == 0 else f"malformed tar header at byte {at}"
+                raise ShardReadError(f"{self.url}: {what} ({exc}); rebuild or re-upload this shard") from None
+            unsigned = sum(buf) - sum(stored) + 8 * 32  # the checksum field counts as spaces
+            # some old writers summed signed bytes (tarfile accepts both too)
+            if chksum != unsigned and chksum != unsigned - 256 * sum(b >= 128 for b in buf[:148] + buf[156:]):
+                what = "not a tar" if at == 0 else f"corrupt tar header at byte {at}"
+                raise ShardReadError(f"{self.url}: {what} (checksum mismatch); rebuild or re-upload this shard")
+            kind = buf[156:157]
+            member = _Member(name="", size=member_size, offset=at + _BLOCK)
+            self._next = member.end
+            if kind in (b"x", b"L", b"g"):  # data that describes the next member (or the archive)
+                data = self._read_at(member.offset, member.size)
+                if len(data) != member.size:
+                    raise ShardReadError(f"{self.url}: truncated tar (extended header at byte {at})")
+                if kind == b"x":
+                    rec = _pax_records(data)
+                    name = rec.get("path", name)
+                    size = int(rec["size"]) if "size" in rec else size
+                elif kind == b"L":
+                    name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                continue
+            if kind not in (b"0", b"\0", b"7"):  # directories, links, devices: nothing to read
+                name = size = None
+                continue
+            if name is None:
+                name = buf[0:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                if buf[257:262] == b"ustar" and buf[345] != 0:
+                    name = buf[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape") + "/" + name
+            member.name = name
+            if size is not None:
+                member.size = size
+                self._next = member.end
+            return member
 
     def _advance_group(self) -> None:
         """Move ``_pending`` to the first header of the next group (or EOF)."""
@@ -232,22 +318,19 @@ class TarCursor:
         self._index += 1
         self._eof = ti is None
 
-    def _read(self, ti: tarfile.TarInfo) -> bytes:
-        assert self._tf is not None
-        try:
-            f = self._tf.extractfile(ti)
-            data = f.read() if f is not None else b""
-        except tarfile.TarError as exc:
-            raise ShardReadError(f"{self.url}: truncated member {ti.name} ({exc})") from exc
-        if len(data) != ti.size:
-            raise ShardReadError(f"{self.url}: truncated member {ti.name} ({len(data)} of {ti.size} bytes)")
+    def _read(self, m: _Member) -> bytes:
+        data = self._read_at(m.offset, m.size)
+        if len(data) != m.size:
+            raise ShardReadError(f"{self.url}: truncated member {m.name} ({len(data)} of {m.size} bytes)")
         return data
 
     def _get(self, i: int) -> RawSample:
-        if self._tf is None:
+        if self._f is None:
             self._open()
         if i < self._index:
             raise ValueError(f"{self.url}: TarCursor.get({i}) after sample {self._index}; indices must increase")
+        if self._broken is not None:
+            raise self._broken
         while self._index < i and not self._eof:
             self._advance_group()
         if self._eof or self._index != i:
@@ -256,15 +339,19 @@ class TarCursor:
         assert first is not None
         key = _split_name(first.name)[0]
         audio, audio_ext, meta = None, "", None
-        ti: tarfile.TarInfo | None = first
-        while ti is not None and _split_name(ti.name)[0] == key:
-            ext = _split_name(ti.name)[1]
+        m: _Member | None = first
+        while m is not None and _split_name(m.name)[0] == key:
+            ext = _split_name(m.name)[1]
             if ext in AUDIO_EXTS and audio is None:
-                audio, audio_ext = self._read(ti), ext
+                audio, audio_ext = self._read(m), ext
             elif ext == "json":
-                meta = self._read(ti)
-            ti = self._next_header()
-        self._pending, self._index, self._eof = ti, self._index + 1, ti is None
+                meta = self._read(m)
+            try:
+                m = self._next_header()
+            except ShardReadError as exc:
+                # this sample is whole; the damage belongs to what follows it
+                self._broken, m = exc, None
+        self._pending, self._index, self._eof = m, self._index + 1, m is None
         return RawSample(key=key, audio=audio, audio_ext=audio_ext, meta=meta)
 
     def get(self, i: int) -> RawSample:
