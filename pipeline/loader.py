@@ -48,6 +48,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import signal
 import warnings
 import weakref
@@ -495,6 +496,41 @@ class _Ring:
         self.free = [[ctx.Semaphore(1) for _ in range(slots)] for _ in range(workers)]
 
 
+def _shm_free_bytes() -> int | None:
+    """Free bytes in /dev/shm, where worker batches live (None where there is no such mount)."""
+    try:
+        st = os.statvfs("/dev/shm")
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def _fit_prefetch(prefetch: int, workers: int, batch_bytes: int, free: int | None, local_ranks: int) -> int:
+    """The prefetch factor whose batches fit in /dev/shm: ``local_ranks`` loaders on this node each
+    hold up to ``workers * (prefetch + 2)`` batches there (queued, being built, held by the caller).
+    Lowers ``prefetch`` with a warning when the configured one does not fit; raises when not even
+    ``prefetch = 1`` fits. Without the check a worker dies of SIGBUS mid-run ("DataLoader worker
+    killed by signal: Bus error"), Docker's 64 MB default being the usual cause."""
+    if free is None or workers == 0:
+        return prefetch
+    need = lambda p: local_ranks * workers * (p + 2) * batch_bytes  # noqa: E731
+    if need(prefetch) <= free:
+        return prefetch
+    mb = lambda n: f"{n / 2**20:.0f} MB"  # noqa: E731
+    what = (f"{local_ranks} loader(s) x {workers} workers x (prefetch_factor + 2) batches of {mb(batch_bytes)}"
+            f" in /dev/shm, which has {mb(free)} free")
+    if need(1) > free:
+        raise RuntimeError(
+            f"/dev/shm is too small for the loader: {what}; even prefetch_factor=1 needs {mb(need(1))}. "
+            "Give the container more shared memory (docker run --shm-size=8g, or a Kubernetes emptyDir "
+            "with medium: Memory on /dev/shm), or lower data.num_workers or the batch size"
+        )
+    fit = max(p for p in range(1, prefetch) if need(p) <= free)
+    warnings.warn(f"[musicssl] {what}: prefetch_factor {prefetch} needs {mb(need(prefetch))}; using {fit}. "
+                  "Raise the container's --shm-size to keep the configured prefetch", stacklevel=3)
+    return fit
+
+
 # ------------------------------------------------------------------------------------------------
 # The per-worker stream
 
@@ -697,12 +733,15 @@ class StreamingLoader:
                                                    transform=self.transform)
         else:
             ctx = torch.multiprocessing.get_context()
-            # a worker has at most prefetch_factor batches queued plus the one it is building
-            ring = _Ring(W, cfg.prefetch_factor + 2, ctx)
+            channels = 1 if cfg.mono else max((m.channels or 2) for m in self.manifests)
+            prefetch = _fit_prefetch(cfg.prefetch_factor, cfg.num_workers, 4 * cfg.batch_size * cfg.views * channels * cfg.crop_samples,
+                                     _shm_free_bytes(), int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+            # a worker has at most prefetch batches queued plus the one it is building
+            ring = _Ring(W, prefetch + 2, ctx)
             ds = _WorkerStream(cfg, self._plan, self.label_specs, rank=self.rank, start_step=self._step, transform=self.transform,
                                ring=ring)
             batches = torch.utils.data.DataLoader(
-                ds, batch_size=None, collate_fn=_as_is, num_workers=cfg.num_workers, prefetch_factor=cfg.prefetch_factor,
+                ds, batch_size=None, collate_fn=_as_is, num_workers=cfg.num_workers, prefetch_factor=prefetch,
                 worker_init_fn=_ignore_sigterm, multiprocessing_context=ctx,
             )
         slots: dict[tuple[int, int], torch.Tensor] = {}  # (worker, slot) -> the shared buffer, mapped once

@@ -140,3 +140,31 @@ def test_pinned_batches_from_worker_slots(short):
         assert b["audio"].is_pinned() and b["lengths"].is_pinned()
         for i, key in enumerate(b["keys"]):
             assert _offset(source[key], b["audio"][i, 1].numpy()) >= 0
+
+
+def test_shm_fit_lowers_prefetch_or_explains():
+    MB = 2**20
+    fit = loader_mod._fit_prefetch
+    assert fit(2, 2, MB, None, 1) == 2  # no /dev/shm (not Linux): nothing to check
+    assert fit(2, 0, MB, 0, 1) == 2  # no workers: batches never enter /dev/shm
+    assert fit(2, 2, MB, 8 * MB, 1) == 2  # 2 workers x (2 + 2) batches of 1 MB fit exactly
+    with pytest.warns(UserWarning, match=r"prefetch_factor 4 needs 12 MB; using 2"):
+        assert fit(4, 2, MB, 9 * MB, 1) == 2
+    with pytest.raises(RuntimeError, match=r"/dev/shm is too small.*needs 6 MB.*--shm-size"):
+        fit(2, 2, MB, 5 * MB, 1)
+    with pytest.raises(RuntimeError, match=r"2 loader\(s\)"):  # every rank on the node holds its own
+        fit(2, 2, MB, 10 * MB, 2)
+
+
+def test_small_shm_runs_with_lower_prefetch_and_same_batches(short, monkeypatch):
+    man, _ = short
+    ref = [b["audio"].clone() for b in itertools.islice(StreamingLoader(_cfg(man, prefetch_factor=3)), 6)]
+    batch_bytes = 4 * 3 * 2 * 700  # B x V x T float32
+    monkeypatch.setattr(loader_mod, "_shm_free_bytes", lambda: 2 * 3 * batch_bytes)  # room for prefetch 1 only
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    with pytest.warns(UserWarning, match="using 1"):
+        got = [b["audio"].clone() for b in itertools.islice(StreamingLoader(_cfg(man, prefetch_factor=3)), 6)]
+    assert all(torch.equal(a, b) for a, b in zip(ref, got))  # prefetch changes timing, never content
+    monkeypatch.setattr(loader_mod, "_shm_free_bytes", lambda: batch_bytes)
+    with pytest.raises(RuntimeError, match="/dev/shm is too small"):
+        next(iter(StreamingLoader(_cfg(man))))
