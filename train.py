@@ -575,7 +575,8 @@ def train(cfg: Config) -> dict[str, Any]:
     stream_iter: Iterator[dict[str, Any]] = iter(stream)
     # Installed before the first batch, which can take long (worker start-up, remote shards). Only
     # this process is covered: torch's DataLoader workers reinstall their own SIGTERM handler, so a
-    # SIGTERM sent to the whole process group kills them unless the loader makes them ignore it.
+    # SIGTERM or Ctrl-C sent to the whole process group kills them unless the loader makes them
+    # ignore it (it does, and stops them itself at exit).
     stop = StopFlag()
     stop.install()
     # Take the first batch now, before seeding/restoring the RNGs: starting the loader's worker

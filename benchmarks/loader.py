@@ -1,8 +1,14 @@
 """Loader throughput next to its peers, in one process, on the same shards and cores.
 
     .venv/bin/python benchmarks/loader.py            # demo shards if `shard-tools demo` works, else generated
+    .venv/bin/python benchmarks/loader.py --clip-seconds 30 10 6    # one data set per clip length
     .venv/bin/python benchmarks/loader.py --quick    # tiny sizes (CI keeps it from rotting)
     .venv/bin/python benchmarks/loader.py --manifest path/to/train.manifest.json
+
+Each clip length is its own data set (default: 29.1 s, MagnaTagATune's clip length and the
+headline, whose ratios carry the plain keys; then 6 s, the quickstart demo's). Contenders run in
+interleaved rounds (loader, decode limit, webdataset, per-file, loader, ...) and each figure is the
+median over the rounds, so a slow minute on a shared machine hits every contender alike.
 
 Measured in steady state: the window opens when the first batch arrives (worker start-up is out);
 clips/s and CPU ms per clip (this process and its live children, from /proc) cover the same window.

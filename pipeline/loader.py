@@ -45,6 +45,7 @@ checkpoint restores every rank.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import io
 import json
@@ -740,10 +741,11 @@ class StreamingLoader:
             ring = _Ring(W, prefetch + 2, ctx)
             ds = _WorkerStream(cfg, self._plan, self.label_specs, rank=self.rank, start_step=self._step, transform=self.transform,
                                ring=ring)
-            batches = torch.utils.data.DataLoader(
+            batches = iter(torch.utils.data.DataLoader(
                 ds, batch_size=None, collate_fn=_as_is, num_workers=cfg.num_workers, prefetch_factor=prefetch,
-                worker_init_fn=_ignore_sigterm, multiprocessing_context=ctx,
-            )
+                worker_init_fn=_ignore_stop_signals, multiprocessing_context=ctx,
+            ))
+            _track_workers(batches)
         slots: dict[tuple[int, int], torch.Tensor] = {}  # (worker, slot) -> the shared buffer, mapped once
         for batch in batches:
             w, epoch, b = batch.pop("_pos")
@@ -829,11 +831,41 @@ class StreamingLoader:
         warnings.warn(f"[musicssl] loader layout changed; continuing at the start of epoch {state['epoch'] + 1}", stacklevel=2)
 
 
-def _ignore_sigterm(_worker_id: int) -> None:
-    # A preemption SIGTERM goes to the whole process group. Workers that died of it would make
-    # torch's SIGCHLD handler raise in the trainer while it writes its last checkpoint; they still
-    # exit when the DataLoader shuts down or when their parent dies (torch's worker watchdog).
+def _ignore_stop_signals(_worker_id: int) -> None:
+    # A preemption SIGTERM, or a Ctrl-C, goes to the whole process group. Workers that died of it
+    # would make torch's SIGCHLD handler raise in the trainer while it finishes its step and writes
+    # its last checkpoint (train.py's StopFlag). They still exit when the DataLoader shuts down, at
+    # interpreter exit (_track_workers) or when their parent dies (torch's worker watchdog).
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+_LIVE_WORKERS: weakref.WeakSet = weakref.WeakSet()  # DataLoader iterators whose workers may be running
+_EXIT_HOOK = False
+
+
+def _track_workers(it: object) -> None:
+    """Stop ``it``'s workers at interpreter exit if nothing else has.
+
+    multiprocessing's own exit handler stops leftover child processes with SIGTERM, which ours
+    ignore, and then joins them: a script that ends (or dies of an exception) with a stream still
+    open would hang there forever. This handler is registered after multiprocessing's and torch's,
+    so it runs before them (atexit is last in, first out)."""
+    global _EXIT_HOOK
+    if not _EXIT_HOOK:
+        atexit.register(_stop_live_workers)
+        _EXIT_HOOK = True
+    _LIVE_WORKERS.add(it)
+
+
+def _stop_live_workers() -> None:
+    for it in list(_LIVE_WORKERS):
+        shutdown = getattr(it, "_shutdown_workers", None)  # what the iterator's __del__ calls
+        if shutdown is not None:
+            shutdown()
+        for proc in getattr(it, "_workers", []):
+            if proc.is_alive():
+                proc.kill()
 
 
 def _pin(batch: dict) -> dict:

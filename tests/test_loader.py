@@ -337,7 +337,10 @@ def test_stereo_sources_downmixed_or_kept(tmp_path, mono):
         np.testing.assert_array_equal(view, ref[:, off : off + 1000])
 
 
-def test_workers_survive_sigterm_to_the_process_group(data):
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_workers_survive_stop_signals_to_the_process_group(data, signame):
+    # preemption (SIGTERM) and Ctrl-C (SIGINT) reach every process of the group; the trainer
+    # finishes its step and checkpoints, so its workers must keep serving
     import multiprocessing
     import signal
 
@@ -348,7 +351,7 @@ def test_workers_survive_sigterm_to_the_process_group(data):
     workers = [p.pid for p in multiprocessing.active_children() if p.pid not in before]
     assert len(workers) == 2
     for pid in workers:  # what a preemption does to the whole process group
-        os.kill(pid, signal.SIGTERM)
+        os.kill(pid, getattr(signal, signame))
     more = list(itertools.islice(it, 4))
     assert len(more) == 4 and first["keys"] != more[0]["keys"]
     it.close()
@@ -372,3 +375,40 @@ def test_keyed_draws_are_deterministic_and_uniform():
     assert abs(big.mean() / 2**40 - 0.5) < 0.02 and big.max() < 2**40
     with pytest.raises(ValueError):
         a.integers(5, 5)
+
+
+_EXIT_SCRIPT = """
+import itertools, sys
+sys.path.insert(0, {repo!r})
+from pipeline.loader import LoaderConfig, StreamingLoader
+cfg = LoaderConfig(manifests=[{man!r}], batch_size=3, crop_samples=1000, num_workers=2, seed=0)
+
+def train():
+    for step, batch in enumerate(StreamingLoader(cfg)):
+        if step == 2:
+            raise RuntimeError("boom at step 2")
+
+if {how!r} == "raise":
+    train()
+it = iter(StreamingLoader(cfg))  # 'alive': the script ends with the stream still open
+next(it)
+print("done", flush=True)
+"""
+
+
+@pytest.mark.parametrize("how", ["alive", "raise"])
+def test_process_exits_with_workers_running(data, tmp_path, how):
+    # Workers ignore SIGTERM (preemption); multiprocessing's exit handler stops leftover children
+    # with SIGTERM and then joins them, so without the loader's own exit hook a script that ends
+    # (or dies of an exception) while a stream is open would hang forever.
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = tmp_path / "exit.py"
+    script.write_text(_EXIT_SCRIPT.format(repo=repo, man=data["manifest"], how=how))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    if how == "raise":
+        assert proc.returncode == 1 and "boom at step 2" in proc.stderr
+    else:
+        assert proc.returncode == 0 and "done" in proc.stdout, proc.stderr[-2000:]
