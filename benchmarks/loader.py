@@ -17,9 +17,11 @@ CPU ms per clip is the steadier figure on a machine shared with other jobs.
 - ``loader``      pipeline.loader.StreamingLoader, CLMR pairs, ``--workers`` workers.
 - ``decode_limit`` every audio member's bytes, already in memory, fully decoded in a tight loop by
                   ``--workers`` processes: what decoding alone costs on these cores. It decodes with
-                  the same libsndfile call as the loader (one ``sf_readf_float`` into a fresh array,
-                  without ``soundfile.read``'s extra tell/seek), so the loader's cheaper read path
-                  is not counted as a win over decoding; ``--sfread-limit`` uses ``soundfile.read``.
+                  the same libsndfile call as the loader (one ``sf_readf_float``, without
+                  ``soundfile.read``'s extra tell/seek) into one array reused across clips (no
+                  page faults on fresh output memory), so neither the loader's cheaper read path
+                  nor its allocator tuning is counted as a win over decoding; ``--sfread-limit``
+                  uses ``soundfile.read``.
 - ``webdataset``  a plain webdataset pipeline (shuffle, decode, two crops, batch) in a DataLoader.
                   Its default audio decoder (torchaudio.load via a temp file) needs torchcodec,
                   which this environment lacks, so the peer decodes with soundfile instead.
@@ -189,16 +191,20 @@ def run_loader(manifest: str, args) -> tuple[float, float]:
 
 _BLOBS: list[bytes] = []
 _SFREAD = False
+_SCRATCH = np.empty((0, 1), dtype=np.float32)  # per decode process, reused across clips
 
 
 def _decode_share(bounds: tuple[int, int]) -> int:
+    global _SCRATCH
     frames = 0
     for b in _BLOBS[bounds[0] : bounds[1]]:
         if _SFREAD:
             x, _ = sf.read(io.BytesIO(b), dtype="float32", always_2d=True)
         else:
             with sf.SoundFile(io.BytesIO(b)) as f:
-                x = np.empty((f.frames, f.channels), dtype=np.float32)
+                if _SCRATCH.shape[0] < f.frames or _SCRATCH.shape[1] != f.channels:
+                    _SCRATCH = np.empty((f.frames, f.channels), dtype=np.float32)
+                x = _SCRATCH[: f.frames]
                 if _readf(f, x) != len(x):
                     raise RuntimeError("decode_limit: a clip did not decode completely")
         frames += x.shape[0]
@@ -342,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gen-clips", type=int, default=120, help="generated shards: clip count (default 120)")
     p.add_argument("--workers", type=int, default=2, help="loader workers / decode processes (default 2)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--batches", type=int, default=None, help="timed batches per contender and round (default 60; quick 30)")
+    p.add_argument("--batches", type=int, default=None, help="timed batches per contender and round (default 150; quick 30): a window of seconds, long enough to average out a shared machine's swings")
     p.add_argument("--rounds", type=int, default=None,
                    help="interleaved rounds per data set; figures are the medians (default 3; quick 1)")
     p.add_argument("--crop", type=int, default=59049, help="crop length in samples (CLMR: 59049)")
@@ -354,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         args.batch_size, args.crop, args.buffer = 4, 8000, 16
         args.clip_seconds = [1.0]
     # quick: enough batches that the CPU window spans several clock ticks
-    args.batches = args.batches or (30 if args.quick else 60)
+    args.batches = args.batches or (30 if args.quick else 150)
     args.rounds = args.rounds or (1 if args.quick else 3)
     if args.rounds < 1 or args.batches < 1:
         p.error("--rounds and --batches must be at least 1")

@@ -46,6 +46,7 @@ checkpoint restores every rank.
 from __future__ import annotations
 
 import atexit
+import ctypes
 import hashlib
 import io
 import json
@@ -743,7 +744,7 @@ class StreamingLoader:
                                ring=ring)
             batches = iter(torch.utils.data.DataLoader(
                 ds, batch_size=None, collate_fn=_as_is, num_workers=cfg.num_workers, prefetch_factor=prefetch,
-                worker_init_fn=_ignore_stop_signals, multiprocessing_context=ctx,
+                worker_init_fn=_worker_init, multiprocessing_context=ctx,
             ))
             _track_workers(batches)
         slots: dict[tuple[int, int], torch.Tensor] = {}  # (worker, slot) -> the shared buffer, mapped once
@@ -831,13 +832,32 @@ class StreamingLoader:
         warnings.warn(f"[musicssl] loader layout changed; continuing at the start of epoch {state['epoch'] + 1}", stacklevel=2)
 
 
-def _ignore_stop_signals(_worker_id: int) -> None:
+def _worker_init(_worker_id: int) -> None:
     # A preemption SIGTERM, or a Ctrl-C, goes to the whole process group. Workers that died of it
     # would make torch's SIGCHLD handler raise in the trainer while it finishes its step and writes
     # its last checkpoint (train.py's StopFlag). They still exit when the DataLoader shuts down, at
     # interpreter exit (_track_workers) or when their parent dies (torch's worker watchdog).
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _keep_freed_memory()
+
+
+def _keep_freed_memory() -> None:
+    """Let glibc's malloc reuse freed memory for the worker's per-sample buffers.
+
+    A worker allocates and frees each sample's compressed bytes (hundreds of KB to a few MB). By
+    default glibc serves such sizes with a fresh mmap, or trims the heap after the free, so every
+    sample's read page-faults once per 4 KiB: measured 0.60 ms of tar reading a 29 s clip in a
+    worker against 0.19 ms with these thresholds raised (0.18-0.30 ms in a main process, whose
+    heap had grown already). Called in loader workers only (never in the caller's process); a
+    no-op where the C library has no ``mallopt``."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+    mallopt(m_mmap_threshold, 16 << 20)  # heap, not mmap, for anything below 16 MiB
+    mallopt(m_trim_threshold, 256 << 20)  # keep up to 256 MiB of freed heap instead of returning it
 
 
 _LIVE_WORKERS: weakref.WeakSet = weakref.WeakSet()  # DataLoader iterators whose workers may be running
