@@ -46,6 +46,7 @@ checkpoint restores every rank.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
 import hashlib
 import io
@@ -743,10 +744,11 @@ class StreamingLoader:
             ring = _Ring(W, prefetch + 2, ctx)
             ds = _WorkerStream(cfg, self._plan, self.label_specs, rank=self.rank, start_step=self._step, transform=self.transform,
                                ring=ring)
-            batches = iter(torch.utils.data.DataLoader(
-                ds, batch_size=None, collate_fn=_as_is, num_workers=cfg.num_workers, prefetch_factor=prefetch,
-                worker_init_fn=_worker_init, multiprocessing_context=ctx,
-            ))
+            with _stop_signals_blocked():  # the workers start here
+                batches = iter(torch.utils.data.DataLoader(
+                    ds, batch_size=None, collate_fn=_as_is, num_workers=cfg.num_workers, prefetch_factor=prefetch,
+                    worker_init_fn=_worker_init, multiprocessing_context=ctx,
+                ))
             _track_workers(batches)
         slots: dict[tuple[int, int], torch.Tensor] = {}  # (worker, slot) -> the shared buffer, mapped once
         for batch in batches:
@@ -840,7 +842,27 @@ def _worker_init(_worker_id: int) -> None:
     # interpreter exit (_track_workers) or when their parent dies (torch's worker watchdog).
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):  # blocked since the fork (_stop_signals_blocked); a pending one is dropped
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     _keep_freed_memory()
+
+
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
+@contextlib.contextmanager
+def _stop_signals_blocked() -> Iterator[None]:
+    """Start workers with SIGTERM and SIGINT blocked: between a worker's start and its
+    ``_worker_init`` (which ignores them) torch's own handler would let either kill it. The
+    caller's blocked signals are delivered when the block ends, so its own handlers still see them."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _keep_freed_memory() -> None:

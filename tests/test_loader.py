@@ -412,3 +412,37 @@ def test_process_exits_with_workers_running(data, tmp_path, how):
         assert proc.returncode == 1 and "boom at step 2" in proc.stderr
     else:
         assert proc.returncode == 0 and "done" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_stop_signal_during_worker_start_up_does_not_kill_it(data, monkeypatch):
+    # the window between a worker's start and its _worker_init (which ignores SIGTERM) is made
+    # 1.5 s long here; a SIGTERM to the process group then must not kill the worker
+    import multiprocessing
+    import signal
+    import threading
+    import time
+
+    import pipeline.loader as loader_mod
+
+    real_init = loader_mod._worker_init
+
+    def slow_init(worker_id):
+        time.sleep(1.5)
+        real_init(worker_id)
+
+    monkeypatch.setattr(loader_mod, "_worker_init", slow_init)
+    before = {p.pid for p in multiprocessing.active_children()}
+    it = iter(StreamingLoader(_cfg(data["manifest"], num_workers=2)))
+    got: list = []
+    fetch = threading.Thread(target=lambda: got.extend(itertools.islice(it, 3)))
+    fetch.start()
+    deadline, workers = time.monotonic() + 30, []
+    while len(workers) < 2 and time.monotonic() < deadline:
+        workers = [p.pid for p in multiprocessing.active_children() if p.pid not in before]
+        time.sleep(0.01)
+    assert len(workers) == 2
+    for pid in workers:  # well inside the 1.5 s start-up
+        os.kill(pid, signal.SIGTERM)
+    fetch.join(60)
+    assert len(got) == 3 and all(b["audio"].shape == (3, 2, 1, 1000) for b in got)
+    it.close()
