@@ -85,8 +85,9 @@ def demo_shards(cache: str, clip_seconds: float) -> str | None:
                 return os.path.join(dirpath, "train.manifest.json")
         return None
 
-    if find():
-        return find()
+    found = find()
+    if found:
+        return found
     exe = os.path.join(os.path.dirname(sys.executable), "shard-tools")
     if not os.path.exists(exe):
         return None
@@ -332,6 +333,12 @@ def measure(manifest: str, source: str, args, tmp: str) -> dict:
     }
 
 
+def tagged(key: str, tag: str) -> str:
+    """A further data set's ratio key: ``loader_vs_perfile_cpu`` -> ``loader_6s_vs_perfile_6s_cpu``."""
+    base, cpu = (key[: -len("_cpu")], "_cpu") if key.endswith("_cpu") else (key, "")
+    return f"loader{tag}_vs_{base.removeprefix('loader_vs_')}{tag}{cpu}"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description="Loader throughput vs decode limit, webdataset and a per-file loader.",
@@ -396,8 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     head = sets[0][1]
     ratios = dict(head["ratios"])
     for tag, d in sets[1:]:
-        ratios.update({k.replace("loader_vs_", f"loader{tag}_vs_").replace("_cpu", "") + tag + ("_cpu" if k.endswith("_cpu") else ""): v
-                       for k, v in d["ratios"].items()})
+        ratios.update({tagged(k, tag): v for k, v in d["ratios"].items()})
     out = {
         "benchmark": "loader",
         **{k: head[k] for k in ("source", "clips", "mean_clip_seconds", "sample_rate", "clips_per_s", "audio_seconds_per_s", "cpu_ms_per_clip")},
