@@ -452,7 +452,13 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Entry point: every failure is one line (``--debug`` or MUSICSSL_DEBUG=1 shows the traceback)."""
+    from pipeline.errors import run_cli
+
+    return run_cli(_main, argv, "evaluate.py")
+
+
+def _main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(__doc__.strip())
         print("\ncommands: " + ", ".join(COMMANDS) + "   (evaluate.py COMMAND --help for each)")

@@ -60,12 +60,13 @@ from torch import nn
 
 import train_config as tc
 from pipeline import fsio
+from pipeline.errors import UserError
 from train_config import Config
 
 CKPT_FORMAT = "musicssl-ckpt/1"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A problem with the configuration or its inputs found at start; the message names the flag."""
 
 
@@ -893,7 +894,13 @@ def config_from_argv(argv: list[str]) -> tuple[Config, bool]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """Entry point: every failure is one line (``--debug`` or MUSICSSL_DEBUG=1 shows the traceback)."""
+    from pipeline.errors import run_cli
+
+    return run_cli(_main, argv, "train.py")
+
+
+def _main(argv: list[str]) -> int:
     rank = int(os.environ.get("RANK", 0))
     try:
         cfg, print_only = config_from_argv(argv)

@@ -213,7 +213,13 @@ COMMANDS = {"build": cmd_build, "merge": cmd_merge, "verify": cmd_verify, "info"
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """``shard-tools`` entry point: every failure is one line (``--debug`` shows the traceback)."""
+    from pipeline.errors import run_cli
+
+    return run_cli(_main, argv, "shard-tools")
+
+
+def _main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(__doc__.strip())
         if argv and argv[0] not in ("-h", "--help"):
