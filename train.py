@@ -79,23 +79,13 @@ class TrainingDiverged(RuntimeError):
 
 
 def read_manifest(url: str) -> dict[str, Any]:
-    """Read and check one shard manifest; errors name ``--data.manifests`` and the URL."""
+    """Read and check one shard manifest (``pipeline.manifest``); errors name ``--data.manifests``."""
+    from pipeline.manifest import load_manifest
+
     try:
-        exists = fsio.exists(url)
-    except Exception as exc:  # noqa: BLE001 - credentials, bad bucket names, ...
-        raise ConfigError(f"--data.manifests: cannot reach {url} ({exc}); check the URL and credentials") from exc
-    if not exists:
-        raise ConfigError(
-            f"--data.manifests: {url} does not exist. Build shards with `shard-tools demo --out demo_shards` "
-            "(for the *_tiny presets) or `shard-tools build ...`, or pass --data.manifests=URL"
-        )
-    try:
-        manifest = json.loads(fsio.read_bytes(url))
-    except Exception as exc:  # noqa: BLE001
-        raise ConfigError(f"--data.manifests: {url} is not readable JSON ({exc}); rebuild the split") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != "musicssl-shards/1":
-        raise ConfigError(f"--data.manifests: {url} is not a musicssl-shards/1 manifest (see docs/architecture.md §1)")
-    return manifest
+        return load_manifest(url).record
+    except UserError as exc:
+        raise ConfigError(f"--data.manifests: {exc}") from exc
 
 
 def validate(cfg: Config, world_size: int) -> dict[str, Any]:

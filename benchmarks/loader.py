@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import gc
 import io
-import itertools
 import json
 import multiprocessing as mp
 import os
@@ -59,8 +58,9 @@ import torch  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from pipeline.loader import LoaderConfig, StreamingLoader, _readf  # noqa: E402
-from pipeline.shards import load_manifest  # noqa: E402
+from pipeline.decode import readf as _readf  # noqa: E402
+from pipeline.loader import LoaderConfig, StreamingLoader  # noqa: E402
+from pipeline.manifest import load_manifest  # noqa: E402
 
 
 _T0 = time.perf_counter()

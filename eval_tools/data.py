@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline import fsio
-from pipeline.shards import LabelEncoder, load_manifest, merge_label_specs
+from pipeline.manifest import load_manifest
+from pipeline.shards import LabelEncoder, merge_label_specs
 
 SPLITS = ("train", "valid", "test")
 

@@ -1,4 +1,4 @@
-"""Reading the shard format of docs/architecture.md §1: manifests, tar cursors, label specs.
+"""Reading the shard format of docs/architecture.md §1: tar cursors, sample JSON, label specs.
 
 Nothing here decodes audio or unpickles anything: a sample is handed on as the raw bytes of its
 ``<key>.flac`` (or ``.wav``) member and its parsed ``<key>.json``. The loader (``pipeline.loader``)
@@ -13,14 +13,14 @@ makes a mid-epoch resume cheap.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import IO
 
 import numpy as np
 
 from pipeline import fsio
+from pipeline.manifest import MANIFEST_FORMAT, Manifest, Shard, load_manifest  # their owner is pipeline.manifest
 
-MANIFEST_FORMAT = "musicssl-shards/1"
 AUDIO_EXTS = ("flac", "wav", "ogg", "mp3")
 
 
@@ -28,63 +28,29 @@ class ShardReadError(RuntimeError):
     """A shard could not be read (truncated tar, bad header, fewer samples than its manifest says)."""
 
 
-@dataclass(frozen=True)
-class Shard:
-    url: str  # absolute URL (resolved against the manifest's folder)
-    num_samples: int
-
-
-@dataclass
-class Manifest:
-    """A parsed ``<split>.manifest.json`` with shard URLs resolved."""
-
-    url: str
-    shards: list[Shard]
-    labels: dict[str, dict] = field(default_factory=dict)
-    sample_rate: int | None = None
-    channels: int | None = None
-    dataset: str = ""
-    split: str = ""
-
-    @property
-    def num_samples(self) -> int:
-        return sum(s.num_samples for s in self.shards)
-
-
-def load_manifest(url: str) -> Manifest:
-    """Read and check a manifest; shard URLs become absolute (relative ones are resolved against
-    the manifest's folder, so a tree copied between disks and buckets keeps working)."""
-    try:
-        raw = json.loads(fsio.with_retries(lambda: fsio.read_bytes(url), what=url))
-    except FileNotFoundError as exc:
-        raise FileNotFoundError(
-            f"manifest {url} does not exist; build the split with `shard-tools build ...` or fix --data.manifests"
-        ) from exc
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"manifest {url} is not valid JSON ({exc}); rebuild it with shard-tools") from exc
-    if raw.get("format") != MANIFEST_FORMAT:
-        raise ValueError(f"manifest {url} has format {raw.get('format')!r}, expected {MANIFEST_FORMAT!r}")
-    folder = fsio.parent_url(url)
-    shards = []
-    for i, s in enumerate(raw.get("shards") or []):
-        if "url" not in s or "num_samples" not in s:
-            raise ValueError(f"manifest {url}: shard entry {i} lacks 'url' or 'num_samples'")
-        shards.append(Shard(url=fsio.join_url(folder, s["url"]), num_samples=int(s["num_samples"])))
-    if not shards or sum(s.num_samples for s in shards) == 0:
-        raise ValueError(f"manifest {url} lists no samples; check the build report next to it")
-    return Manifest(
-        url=url,
-        shards=shards,
-        labels=dict(raw.get("labels") or {}),
-        sample_rate=raw.get("sample_rate"),
-        channels=raw.get("channels"),
-        dataset=str(raw.get("dataset", "")),
-        split=str(raw.get("split", "")),
-    )
-
-
 # ------------------------------------------------------------------------------------------------
-# Labels
+# Sample JSON and labels
+
+
+class SampleJSONError(ValueError):
+    """A sample's ``<key>.json`` is not a usable JSON object."""
+
+
+def parse_sample_json(data: bytes) -> dict:
+    """A sample's metadata (§1 ``<key>.json``) as a dict; :class:`SampleJSONError` for anything
+    else: bad UTF-8 or JSON, an integer too long to convert, nesting deep enough to exhaust the
+    parser's recursion limit, a top level or ``labels`` that is not an object."""
+    try:
+        meta = json.loads(data)
+    except RecursionError:
+        raise SampleJSONError("invalid JSON (nested too deeply)") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, int digit limit
+        raise SampleJSONError(f"invalid JSON ({str(exc)[:200]})") from None
+    if not isinstance(meta, dict):
+        raise SampleJSONError(f"invalid sample JSON (a {type(meta).__name__}, not an object)")
+    if not isinstance(meta.get("labels") or {}, dict):
+        raise SampleJSONError("invalid sample JSON ('labels' is not an object)")
+    return meta
 
 
 def merge_label_specs(manifests: list[Manifest]) -> dict[str, dict]:
@@ -97,10 +63,8 @@ def merge_label_specs(manifests: list[Manifest]) -> dict[str, dict]:
     merged: dict[str, dict] = {}
     origin: dict[str, str] = {}
     for m in manifests:
-        for name, spec in m.labels.items():
-            kind = spec.get("kind")
-            if kind not in ("multi_hot", "class"):
-                raise ValueError(f"manifest {m.url}: label {name!r} has kind {kind!r}; expected 'multi_hot' or 'class'")
+        for name, spec in m.labels.items():  # kinds were checked by the manifest reader
+            kind = spec["kind"]
             names = list(spec.get("names") or [])
             if name not in merged:
                 merged[name] = {"kind": kind, "names": names}
@@ -366,3 +330,9 @@ class TarCursor:
                 print(f"[musicssl] transient error reading {self.url}: {exc!r}; reopening")
                 self._open()
         raise AssertionError("unreachable")
+
+
+__all__ = ["AUDIO_EXTS", "LabelEncoder", "RawSample", "SampleJSONError", "ShardReadError", "TarCursor", "merge_label_specs",
+           "parse_sample_json",
+           # re-exported for callers that import them from here
+           "MANIFEST_FORMAT", "Manifest", "Shard", "load_manifest"]

@@ -42,10 +42,11 @@ import soundfile as sf
 
 from pipeline import fsio
 from pipeline.audio import encode_audio, resample, to_mono
+from pipeline.manifest import MANIFEST_FORMAT, write_manifest
 from shard_tools.recipe import Item, Recipe, Skip
 from shard_tools.writer import ShardWriter, write_bytes_atomic
 
-FORMAT = "musicssl-shards/1"
+FORMAT = MANIFEST_FORMAT  # the manifest's owner is pipeline.manifest
 _KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
 _SPLIT_RE = re.compile(r"[A-Za-z0-9_]+")
 CODECS = ("flac", "wav")
@@ -565,8 +566,7 @@ def _write_manifest(split: str, st: dict, recipe: Recipe, out_url: str, codec: s
     }
     if num_slices > 1:
         manifest["slice"] = {"index": slice_index, "count": num_slices}
-    write_bytes_atomic(fsio.join_url(out_url, manifest_name(split, slice_index, num_slices)),
-                            dumps_json(manifest, indent=1))
+    write_manifest(fsio.join_url(out_url, manifest_name(split, slice_index, num_slices)), manifest, write=write_bytes_atomic)
     return {"samples": manifest["num_samples"], "seconds": manifest["seconds"],
             "hours": round(manifest["seconds"] / 3600, 4), "shards": len(shards),
             "bytes": sum(s["bytes"] for s in shards)}

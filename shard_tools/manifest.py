@@ -8,7 +8,9 @@ import re
 from collections import Counter
 
 from pipeline import fsio
-from shard_tools.build import FORMAT, dumps_json, format_summary, manifest_name, reason_kind, report_name
+from pipeline.manifest import MANIFEST_FORMAT as FORMAT
+from pipeline.manifest import load_manifest, resolve_shard_url, write_manifest
+from shard_tools.build import dumps_json, format_summary, manifest_name, reason_kind, report_name
 from shard_tools.writer import write_bytes_atomic
 
 _PARTIAL = re.compile(r"^(?P<split>[A-Za-z0-9_]+)\.manifest\.slice-(?P<i>\d+)-of-(?P<k>\d+)\.json$")
@@ -16,18 +18,9 @@ _WHOLE = re.compile(r"^(?P<split>[A-Za-z0-9_]+)\.manifest\.json$")
 
 
 def read_manifest(url: str) -> dict:
-    try:
-        data = fsio.read_bytes(url)
-    except FileNotFoundError as exc:
-        raise FileNotFoundError(f"{url}: manifest not found; is the build finished (or, for --slice builds, "
-                                f"merged with `shard-tools merge`)?") from exc
-    try:
-        m = json.loads(data)
-    except ValueError as exc:
-        raise ValueError(f"{url}: not a JSON manifest ({exc})") from exc
-    if not isinstance(m, dict) or m.get("format") != FORMAT:
-        raise ValueError(f"{url}: not a {FORMAT} manifest (format field: {m.get('format') if isinstance(m, dict) else None!r})")
-    return m
+    """A manifest's JSON object, checked by its one reader (``pipeline.manifest``); a slice's empty
+    partial manifest is accepted."""
+    return load_manifest(url, allow_empty=True).record
 
 
 def _manifests_in(url: str, names: list[str]) -> list[str]:
@@ -59,7 +52,7 @@ def find_manifests(url: str) -> list[str]:
 
 
 def shard_url(manifest_url: str, shard: dict) -> str:
-    return fsio.join_url(fsio.parent_url(manifest_url), shard["url"])
+    return resolve_shard_url(manifest_url, shard["url"])
 
 
 def _abs_folder(url: str) -> str:
@@ -142,8 +135,7 @@ def merge(inputs: list[str], out: str | None = None) -> dict:
             "labels": first["labels"],
             "build": {**first["build"], "merged_slices": k},
         }
-        write_bytes_atomic(fsio.join_url(out, manifest_name(split)),
-                                dumps_json(merged, indent=1))
+        write_manifest(fsio.join_url(out, manifest_name(split)), merged, write=write_bytes_atomic)
         totals[split] = {"samples": merged["num_samples"], "seconds": merged["seconds"],
                          "hours": round(merged["seconds"] / 3600, 4), "shards": len(shards),
                          "bytes": sum(s["bytes"] for s in shards)}

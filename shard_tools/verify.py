@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import tarfile
 from concurrent.futures import ProcessPoolExecutor
 
 from pipeline import fsio
 from pipeline.audio import AudioDecodeError, decode_bytes
+from pipeline.shards import SampleJSONError, parse_sample_json
 from shard_tools.build import pool_context
 from shard_tools.manifest import find_manifests, read_manifest, shard_url
 
@@ -45,9 +45,9 @@ def verify_shard(url: str, expected: dict, codec: str, split: str) -> dict:
                     continue
                 keys.append(key)
                 try:
-                    meta = json.loads(tar.extractfile(j).read())
+                    meta = parse_sample_json(tar.extractfile(j).read())
                     audio, sr = decode_bytes(tar.extractfile(a).read(), name=f"{url}:{a.name}")
-                except (AudioDecodeError, ValueError) as exc:
+                except (AudioDecodeError, SampleJSONError) as exc:
                     problems.append(f"{url}: sample {key}: {exc}")
                     continue
                 want = (meta.get("num_samples"), meta.get("sample_rate"), meta.get("channels"), meta.get("key"), meta.get("split"))

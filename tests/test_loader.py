@@ -358,7 +358,7 @@ def test_workers_survive_stop_signals_to_the_process_group(data, signame):
 
 
 def test_keyed_draws_are_deterministic_and_uniform():
-    from pipeline.loader import _KeyedDraws
+    from pipeline.decode import KeyedDraws as _KeyedDraws
 
     a, b = _KeyedDraws(7, 1, 0, 2, 5), _KeyedDraws(7, 1, 0, 2, 5)
     seq = [a.integers(0, 1000) for _ in range(50)]
@@ -422,15 +422,15 @@ def test_stop_signal_during_worker_start_up_does_not_kill_it(data, monkeypatch):
     import threading
     import time
 
-    import pipeline.loader as loader_mod
+    import pipeline.workers as workers_mod
 
-    real_init = loader_mod._worker_init
+    real_init = workers_mod.worker_init
 
     def slow_init(worker_id):
         time.sleep(1.5)
         real_init(worker_id)
 
-    monkeypatch.setattr(loader_mod, "_worker_init", slow_init)
+    monkeypatch.setattr(workers_mod, "worker_init", slow_init)
     before = {p.pid for p in multiprocessing.active_children()}
     it = iter(StreamingLoader(_cfg(data["manifest"], num_workers=2)))
     got: list = []

@@ -15,7 +15,8 @@ import pytest
 import soundfile as sf
 import torch
 
-import pipeline.loader as loader_mod
+import pipeline.decode as decode_mod
+import pipeline.workers as workers_mod
 from pipeline.loader import LoaderConfig, StreamingLoader
 from tests import shardgen
 
@@ -76,12 +77,12 @@ def test_batches_kept_out_of_order_stay_intact(short):
                 assert _offset(source[key], b["audio"][i, v].numpy()) >= 0, f"view {v} of {key} was overwritten"
 
 
-class _NoSlots(loader_mod._Ring):
+class _NoSlots(workers_mod.Ring):
     def __init__(self, workers: int, slots: int, ctx) -> None:
         super().__init__(workers, 0, ctx)
 
 
-class _OneSlot(loader_mod._Ring):
+class _OneSlot(workers_mod.Ring):
     def __init__(self, workers: int, slots: int, ctx) -> None:
         super().__init__(workers, 1, ctx)
 
@@ -91,7 +92,7 @@ def test_without_free_slots_workers_fall_back_to_fresh_buffers(short, monkeypatc
     man, _ = short
     ld = StreamingLoader(_cfg(man))
     want = list(itertools.islice(ld, 2 * ld.steps_per_epoch))
-    monkeypatch.setattr(loader_mod, "_Ring", ring)  # workers fork after this, so they see it too
+    monkeypatch.setattr(workers_mod, "Ring", ring)  # workers fork after this, so they see it too
     ld = StreamingLoader(_cfg(man))
     got = list(itertools.islice(ld, 2 * ld.steps_per_epoch))
     for g, w in zip(got, want):
@@ -112,7 +113,7 @@ def long(tmp_path_factory):
 def test_views_are_exact_windows_overlapping_or_not(long, monkeypatch, direct_read):
     man, source = long
     if not direct_read:  # the public SoundFile.read path must give the same frames
-        monkeypatch.setattr(loader_mod, "_SF_READF", None)
+        monkeypatch.setattr(decode_mod, "_SF_READF", None)
     ld = StreamingLoader(_cfg(man, batch_size=2, crop_samples=6000, num_workers=0))
     overlapping = apart = 0
     for b in itertools.islice(ld, 2 * ld.steps_per_epoch):
@@ -128,7 +129,7 @@ def test_direct_reads_equal_public_reads_batch_for_batch(long, monkeypatch):
     man, _ = long
     cfg = _cfg(man, batch_size=2, crop_samples=6000, num_workers=0)
     fast = list(itertools.islice(StreamingLoader(cfg), 8))
-    monkeypatch.setattr(loader_mod, "_SF_READF", None)
+    monkeypatch.setattr(decode_mod, "_SF_READF", None)
     plain = list(itertools.islice(StreamingLoader(cfg), 8))
     for f, p in zip(fast, plain):
         assert f["keys"] == p["keys"] and torch.equal(f["audio"], p["audio"])
@@ -148,7 +149,7 @@ def test_pinned_batches_from_worker_slots(short):
 
 def test_shm_fit_lowers_prefetch_or_explains():
     MB = 2**20
-    fit = loader_mod._fit_prefetch
+    fit = workers_mod.fit_prefetch
     assert fit(2, 2, MB, None, 1) == 2  # no /dev/shm (not Linux): nothing to check
     assert fit(2, 0, MB, 0, 1) == 2  # no workers: batches never enter /dev/shm
     assert fit(2, 2, MB, 8 * MB, 1) == 2  # 2 workers x (2 + 2) batches of 1 MB fit exactly
@@ -164,12 +165,12 @@ def test_small_shm_runs_with_lower_prefetch_and_same_batches(short, monkeypatch)
     man, _ = short
     ref = [b["audio"].clone() for b in itertools.islice(StreamingLoader(_cfg(man, prefetch_factor=3)), 6)]
     batch_bytes = 4 * 3 * 2 * 700  # B x V x T float32
-    monkeypatch.setattr(loader_mod, "_shm_free_bytes", lambda: 2 * 3 * batch_bytes)  # room for prefetch 1 only
+    monkeypatch.setattr(workers_mod, "shm_free_bytes", lambda: 2 * 3 * batch_bytes)  # room for prefetch 1 only
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     with pytest.warns(UserWarning, match="using 1"):
         got = [b["audio"].clone() for b in itertools.islice(StreamingLoader(_cfg(man, prefetch_factor=3)), 6)]
     assert all(torch.equal(a, b) for a, b in zip(ref, got))  # prefetch changes timing, never content
-    monkeypatch.setattr(loader_mod, "_shm_free_bytes", lambda: batch_bytes)
+    monkeypatch.setattr(workers_mod, "shm_free_bytes", lambda: batch_bytes)
     with pytest.raises(RuntimeError, match="/dev/shm is too small"):
         next(iter(StreamingLoader(_cfg(man))))
 
@@ -177,10 +178,10 @@ def test_small_shm_runs_with_lower_prefetch_and_same_batches(short, monkeypatch)
 _FAULTS_SCRIPT = """
 import itertools, os, sys
 sys.path.insert(0, {repo!r})
-import pipeline.loader as loader_mod
+import pipeline.workers as workers_mod
 from pipeline.loader import LoaderConfig, StreamingLoader
 if not {tuned!r}:
-    loader_mod._keep_freed_memory = lambda: None  # the workers fork after this: glibc defaults
+    workers_mod.keep_freed_memory = lambda: None  # the workers fork after this: glibc defaults
 cfg = LoaderConfig(manifests=[{man!r}], batch_size=4, crop_samples=1000, num_workers=1, shuffle_buffer=48, seed=0)
 it = iter(StreamingLoader(cfg))
 for _ in range(4):
