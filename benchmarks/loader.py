@@ -23,8 +23,10 @@ CPU ms per clip is the steadier figure on a machine shared with other jobs.
                   nor its allocator tuning is counted as a win over decoding; ``--sfread-limit``
                   uses ``soundfile.read``.
 - ``webdataset``  a plain webdataset pipeline (shuffle, decode, two crops, batch) in a DataLoader.
-                  Its default audio decoder (torchaudio.load via a temp file) needs torchcodec,
-                  which this environment lacks, so the peer decodes with soundfile instead.
+                  It decodes the audio member with soundfile in a ``.map`` and runs no webdataset
+                  decoder: the defaults unpickle ``.pyd``/``.pickle`` members (nothing here may
+                  unpickle shard content), and their audio decoder (torchaudio.load via a temp
+                  file) needs torchcodec, which this environment lacks.
 - ``perfile``     the CLMR repository's pattern: one file per clip on disk, a map-style Dataset
                   that decodes the whole file and then crops, in a shuffled DataLoader.
 
@@ -233,26 +235,28 @@ def _two_crops(x: np.ndarray, crop: int, rng: np.random.Generator) -> np.ndarray
     return np.stack([x[:, o : o + crop] for o in offs])
 
 
+def _audio_only(sample: dict) -> dict:
+    """A webdataset sample's audio member decoded with soundfile; every other member (the JSON, or
+    a ``.pyd``/``.pickle`` a hostile shard may hold) is dropped undecoded. No webdataset decoder
+    runs: its defaults (``basichandlers``) unpickle ``.pyd``/``.pickle``/``.pkl`` members."""
+    ext = "flac" if "flac" in sample else "wav"
+    x, _ = sf.read(io.BytesIO(sample[ext]), dtype="float32", always_2d=True)
+    return {"audio": x.T}
+
+
 def run_webdataset(manifest: str, args) -> tuple[float, float]:
     import webdataset as wds
 
     urls = [s.url for s in load_manifest(manifest).shards]
     rng = np.random.default_rng(0)
 
-    def sf_audio(key: str, data: bytes):
-        if key.rsplit(".", 1)[-1] not in ("flac", "wav"):
-            return None
-        x, _ = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
-        return x.T
-
     def to_example(sample: dict) -> torch.Tensor:
-        x = sample.get("flac", sample.get("wav"))
-        return torch.from_numpy(_two_crops(x[:1], args.crop, rng))
+        return torch.from_numpy(_two_crops(sample["audio"][:1], args.crop, rng))
 
     # (WebDataset's repeat= argument is ignored in 1.0.2; .repeat() on the pipeline does repeat)
     ds = (wds.WebDataset(urls, shardshuffle=False, nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker,
                          empty_check=False)
-          .shuffle(args.buffer).decode(sf_audio).map(to_example).batched(args.batch_size).repeat())
+          .shuffle(args.buffer).map(_audio_only).map(to_example).batched(args.batch_size).repeat())
     dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=args.workers)
     return time_batches(dl, args.batches, args.batch_size)
 

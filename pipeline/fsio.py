@@ -6,10 +6,14 @@ Cloud filesystems (s3fs, gcsfs) are imported lazily by fsspec, only when such a 
 
 from __future__ import annotations
 
+import io
 import os
+import queue
 import random
 import tempfile
+import threading
 import time
+import warnings
 from collections.abc import Callable
 from typing import IO, TypeVar
 
@@ -58,6 +62,111 @@ def with_retries(fn: Callable[[], T], *, attempts: int = 5, base_delay: float = 
             print(f"[musicssl] transient error on {what or 'remote I/O'}: {exc!r}; retry {i + 1}/{attempts - 1} in {delay:.1f}s")
             time.sleep(delay)
     raise AssertionError("unreachable")
+
+
+class IOTimeout(TimeoutError):
+    """A remote call that did not answer within its deadline (transient: retried like a reset)."""
+
+
+class _Helper:
+    """A daemon thread that runs blocking calls for one calling thread, so the caller can stop
+    waiting. A call that misses its deadline keeps the thread; the next call gets a fresh one
+    (the stuck one ends when its call does, or with the process: it is a daemon)."""
+
+    def __init__(self) -> None:
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.pid = os.getpid()
+        threading.Thread(target=self._run, args=(self.jobs,), daemon=True, name="musicssl-io").start()
+
+    @staticmethod
+    def _run(jobs: queue.SimpleQueue) -> None:
+        while True:
+            fn, box, done = jobs.get()
+            try:
+                box.append((True, fn()))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                box.append((False, exc))
+            done.set()
+
+
+_helpers = threading.local()
+
+
+def call_with_timeout(fn: Callable[[], T], *, timeout_s: float, what: str, warn_after_s: float | None = None) -> T:
+    """``fn()``, waited for at most ``timeout_s`` seconds; :class:`IOTimeout` after that.
+
+    While waiting, a warning naming ``what`` is issued once after ``warn_after_s`` (default: 5 s,
+    or half the timeout if that is shorter), so a frozen object store shows up in the log as
+    itself and not as a silent stall."""
+    helper = getattr(_helpers, "helper", None)
+    if helper is None or helper.pid != os.getpid():  # none yet in this thread, or inherited through a fork
+        helper = _helpers.helper = _Helper()
+    box: list = []
+    done = threading.Event()
+    helper.jobs.put((fn, box, done))
+    warn_after = min(5.0, timeout_s / 2) if warn_after_s is None else min(warn_after_s, timeout_s)
+    t0 = time.monotonic()
+    if not done.wait(warn_after):
+        warnings.warn(f"[musicssl] waiting for {what}: no answer for {warn_after:.1f} s; giving up after "
+                      f"{timeout_s:g} s (data.io_timeout_s)", stacklevel=2)
+        if not done.wait(max(0.0, timeout_s - (time.monotonic() - t0))):
+            _helpers.helper = None
+            raise IOTimeout(f"{what}: no answer in {timeout_s:g} s (data.io_timeout_s)")
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
+
+
+def file_size(f: IO) -> int:
+    """The size of an open file: fsspec's ``size``, ``fstat``, or a seek to the end and back."""
+    size = getattr(f, "size", None)
+    if isinstance(size, int):
+        return size
+    try:
+        return os.fstat(f.fileno()).st_size
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        pos = f.tell()
+        end = f.seek(0, io.SEEK_END)
+        f.seek(pos)
+        return end
+
+
+def sizes(urls: list[str], *, timeout_s: float = 60.0) -> dict[str, int | None]:
+    """Each URL's size in bytes (None: it does not exist). Remote URLs are listed one folder at a
+    time (one LIST instead of a HEAD per object); what a listing misses is asked for directly."""
+    out: dict[str, int | None] = {}
+    by_folder: dict[str, list[str]] = {}
+    for u in urls:
+        if is_local(u):
+            try:
+                out[u] = os.stat(local_path(u)).st_size
+            except FileNotFoundError:
+                out[u] = None
+        else:
+            by_folder.setdefault(parent_url(u), []).append(u)
+    for folder, members in by_folder.items():
+        fs, path = fs_and_path(folder)
+        fs.invalidate_cache(path)
+        try:
+            listed = with_retries(lambda: call_with_timeout(lambda: fs.ls(path, detail=True), timeout_s=timeout_s, what=folder),
+                                  what=folder)
+        except FileNotFoundError:
+            listed = []
+        by_name = {e["name"].rstrip("/").rsplit("/", 1)[-1]: e.get("size") for e in listed if e.get("type") != "directory"}
+        for u in members:
+            name = u.rsplit("/", 1)[-1]
+            out[u] = by_name[name] if name in by_name else _size(u, timeout_s)
+    return out
+
+
+def _size(url: str, timeout_s: float) -> int | None:
+    fs, path = fs_and_path(url)
+    try:
+        info = with_retries(lambda: call_with_timeout(lambda: fs.info(path), timeout_s=timeout_s, what=url), what=url)
+    except FileNotFoundError:
+        return None
+    return int(info["size"])
 
 
 def is_local(url: str) -> bool:

@@ -65,11 +65,12 @@ from pipeline.decode import Transform
 from pipeline.manifest import load_manifest
 from pipeline.plan import EpochPlan
 from pipeline.samples import iter_samples
-from pipeline.shards import merge_label_specs
+from pipeline.shards import ShardUnavailableError, check_shards, merge_label_specs
 from pipeline.stream import WorkerStream
 
 STATE_FORMAT = "musicssl-loader/1"
-STAT_KEYS = ("examples", "skipped_corrupt", "skipped_short", "skipped_truncated", "truncated_shards", "substituted", "padded")
+STAT_KEYS = ("examples", "skipped_corrupt", "skipped_short", "skipped_truncated", "skipped_mismatched", "truncated_shards",
+             "mismatched_shards", "substituted", "padded")
 
 
 @dataclass(kw_only=True)
@@ -92,6 +93,9 @@ class LoaderConfig:
     seed: int = 0
     pin_memory: bool = False
     on_error: str = "skip"  # "skip" (warn + count + substitute) or "raise"
+    check_shards: bool = True  # at start: every shard exists with its manifest size (one LIST per bucket folder)
+    io_timeout_s: float = 60.0  # the longest one remote open/read may take before it is retried
+    io_retries: int = 3  # reopen attempts per shard read after a transient error or a timeout
 
     def __post_init__(self) -> None:
         if isinstance(self.manifests, str):
@@ -125,6 +129,10 @@ class LoaderConfig:
             raise ValueError(f"data.prefetch_factor must be >= 1, got {self.prefetch_factor}")
         if self.on_error not in ("skip", "raise"):
             raise ValueError(f"data.on_error must be 'skip' or 'raise', got {self.on_error!r}")
+        if not self.io_timeout_s > 0:
+            raise ValueError(f"data.io_timeout_s must be > 0 seconds, got {self.io_timeout_s}")
+        if self.io_retries < 0:
+            raise ValueError(f"data.io_retries must be >= 0, got {self.io_retries}")
 
     @property
     def views(self) -> int:
@@ -143,6 +151,8 @@ class StreamingLoader:
             raise ValueError(f"rank {rank} / world_size {world_size}: need 0 <= rank < world_size (torchrun's RANK, WORLD_SIZE)")
         self.config, self.rank, self.world_size, self.transform = config, rank, world_size, transform
         self.manifests = [load_manifest(u) for u in config.manifests]
+        if config.check_shards:
+            self._check_shards()
         self.label_specs = merge_label_specs(self.manifests)
         self._plan = EpochPlan(self.manifests, config.weights, batch_size=config.batch_size, world_size=world_size,
                            workers=max(1, config.num_workers), seed=config.seed)
@@ -150,6 +160,19 @@ class StreamingLoader:
         self._step = 0
         self._base_stats: Counter = Counter()
         self._live_stats: dict[int, dict] = {}
+
+    def _check_shards(self) -> None:
+        """Every shard listed exists with its manifest size, before a worker starts: a missing one
+        is an error (it would stop the run later); a mismatched one too with on_error='raise', else
+        a warning (its samples are then skipped and counted as they come)."""
+        missing, mismatched = check_shards(self.manifests, timeout_s=self.config.io_timeout_s)
+        if missing or (mismatched and self.config.on_error == "raise"):
+            bad = missing or mismatched
+            more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+            raise ShardUnavailableError(f"{bad[0]}{more}; restore it, or rebuild the split and its manifest; "
+                                        f"`shard-tools verify {self.manifests[0].url}` checks every shard")
+        for line in mismatched[:5]:
+            warnings.warn(f"[musicssl] {line}; its samples will be skipped and counted (data.on_error='skip')", stacklevel=3)
 
     @property
     def samples_per_epoch(self) -> int:
@@ -181,6 +204,9 @@ class StreamingLoader:
             w, _epoch, _b = batch.pop("_pos")
             if w != self._step % W:
                 raise RuntimeError(f"loader worker {w} delivered rank step {self._step}; expected worker {self._step % W}")
+            if "_error" in batch:  # a shard that cannot be read: the stream stops at this step
+                workers.stop(batches)  # now, not whenever the caller lets go of the exception
+                raise ShardUnavailableError(batch["_error"])
             self._live_stats[int(w)] = batch.pop("_stats")
             slot = batch.pop("_slot", None)
             if slot is not None:
@@ -206,8 +232,7 @@ class StreamingLoader:
         return c
 
     def stats(self) -> dict[str, int]:
-        """This rank's counters since the stream began (restored with the state): examples,
-        skipped_corrupt, skipped_short, skipped_truncated, truncated_shards, substituted, padded."""
+        """This rank's counters since the stream began (restored with the state): ``STAT_KEYS``."""
         c = self._base_stats + self._live_totals()
         return {k: int(c.get(k, 0)) for k in STAT_KEYS}
 
@@ -307,4 +332,4 @@ class DevicePrefetcher:
             yield cur
 
 
-__all__ = ["LoaderConfig", "StreamingLoader", "DevicePrefetcher", "iter_samples", "STAT_KEYS"]
+__all__ = ["LoaderConfig", "StreamingLoader", "DevicePrefetcher", "ShardUnavailableError", "iter_samples", "STAT_KEYS"]

@@ -38,6 +38,7 @@ class EpochPlan:
     def __init__(self, manifests: list[Manifest], weights: list[float] | None, *, batch_size: int, world_size: int,
                  workers: int, seed: int):
         self.urls = [[s.url for s in m.shards] for m in manifests]
+        self.shard_bytes = [[s.bytes for s in m.shards] for m in manifests]  # what the reader checks each shard against
         self.shard_sizes = [np.array([s.num_samples for s in m.shards], dtype=np.int64) for m in manifests]
         self.per_epoch = _per_manifest([m.num_samples for m in manifests], weights)
         self.total = sum(self.per_epoch)

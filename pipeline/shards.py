@@ -13,12 +13,14 @@ makes a mid-epoch resume cheap.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from typing import IO
 
 import numpy as np
 
 from pipeline import fsio
+from pipeline.errors import UserError
 from pipeline.manifest import MANIFEST_FORMAT, Manifest, Shard, load_manifest  # their owner is pipeline.manifest
 
 AUDIO_EXTS = ("flac", "wav", "ogg", "mp3")
@@ -26,6 +28,25 @@ AUDIO_EXTS = ("flac", "wav", "ogg", "mp3")
 
 class ShardReadError(RuntimeError):
     """A shard could not be read (truncated tar, bad header, fewer samples than its manifest says)."""
+
+
+class ShardSizeError(ShardReadError):
+    """A shard's size differs from its manifest entry: cut short, or replaced by another file."""
+
+    def __init__(self, url: str, actual: int, expected: int):
+        super().__init__(f"{url}: {actual} bytes, the manifest says {expected} "
+                         f"({'cut short' if actual < expected else 'not the shard the manifest describes'}); "
+                         "re-upload or rebuild it (`shard-tools verify` checks every shard)")
+        self.actual, self.expected = actual, expected
+
+
+class ShardUnavailableError(UserError, RuntimeError):
+    """A shard could not be read at all, for a reason retrying did not cure: missing, access
+    denied, an object store that stayed down past ``data.io_timeout_s`` x ``data.io_retries``.
+
+    The loader raises it at start (a shard listed but absent) or from the stream mid-run; the
+    stream's position is then that of the last batch delivered, so a checkpoint written on catching
+    it resumes exactly once the shard is back."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -179,8 +200,12 @@ class TarCursor:
     ``get(i)`` returns sample ``i`` (members grouped by key, in tar order) and may only be called
     with increasing ``i``; samples in between are passed over by reading their headers and seeking
     past their data. Raises :class:`ShardReadError` for a truncated or malformed tar (including
-    fewer samples than ``i + 1``). Transient remote errors are retried by reopening the shard and
-    scanning back to the same sample.
+    fewer samples than ``i + 1``), and :class:`ShardSizeError` when the file's size is not
+    ``expected_bytes`` (checked when it is opened: nearly free, and it catches a truncated or
+    replaced shard before any of it is used). Each remote open or read waits at most
+    ``timeout_s`` (a warning names the URL while it waits); transient errors, timeouts included,
+    are retried ``retries`` times with backoff by reopening the shard and scanning back to the same
+    sample. Other errors (missing file, access denied) are raised as they are.
 
     The headers are parsed here rather than by ``tarfile``, whose full ``TarInfo`` parse measured
     ~0.07 ms a member (a few percent of a clip's cost in the loader); this reads the ustar, GNU and
@@ -188,8 +213,11 @@ class TarCursor:
     checks every header's checksum.
     """
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, *, expected_bytes: int | None = None, timeout_s: float = 60.0, retries: int = 3):
         self.url = url
+        self.expected_bytes = expected_bytes  # checked when the shard is opened (ShardSizeError)
+        self.timeout_s, self.retries = timeout_s, retries  # per remote open/read, and reopen attempts
+        self._remote = not fsio.is_local(url)
         self._f: IO | None = None
         self._pos = 0  # the file's position, tracked so that reading on costs no seek
         self._next = 0  # where the next header starts
@@ -200,9 +228,21 @@ class TarCursor:
 
     def _open(self) -> None:
         self.close()
-        self._f = fsio.with_retries(lambda: fsio.open_url(self.url, "rb"), what=self.url)
+        self._f = self._call(lambda: fsio.open_url(self.url, "rb"))
         self._pos = self._next = 0
         self._pending, self._index, self._eof, self._broken = None, -1, False, None
+        if self.expected_bytes is not None:
+            f = self._f
+            size = self._call(lambda: fsio.file_size(f))
+            if size != self.expected_bytes:
+                self._broken = ShardSizeError(self.url, size, self.expected_bytes)  # and every later get
+                raise self._broken
+
+    def _call(self, fn):
+        """A call that may wait on a remote store: bounded by ``timeout_s`` there, direct locally."""
+        if not self._remote:
+            return fn()
+        return fsio.call_with_timeout(fn, timeout_s=self.timeout_s, what=self.url)
 
     def close(self) -> None:
         if self._f is not None:
@@ -210,10 +250,16 @@ class TarCursor:
         self._f = None
 
     def _read_at(self, offset: int, n: int) -> bytes:
-        assert self._f is not None
-        if offset != self._pos:
-            self._f.seek(offset)
-        data = self._f.read(n)
+        f = self._f
+        assert f is not None
+        if not self._remote:
+            if offset != self._pos:
+                f.seek(offset)
+            data = f.read(n)
+        else:
+            seek = offset != self._pos
+            # the call touches only ``f``: if it misses its deadline the cursor reopens a new file
+            data = self._call(lambda: (f.seek(offset) if seek else None, f.read(n))[1])
         self._pos = offset + len(data)
         return data
 
@@ -319,20 +365,37 @@ class TarCursor:
         return RawSample(key=key, audio=audio, audio_ext=audio_ext, meta=meta)
 
     def get(self, i: int) -> RawSample:
-        for attempt in range(4):
+        for attempt in range(self.retries + 1):
             try:
                 return self._get(i)
             except ShardReadError:
                 raise
             except Exception as exc:  # noqa: BLE001 - remote hiccups: reopen and rescan
-                if attempt == 3 or not fsio.is_transient(exc):
+                if attempt == self.retries or not fsio.is_transient(exc):
                     raise
-                print(f"[musicssl] transient error reading {self.url}: {exc!r}; reopening")
-                self._open()
+                delay = 0.25 * 2**attempt
+                print(f"[musicssl] transient error reading {self.url}: {exc!r}; reopening in {delay:g} s "
+                      f"(retry {attempt + 1}/{self.retries})", flush=True)
+                time.sleep(delay)
+                self.close()  # the next attempt reopens the shard and scans back to sample i
         raise AssertionError("unreachable")
 
 
-__all__ = ["AUDIO_EXTS", "LabelEncoder", "RawSample", "SampleJSONError", "ShardReadError", "TarCursor", "merge_label_specs",
-           "parse_sample_json",
+def check_shards(manifests: list[Manifest], *, timeout_s: float = 60.0) -> tuple[list[str], list[str]]:
+    """Every shard the manifests list, compared with its entry before anything is read: returns
+    ``(missing, mismatched)``, one line per shard (a mismatched one's line says both sizes)."""
+    entries = {s.url: (m.url, s) for m in manifests for s in m.shards}
+    found = fsio.sizes(list(entries), timeout_s=timeout_s)
+    missing, mismatched = [], []
+    for url, (murl, s) in entries.items():
+        if found[url] is None:
+            missing.append(f"shard {url} listed in {murl} does not exist")
+        elif found[url] != s.bytes:
+            mismatched.append(str(ShardSizeError(url, found[url], s.bytes)))
+    return missing, mismatched
+
+
+__all__ = ["AUDIO_EXTS", "LabelEncoder", "RawSample", "SampleJSONError", "ShardReadError", "ShardSizeError",
+           "ShardUnavailableError", "TarCursor", "check_shards", "merge_label_specs", "parse_sample_json",
            # re-exported for callers that import them from here
            "MANIFEST_FORMAT", "Manifest", "Shard", "load_manifest"]

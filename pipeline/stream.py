@@ -28,7 +28,7 @@ from pipeline import plan as P
 from pipeline.batch import BatchRows, batch_tensor, collate
 from pipeline.decode import BadSample, Cropper, Example, KeyedDraws, Transform
 from pipeline.plan import EpochPlan, Ident
-from pipeline.shards import LabelEncoder, RawSample, ShardReadError, TarCursor
+from pipeline.shards import LabelEncoder, RawSample, ShardReadError, ShardSizeError, ShardUnavailableError, TarCursor
 
 if TYPE_CHECKING:
     from pipeline.loader import LoaderConfig
@@ -40,35 +40,52 @@ Payload = RawSample | BadSample | None  # None: a sample the resume skips unread
 class ShardReader:
     """Reads samples by identity, keeping one open tar per manifest (the read-tar stage's state).
 
-    A shard that breaks mid-way (truncated or malformed tar) is remembered: its later samples are
-    bad without another read."""
+    A shard that breaks (truncated or malformed tar, or a size that is not its manifest entry's)
+    is remembered: its later samples are bad without another read. A shard that cannot be read at
+    all raises :class:`ShardUnavailableError`: that is an outage or a lost file, not bad data, so
+    it stops the stream instead of being skipped."""
 
-    def __init__(self, plan: EpochPlan, stats: Counter, truncated: dict[str, int]):
-        self.plan, self.stats, self.truncated = plan, stats, truncated
+    def __init__(self, plan: EpochPlan, cfg: LoaderConfig, stats: Counter, broken: dict[str, tuple[int, str, str]]):
+        self.plan, self.cfg, self.stats, self.broken = plan, cfg, stats, broken
         self._open: dict[int, tuple[int, TarCursor]] = {}  # manifest -> (shard, cursor)
         self._next: dict[int, int] = {}  # manifest -> the member after the last one read
 
     def read(self, ident: Ident) -> RawSample | BadSample:
         m, shard, member = ident
         url = self.plan.urls[m][shard]
-        if member >= self.truncated.get(url, 1 << 62):
-            return BadSample("truncated", f"{url}: sample {member} lies past the truncation point")
+        first_bad, kind, why = self.broken.get(url, (1 << 62, "", ""))
+        if member >= first_bad:
+            return BadSample(kind, why or f"{url}: sample {member} lies past the truncation point")
         cur = self._open.get(m)
         if cur is None or cur[0] != shard or self._next[m] > member:
             self._close(m)
-            cur = self._open[m] = (shard, TarCursor(url))
+            cursor = TarCursor(url, expected_bytes=self.plan.shard_bytes[m][shard], timeout_s=self.cfg.io_timeout_s,
+                               retries=self.cfg.io_retries)
+            cur = self._open[m] = (shard, cursor)
         self._next[m] = member + 1
         try:
             return cur[1].get(member)
+        except ShardSizeError as exc:  # nothing of this shard is used
+            return self._broke(m, url, 0, "truncated" if exc.actual < exc.expected else "mismatched", str(exc))
         except ShardReadError as exc:
-            self.truncated[url] = min(member, self.truncated.get(url, 1 << 62))
-            self.stats["truncated_shards"] += 1
+            return self._broke(m, url, member, "truncated", "", str(exc))
+        except Exception as exc:  # noqa: BLE001 - missing, access denied, retries used up: the stream stops
             self._close(m)
-            return BadSample("truncated", str(exc))
+            raise ShardUnavailableError(
+                f"{url} cannot be read ({type(exc).__name__}: {' '.join(str(exc).split())[:300]}); restore the shard "
+                "or the store's access, then resume (train.py: --resume auto); `shard-tools verify` checks every shard"
+            ) from exc
+
+    def _broke(self, m: int, url: str, first: int, kind: str, why: str, message: str | None = None) -> BadSample:
+        first = min(first, self.broken.get(url, (1 << 62,))[0])
+        self.broken[url] = (first, kind, why)
+        self.stats[f"{kind}_shards"] += 1
+        self._close(m)
+        return BadSample(kind, message or why)
 
     def read_alone(self, ident: Ident) -> RawSample | BadSample:
         """One sample through its own cursor (a substitute), leaving the stream's cursors in place."""
-        other = ShardReader(self.plan, self.stats, self.truncated)
+        other = ShardReader(self.plan, self.cfg, self.stats, self.broken)
         try:
             return other.read(ident)
         finally:
@@ -112,11 +129,18 @@ class WorkerStream(torch.utils.data.IterableDataset):
         self._slots = self.ring.worker(w) if self.ring is not None and not self.cfg.variable_length else None
         self._alloc = self._slots.alloc if self._slots is not None else batch_tensor
         self._stats: Counter = Counter()
-        self._truncated: dict[str, int] = {}  # shard url -> samples readable before the break
-        while True:
-            if self.plan.batches(w, epoch) > done:
-                yield from self._epoch(epoch, done)
-            epoch, done = epoch + 1, 0
+        self._broken: dict[str, tuple[int, str, str]] = {}  # shard url -> (first bad member, kind, why)
+        try:
+            while True:
+                if self.plan.batches(w, epoch) > done:
+                    yield from self._epoch(epoch, done)
+                epoch, done = epoch + 1, 0
+        except ShardUnavailableError as exc:
+            if info is None:
+                raise
+            # a DataLoader would re-raise it in the caller wrapped in the worker's traceback text;
+            # sent as a value, the caller raises it with its one-line message at this worker's turn
+            yield {"_error": str(exc), "_pos": [w, -1, -1]}
 
     def _epoch(self, epoch: int, done: int) -> Iterator[dict]:
         """The chain of stages for this worker's slot in ``epoch``, from its batch ``done`` on."""
@@ -124,7 +148,7 @@ class WorkerStream(torch.utils.data.IterableDataset):
         order_rng = lambda: P.seeded_rng(cfg.seed, epoch, self.rank, w, P.BUFFER)  # noqa: E731 - same draws twice
         items = self.plan.slot_items(epoch, self.rank, w)
         emitted = P.emitted_first(len(items), done * B, cfg.shuffle_buffer, order_rng()) if done else set()
-        reader = ShardReader(self.plan, self._stats, self._truncated)
+        reader = ShardReader(self.plan, self.cfg, self._stats, self._broken)
         try:
             samples = read_tar(items, reader, skip=emitted)
             samples = P.shuffle_buffer(samples, cfg.shuffle_buffer, order_rng())

@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import multiprocessing.util
 import os
 import signal
 import warnings
@@ -210,19 +211,34 @@ def _track(it: object) -> None:
     multiprocessing's own exit handler stops leftover child processes with SIGTERM, which ours
     ignore, and then joins them: a script that ends (or dies of an exception) with a stream still
     open would hang there forever. This handler is registered after multiprocessing's and torch's,
-    so it runs before them (atexit is last in, first out)."""
+    so it runs before them (atexit is last in, first out). multiprocessing moves its handler to
+    the end once more on the first ``multiprocessing.get_logger()`` (libraries call it at any
+    time; moto's server did in the tests), which would put it first again: so that first call is
+    made here, before ours is registered."""
     global _EXIT_HOOK
     if not _EXIT_HOOK:
+        multiprocessing.util.get_logger()
         atexit.register(_stop_live_workers)
         _EXIT_HOOK = True
     _LIVE.add(it)
 
 
-def _stop_live_workers() -> None:
-    for it in list(_LIVE):
-        shutdown = getattr(it, "_shutdown_workers", None)  # what the iterator's __del__ calls
+def stop(it: object) -> None:
+    """Stop ``it``'s workers now: the DataLoader's own shutdown (what its ``__del__`` calls), then
+    SIGKILL for any still alive (they ignore SIGTERM), whatever the shutdown raised."""
+    try:
+        shutdown = getattr(it, "_shutdown_workers", None)
         if shutdown is not None:
             shutdown()
+    finally:
         for proc in getattr(it, "_workers", []):
             if proc.is_alive():
                 proc.kill()
+
+
+def _stop_live_workers() -> None:
+    for it in list(_LIVE):
+        try:
+            stop(it)
+        except Exception:  # noqa: BLE001, S110 - at exit: the next stream's workers must still be stopped
+            pass
