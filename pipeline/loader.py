@@ -31,9 +31,10 @@ How an epoch is cut (the design, in order; every step is a pure function of its 
    ``total - steps_per_epoch * world_size * batch_size`` samples at the end (fewer than one global
    batch) sit out this epoch; the shard shuffle makes that a different set each epoch.
 4. **Worker stream.** A worker reads its range in tar order (bytes only, no decoding), pushes the
-   raw samples through a shuffle buffer of ``shuffle_buffer`` samples (bounded memory: the buffer
-   holds compressed bytes), decodes only the crop it needs (soundfile seeks inside the FLAC),
-   applies ``transform`` and builds whole batches.
+   raw samples through a shuffle buffer sized in bytes (``shuffle_buffer_mb`` of compressed
+   samples, at the largest per-shard mean sample size of the manifests, so its capacity is known
+   without reading; ``shuffle_buffer`` caps it in samples), decodes only the crop it needs
+   (soundfile seeks inside the FLAC), applies ``transform`` and builds whole batches.
 5. **Bad samples.** A corrupt, unreadable or (``short_policy="skip"``) too short sample is counted
    and replaced by a substitute: another sample of the same slot's range, picked by a seeded draw
    from (seed, epoch, rank, worker, position). So every position of the stream is filled, batch
@@ -43,15 +44,14 @@ How an epoch is cut (the design, in order; every step is a pure function of its 
 Resume: the loader's position is just the rank step ``g`` (plus counters). On restore each worker
 recomputes how many of its samples were emitted, replays the shuffle buffer on sample *identities*
 (no bytes, no decoding) and skips reading those samples; the batches that follow equal an
-uninterrupted run's. Exact resume needs the same seed, manifests, batch size, world size and worker
-count; ``load_state_dict(state, strict=False)`` accepts a different world size or worker count and
+uninterrupted run's. Exact resume needs the same seed, manifests, batch size, shuffle capacity,
+world size and worker count; ``load_state_dict(state, strict=False)`` accepts a different world size or worker count and
 continues at the start of the next epoch. The state holds no rank-specific position, so rank 0's
 checkpoint restores every rank.
 """
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -59,18 +59,18 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline import workers
+from pipeline import fsio, memory, workers
 from pipeline.batch import finish
 from pipeline.decode import Transform
 from pipeline.manifest import load_manifest
-from pipeline.plan import EpochPlan
+from pipeline.plan import EpochPlan, sample_bytes, shuffle_capacity
 from pipeline.samples import iter_samples
 from pipeline.shards import ShardUnavailableError, check_shards, merge_label_specs
 from pipeline.stream import WorkerStream
 
 STATE_FORMAT = "musicssl-loader/1"
 STAT_KEYS = ("examples", "skipped_corrupt", "skipped_short", "skipped_truncated", "skipped_mismatched", "truncated_shards",
-             "mismatched_shards", "substituted", "padded")
+             "mismatched_shards", "substituted", "padded", "cache_fetched", "cache_corrupt")
 
 
 @dataclass(kw_only=True)
@@ -87,7 +87,8 @@ class LoaderConfig:
     short_policy: str = "pad"  # clips shorter than a crop: "pad" (zeros, lengths<T) or "skip" (counted, substituted)
     sample_rate: int | None = None  # resample on the fly if a sample differs; None = take as is
     mono: bool = True
-    shuffle_buffer: int = 1000  # samples (compressed bytes) held per worker
+    shuffle_buffer_mb: float = 128.0  # MiB of raw (compressed) samples each worker's shuffle buffer holds
+    shuffle_buffer: int | None = None  # at most this many samples too (None: the MiB budget alone)
     num_workers: int = 2
     prefetch_factor: int = 2  # batches each worker keeps ready
     seed: int = 0
@@ -96,6 +97,8 @@ class LoaderConfig:
     check_shards: bool = True  # at start: every shard exists with its manifest size (one LIST per bucket folder)
     io_timeout_s: float = 60.0  # the longest one remote open/read may take before it is retried
     io_retries: int = 3  # reopen attempts per shard read after a transient error or a timeout
+    cache_dir: str | None = None  # a node-local folder: remote shards are fetched there once, verified (pipeline/cache.py)
+    cache_limit_gb: float = 100.0  # the most the cache holds; least recently used shards are evicted
 
     def __post_init__(self) -> None:
         if isinstance(self.manifests, str):
@@ -121,8 +124,10 @@ class LoaderConfig:
             raise ValueError(f"data.short_policy must be 'pad' or 'skip', got {self.short_policy!r}")
         if self.sample_rate is not None and self.sample_rate < 1:
             raise ValueError(f"data.sample_rate must be a positive rate or None, got {self.sample_rate}")
-        if self.shuffle_buffer < 1:
-            raise ValueError(f"data.shuffle_buffer must be >= 1 (1 = no shuffling), got {self.shuffle_buffer}")
+        if not self.shuffle_buffer_mb > 0:
+            raise ValueError(f"data.shuffle_buffer_mb must be > 0, got {self.shuffle_buffer_mb}")
+        if self.shuffle_buffer is not None and self.shuffle_buffer < 1:
+            raise ValueError(f"data.shuffle_buffer must be >= 1 (1 = no shuffling) or None, got {self.shuffle_buffer}")
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
         if self.prefetch_factor < 1:
@@ -133,6 +138,10 @@ class LoaderConfig:
             raise ValueError(f"data.io_timeout_s must be > 0 seconds, got {self.io_timeout_s}")
         if self.io_retries < 0:
             raise ValueError(f"data.io_retries must be >= 0, got {self.io_retries}")
+        if not self.cache_limit_gb > 0:
+            raise ValueError(f"data.cache_limit_gb must be > 0, got {self.cache_limit_gb}")
+        if self.cache_dir is not None and not fsio.is_local(self.cache_dir):
+            raise ValueError(f"data.cache_dir must be a local folder (node-local disk), got {self.cache_dir!r}")
 
     @property
     def views(self) -> int:
@@ -155,11 +164,13 @@ class StreamingLoader:
             self._check_shards()
         self.label_specs = merge_label_specs(self.manifests)
         self._plan = EpochPlan(self.manifests, config.weights, batch_size=config.batch_size, world_size=world_size,
-                           workers=max(1, config.num_workers), seed=config.seed)
+                               workers=max(1, config.num_workers), seed=config.seed,
+                               shuffle_capacity=shuffle_capacity(self.manifests, config.shuffle_buffer_mb, config.shuffle_buffer))
         self.steps_per_epoch: int = self._plan.steps_per_epoch
         self._step = 0
         self._base_stats: Counter = Counter()
         self._live_stats: dict[int, dict] = {}
+        self._stated = False  # the memory line is printed once
 
     def _check_shards(self) -> None:
         """Every shard listed exists with its manifest size, before a worker starts: a missing one
@@ -191,12 +202,18 @@ class StreamingLoader:
         # pinning happens here, not in the DataLoader: a ring slot is copied once, straight into pinned memory
         pin = cfg.pin_memory and torch.cuda.is_available()
         ring = None
+        prefetch = 0
+        if cfg.num_workers:
+            prefetch = workers.fit_prefetch(cfg.prefetch_factor, cfg.num_workers, self._batch_bytes(), workers.shm_free_bytes(),
+                                            memory.local_ranks())
+        line = memory.check(self.memory_budget(prefetch), local_ranks=memory.local_ranks(), available=memory.available_bytes())
+        if self.rank == 0 and not self._stated:
+            print(line, flush=True)
+            self._stated = True
         if cfg.num_workers == 0:
             batches: Iterable[dict] = self._stream(None)
         else:
             ctx = torch.multiprocessing.get_context()
-            prefetch = workers.fit_prefetch(cfg.prefetch_factor, cfg.num_workers, self._batch_bytes(), workers.shm_free_bytes(),
-                                            int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
             # a worker has at most prefetch batches queued plus the one it is building
             ring = workers.Ring(W, prefetch + 2, ctx)
             batches = workers.start(self._stream(ring), num_workers=cfg.num_workers, prefetch=prefetch, ctx=ctx)
@@ -218,6 +235,17 @@ class StreamingLoader:
     def _stream(self, ring: workers.Ring | None) -> WorkerStream:
         return WorkerStream(self.config, self._plan, self.label_specs, rank=self.rank, start_step=self._step,
                             transform=self.transform, ring=ring)
+
+    def memory_budget(self, prefetch: int | None = None) -> memory.MemoryBudget:
+        """The memory this rank's loader holds (docs in ``pipeline/memory.py``); ``prefetch``: the
+        prefetch factor in use (default: the configured one)."""
+        cfg = self.config
+        prefetch = cfg.prefetch_factor if prefetch is None else prefetch
+        return memory.MemoryBudget(
+            buffers=max(1, cfg.num_workers), shuffle_samples=self._plan.shuffle_capacity,
+            sample_bytes=sample_bytes(self.manifests), batch_bytes=self._batch_bytes(),
+            shm_batches=cfg.num_workers * (prefetch + 2), pinned_batches=2 if cfg.pin_memory and torch.cuda.is_available() else 0,
+        )
 
     def _batch_bytes(self) -> int:
         """Bytes of one batch's float32 audio."""
@@ -247,6 +275,7 @@ class StreamingLoader:
             "num_workers": self._plan.workers,
             "manifests": list(self.config.manifests),
             "weights": None if self.config.weights is None else [float(x) for x in self.config.weights],
+            "shuffle_capacity": self._plan.shuffle_capacity,
             "stats": self.stats(),
         }
 
@@ -260,7 +289,12 @@ class StreamingLoader:
         if state.get("format") != STATE_FORMAT:
             raise ValueError(f"loader state has format {state.get('format')!r}, expected {STATE_FORMAT!r}")
         mine = self.state_dict()
-        for k, flag in (("seed", "data.seed"), ("batch_size", "batch size (train.py: --train.global_batch_size)"), ("manifests", "data.manifests"), ("weights", "data.weights")):
+        checks = (("seed", "data.seed"), ("batch_size", "batch size (train.py: --train.global_batch_size)"),
+                  ("manifests", "data.manifests"), ("weights", "data.weights"),
+                  ("shuffle_capacity", "data.shuffle_buffer_mb and data.shuffle_buffer"))
+        for k, flag in checks:
+            if k == "shuffle_capacity" and k not in state:  # a state written before the key existed
+                continue
             if state.get(k) != mine[k]:
                 raise ValueError(f"loader state has {k}={state.get(k)!r} but this loader {mine[k]!r}; resume with the same {flag}")
         self._base_stats = Counter({k: int(v) for k, v in (state.get("stats") or {}).items()})

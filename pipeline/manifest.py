@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,7 @@ from pipeline.errors import UserError
 
 MANIFEST_FORMAT = "musicssl-shards/1"
 LABEL_KINDS = ("multi_hot", "class")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 _REBUILD = "rebuild the split with `shard-tools build` (or `shard-tools merge` for --slice builds)"
 
 
@@ -134,8 +136,8 @@ def _parse_shard(check: _Checker, i: int, s: object, url: str) -> Shard:
         check.fail(f"shard entry {i} has no 'url' string")
     where = f"shard entry {i} ({s['url']})"
     sha = s.get("sha256")
-    if not isinstance(sha, str) or not sha:
-        check.fail(f"{where}: 'sha256' must be the tar's hex digest, got {sha!r}")
+    if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
+        check.fail(f"{where}: 'sha256' must be the tar's hex digest (64 of 0-9a-f), got {sha!r}")
     return Shard(url=resolve_shard_url(url, s["url"]),
                  num_samples=check.integer(s, "num_samples", minimum=0, where=where),
                  bytes=check.integer(s, "bytes", minimum=0, where=where), sha256=sha,

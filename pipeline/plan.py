@@ -36,13 +36,16 @@ class EpochPlan:
     """Epoch size, per-worker batch counts and each slot's sample identities (steps 1-3)."""
 
     def __init__(self, manifests: list[Manifest], weights: list[float] | None, *, batch_size: int, world_size: int,
-                 workers: int, seed: int):
+                 workers: int, seed: int, shuffle_capacity: int = 1):
         self.urls = [[s.url for s in m.shards] for m in manifests]
-        self.shard_bytes = [[s.bytes for s in m.shards] for m in manifests]  # what the reader checks each shard against
+        # what the reader checks each shard against
+        self.shard_bytes = [[s.bytes for s in m.shards] for m in manifests]
+        self.shard_sha256 = [[s.sha256 for s in m.shards] for m in manifests]
         self.shard_sizes = [np.array([s.num_samples for s in m.shards], dtype=np.int64) for m in manifests]
         self.per_epoch = _per_manifest([m.num_samples for m in manifests], weights)
         self.total = sum(self.per_epoch)
         self.batch_size, self.world_size, self.workers, self.seed = batch_size, world_size, workers, seed
+        self.shuffle_capacity = shuffle_capacity  # samples each worker's shuffle buffer holds (step 4)
         self.steps_per_epoch = self.total // (world_size * batch_size)
         if self.steps_per_epoch == 0:
             where = ", ".join(m.url for m in manifests)
@@ -99,6 +102,20 @@ class EpochPlan:
             member = within - (ends[k] - sizes[perm][k])
             out += [(m, int(s), int(i)) for s, i in zip(perm[k], member)]
         return out
+
+
+def sample_bytes(manifests: list[Manifest]) -> int:
+    """The largest mean size of a raw sample (its tar members) over all shards: what one sample in
+    a shuffle buffer is taken to cost. Known from the manifests alone, so the buffer's capacity,
+    and with it the sample order, never depends on what was read."""
+    return max(-(-s.bytes // s.num_samples) for m in manifests for s in m.shards if s.num_samples)
+
+
+def shuffle_capacity(manifests: list[Manifest], budget_mb: float, cap: int | None) -> int:
+    """Samples a worker's shuffle buffer holds: as many as ``budget_mb`` MiB of raw samples take
+    (at :func:`sample_bytes` each), at most ``cap``, at least 1."""
+    n = int(budget_mb * 2**20) // sample_bytes(manifests)
+    return max(1, min(n, cap) if cap is not None else n)
 
 
 def _per_manifest(counts: list[int], weights: list[float] | None) -> list[int]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO
 
@@ -30,7 +31,14 @@ class ShardReadError(RuntimeError):
     """A shard could not be read (truncated tar, bad header, fewer samples than its manifest says)."""
 
 
-class ShardSizeError(ShardReadError):
+class ShardMismatchError(ShardReadError):
+    """A shard that is not what its manifest entry says: none of its samples is used. ``kind``
+    names the loader's counters (``skipped_<kind>``, ``<kind>_shards``)."""
+
+    kind = "mismatched"
+
+
+class ShardSizeError(ShardMismatchError):
     """A shard's size differs from its manifest entry: cut short, or replaced by another file."""
 
     def __init__(self, url: str, actual: int, expected: int):
@@ -38,13 +46,23 @@ class ShardSizeError(ShardReadError):
                          f"({'cut short' if actual < expected else 'not the shard the manifest describes'}); "
                          "re-upload or rebuild it (`shard-tools verify` checks every shard)")
         self.actual, self.expected = actual, expected
+        self.kind = "truncated" if actual < expected else "mismatched"
+
+
+class ShardHashError(ShardMismatchError):
+    """A shard's sha256 differs from its manifest entry (checked where it is read whole: the cache)."""
+
+    def __init__(self, url: str, actual: str, expected: str):
+        super().__init__(f"{url}: sha256 {actual[:16]}..., the manifest says {expected[:16]}... (not the shard the "
+                         "manifest describes); re-upload or rebuild it (`shard-tools verify` checks every shard)")
 
 
 class ShardUnavailableError(UserError, RuntimeError):
     """A shard could not be read at all, for a reason retrying did not cure: missing, access
     denied, an object store that stayed down past ``data.io_timeout_s`` x ``data.io_retries``.
 
-    The loader raises it at start (a shard listed but absent) or from the stream mid-run; the
+    The loader raises it at start (a shard listed but absent; or not its manifest size, with
+    ``on_error="raise"``) or from the stream mid-run; the
     stream's position is then that of the last batch delivered, so a checkpoint written on catching
     it resumes exactly once the shard is back."""
 
@@ -213,11 +231,13 @@ class TarCursor:
     checks every header's checksum.
     """
 
-    def __init__(self, url: str, *, expected_bytes: int | None = None, timeout_s: float = 60.0, retries: int = 3):
+    def __init__(self, url: str, *, expected_bytes: int | None = None, timeout_s: float = 60.0, retries: int = 3,
+                 opener: Callable[[], IO] | None = None):
         self.url = url
         self.expected_bytes = expected_bytes  # checked when the shard is opened (ShardSizeError)
         self.timeout_s, self.retries = timeout_s, retries  # per remote open/read, and reopen attempts
-        self._remote = not fsio.is_local(url)
+        self._opener = opener  # opens a local copy instead of the URL (pipeline.cache)
+        self._remote = opener is None and not fsio.is_local(url)
         self._f: IO | None = None
         self._pos = 0  # the file's position, tracked so that reading on costs no seek
         self._next = 0  # where the next header starts
@@ -228,7 +248,7 @@ class TarCursor:
 
     def _open(self) -> None:
         self.close()
-        self._f = self._call(lambda: fsio.open_url(self.url, "rb"))
+        self._f = self._opener() if self._opener is not None else self._call(lambda: fsio.open_url(self.url, "rb"))
         self._pos = self._next = 0
         self._pending, self._index, self._eof, self._broken = None, -1, False, None
         if self.expected_bytes is not None:
@@ -395,7 +415,8 @@ def check_shards(manifests: list[Manifest], *, timeout_s: float = 60.0) -> tuple
     return missing, mismatched
 
 
-__all__ = ["AUDIO_EXTS", "LabelEncoder", "RawSample", "SampleJSONError", "ShardReadError", "ShardSizeError",
+__all__ = ["AUDIO_EXTS", "LabelEncoder", "RawSample", "SampleJSONError", "ShardHashError", "ShardMismatchError",
+           "ShardReadError", "ShardSizeError",
            "ShardUnavailableError", "TarCursor", "check_shards", "merge_label_specs", "parse_sample_json",
            # re-exported for callers that import them from here
            "MANIFEST_FORMAT", "Manifest", "Shard", "load_manifest"]

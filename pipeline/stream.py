@@ -18,17 +18,19 @@ from __future__ import annotations
 import itertools
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Iterator
+from typing import IO, TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from pipeline import fsio
 from pipeline import plan as P
+from pipeline.cache import ShardCache
 from pipeline.batch import BatchRows, batch_tensor, collate
 from pipeline.decode import BadSample, Cropper, Example, KeyedDraws, Transform
 from pipeline.plan import EpochPlan, Ident
-from pipeline.shards import LabelEncoder, RawSample, ShardReadError, ShardSizeError, ShardUnavailableError, TarCursor
+from pipeline.shards import LabelEncoder, RawSample, ShardMismatchError, ShardReadError, ShardUnavailableError, TarCursor
 
 if TYPE_CHECKING:
     from pipeline.loader import LoaderConfig
@@ -45,8 +47,9 @@ class ShardReader:
     all raises :class:`ShardUnavailableError`: that is an outage or a lost file, not bad data, so
     it stops the stream instead of being skipped."""
 
-    def __init__(self, plan: EpochPlan, cfg: LoaderConfig, stats: Counter, broken: dict[str, tuple[int, str, str]]):
-        self.plan, self.cfg, self.stats, self.broken = plan, cfg, stats, broken
+    def __init__(self, plan: EpochPlan, cfg: LoaderConfig, stats: Counter, broken: dict[str, tuple[int, str, str]],
+                 cache: ShardCache | None = None):
+        self.plan, self.cfg, self.stats, self.broken, self.cache = plan, cfg, stats, broken, cache
         self._open: dict[int, tuple[int, TarCursor]] = {}  # manifest -> (shard, cursor)
         self._next: dict[int, int] = {}  # manifest -> the member after the last one read
 
@@ -60,21 +63,31 @@ class ShardReader:
         if cur is None or cur[0] != shard or self._next[m] > member:
             self._close(m)
             cursor = TarCursor(url, expected_bytes=self.plan.shard_bytes[m][shard], timeout_s=self.cfg.io_timeout_s,
-                               retries=self.cfg.io_retries)
+                               retries=self.cfg.io_retries, opener=self._cached(m, shard))
             cur = self._open[m] = (shard, cursor)
         self._next[m] = member + 1
         try:
             return cur[1].get(member)
-        except ShardSizeError as exc:  # nothing of this shard is used
-            return self._broke(m, url, 0, "truncated" if exc.actual < exc.expected else "mismatched", str(exc))
+        except ShardMismatchError as exc:  # not the shard its manifest entry describes: nothing of it is used
+            return self._broke(m, url, 0, exc.kind, str(exc))
         except ShardReadError as exc:
             return self._broke(m, url, member, "truncated", "", str(exc))
+        except ShardUnavailableError:
+            self._close(m)
+            raise
         except Exception as exc:  # noqa: BLE001 - missing, access denied, retries used up: the stream stops
             self._close(m)
             raise ShardUnavailableError(
                 f"{url} cannot be read ({type(exc).__name__}: {' '.join(str(exc).split())[:300]}); restore the shard "
                 "or the store's access, then resume (train.py: --resume auto); `shard-tools verify` checks every shard"
             ) from exc
+
+    def _cached(self, m: int, shard: int) -> Callable[[], IO] | None:
+        """How to open the shard from the node's cache (None: read the URL itself)."""
+        url = self.plan.urls[m][shard]
+        if self.cache is None or fsio.is_local(url):
+            return None
+        return self.cache.opener(url, self.plan.shard_sha256[m][shard], self.plan.shard_bytes[m][shard])
 
     def _broke(self, m: int, url: str, first: int, kind: str, why: str, message: str | None = None) -> BadSample:
         first = min(first, self.broken.get(url, (1 << 62,))[0])
@@ -85,7 +98,7 @@ class ShardReader:
 
     def read_alone(self, ident: Ident) -> RawSample | BadSample:
         """One sample through its own cursor (a substitute), leaving the stream's cursors in place."""
-        other = ShardReader(self.plan, self.cfg, self.stats, self.broken)
+        other = ShardReader(self.plan, self.cfg, self.stats, self.broken, self.cache)
         try:
             return other.read(ident)
         finally:
@@ -130,6 +143,9 @@ class WorkerStream(torch.utils.data.IterableDataset):
         self._alloc = self._slots.alloc if self._slots is not None else batch_tensor
         self._stats: Counter = Counter()
         self._broken: dict[str, tuple[int, str, str]] = {}  # shard url -> (first bad member, kind, why)
+        cfg = self.cfg
+        self._cache = None if cfg.cache_dir is None else ShardCache(
+            fsio.local_path(cfg.cache_dir), int(cfg.cache_limit_gb * 2**30), timeout_s=cfg.io_timeout_s, retries=cfg.io_retries, stats=self._stats)
         try:
             while True:
                 if self.plan.batches(w, epoch) > done:
@@ -147,11 +163,12 @@ class WorkerStream(torch.utils.data.IterableDataset):
         cfg, B, w = self.cfg, self.cfg.batch_size, self._w
         order_rng = lambda: P.seeded_rng(cfg.seed, epoch, self.rank, w, P.BUFFER)  # noqa: E731 - same draws twice
         items = self.plan.slot_items(epoch, self.rank, w)
-        emitted = P.emitted_first(len(items), done * B, cfg.shuffle_buffer, order_rng()) if done else set()
-        reader = ShardReader(self.plan, self.cfg, self._stats, self._broken)
+        size = self.plan.shuffle_capacity
+        emitted = P.emitted_first(len(items), done * B, size, order_rng()) if done else set()
+        reader = ShardReader(self.plan, self.cfg, self._stats, self._broken, self._cache)
         try:
             samples = read_tar(items, reader, skip=emitted)
-            samples = P.shuffle_buffer(samples, cfg.shuffle_buffer, order_rng())
+            samples = P.shuffle_buffer(samples, size, order_rng())
             samples = itertools.islice(samples, done * B, None)
             rows = self._rows()
             examples = self._decode_and_crop(samples, items, reader, epoch, first=done * B, rows=rows)
