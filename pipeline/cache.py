@@ -125,11 +125,13 @@ class ShardCache:
 
     def _download(self, url: str, part: str) -> tuple[int, str]:
         h, got = hashlib.sha256(), 0
-        src = fsio.call_with_timeout(lambda: fsio.open_url(url, "rb"), timeout_s=self.timeout_s, what=url)
+        src = fsio.call_with_timeout(lambda: fsio.open_url(url, "rb"), timeout_s=self.timeout_s, what=url,
+                                     flag="data.io_timeout_s")
         try:
             with open(part, "wb") as out:
                 while True:
-                    chunk = fsio.call_with_timeout(lambda: src.read(_CHUNK), timeout_s=self.timeout_s, what=url)
+                    chunk = fsio.call_with_timeout(lambda: src.read(_CHUNK), timeout_s=self.timeout_s, what=url,
+                                                   flag="data.io_timeout_s")
                     if not chunk:
                         break
                     h.update(chunk)

@@ -92,12 +92,13 @@ class _Helper:
 _helpers = threading.local()
 
 
-def call_with_timeout(fn: Callable[[], T], *, timeout_s: float, what: str, warn_after_s: float | None = None) -> T:
+def call_with_timeout(fn: Callable[[], T], *, timeout_s: float, what: str, warn_after_s: float | None = None,
+                      flag: str = "") -> T:
     """``fn()``, waited for at most ``timeout_s`` seconds; :class:`IOTimeout` after that.
 
     While waiting, a warning naming ``what`` is issued once after ``warn_after_s`` (default: 5 s,
     or half the timeout if that is shorter), so a frozen object store shows up in the log as
-    itself and not as a silent stall."""
+    itself and not as a silent stall. ``flag``: the setting that sets the timeout, named in both."""
     helper = getattr(_helpers, "helper", None)
     if helper is None or helper.pid != os.getpid():  # none yet in this thread, or inherited through a fork
         helper = _helpers.helper = _Helper()
@@ -107,11 +108,12 @@ def call_with_timeout(fn: Callable[[], T], *, timeout_s: float, what: str, warn_
     warn_after = min(5.0, timeout_s / 2) if warn_after_s is None else min(warn_after_s, timeout_s)
     t0 = time.monotonic()
     if not done.wait(warn_after):
+        knob = f" ({flag})" if flag else ""
         warnings.warn(f"[musicssl] waiting for {what}: no answer for {warn_after:.1f} s; giving up after "
-                      f"{timeout_s:g} s (data.io_timeout_s)", stacklevel=2)
+                      f"{timeout_s:g} s{knob}", stacklevel=2)
         if not done.wait(max(0.0, timeout_s - (time.monotonic() - t0))):
             _helpers.helper = None
-            raise IOTimeout(f"{what}: no answer in {timeout_s:g} s (data.io_timeout_s)")
+            raise IOTimeout(f"{what}: no answer in {timeout_s:g} s{knob}")
     ok, value = box[0]
     if not ok:
         raise value
@@ -204,19 +206,20 @@ def open_url(url: str, mode: str = "rb") -> IO:
     return fsspec.open(url, mode).open()
 
 
-def read_bytes(url: str) -> bytes:
+def read_bytes(url: str, *, timeout_s: float = 60.0) -> bytes:
+    """A whole file's bytes; a remote read that gets no answer for ``timeout_s`` is retried."""
     if is_local(url):
         with open(local_path(url), "rb") as f:
             return f.read()
     fs, path = fs_and_path(url)
-    return with_retries(lambda: fs.cat_file(path), what=url)
+    return with_retries(lambda: call_with_timeout(lambda: fs.cat_file(path), timeout_s=timeout_s, what=url), what=url)
 
 
-def exists(url: str) -> bool:
+def exists(url: str, *, timeout_s: float = 60.0) -> bool:
     if is_local(url):
         return os.path.exists(local_path(url))
     fs, path = fs_and_path(url)
-    return with_retries(lambda: fs.exists(path), what=url)
+    return with_retries(lambda: call_with_timeout(lambda: fs.exists(path), timeout_s=timeout_s, what=url), what=url)
 
 
 def makedirs(url: str) -> None:
@@ -289,7 +292,7 @@ def list_dir(url: str) -> list[str]:
         return sorted(os.listdir(p)) if os.path.isdir(p) else []
     fs, path = fs_and_path(url)
     try:
-        entries = with_retries(lambda: fs.ls(path, detail=False), what=url)
+        entries = with_retries(lambda: call_with_timeout(lambda: fs.ls(path, detail=False), timeout_s=60.0, what=url), what=url)
     except FileNotFoundError:
         return []
     return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)

@@ -41,6 +41,12 @@ How an epoch is cut (the design, in order; every step is a pure function of its 
    counts never change, and the stream after position ``p`` does not depend on what was bad before
    it. ``on_error="raise"`` raises instead.
 
+Shards are compared with their manifest entries (at start, and their size whenever one is opened);
+a shard that cannot be read at all raises :class:`ShardUnavailableError` at the step that needed
+it. Memory: what the loader holds per rank is printed at start and refused beyond what the machine
+has (``pipeline/memory.py``); remote shards may be cached on a local disk (``cache_dir``,
+``pipeline/cache.py``).
+
 Resume: the loader's position is just the rank step ``g`` (plus counters). On restore each worker
 recomputes how many of its samples were emitted, replays the shuffle buffer on sample *identities*
 (no bytes, no decoding) and skips reading those samples; the batches that follow equal an

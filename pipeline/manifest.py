@@ -74,7 +74,7 @@ def load_manifest(url: str, *, allow_empty: bool = False) -> Manifest:
     messages name ``url`` and say what to do. ``allow_empty``: accept a manifest without samples
     (the partial manifest of a slice that got none; shard-tools reads those, the loader does not)."""
     try:
-        data = fsio.with_retries(lambda: fsio.read_bytes(url), what=url)
+        data = fsio.read_bytes(url)  # remote reads: bounded by a timeout, transient errors retried
     except FileNotFoundError as exc:
         raise ManifestNotFound(
             f"{url} does not exist; build the split with `shard-tools build ...` (`shard-tools demo --out "

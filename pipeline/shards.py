@@ -262,7 +262,7 @@ class TarCursor:
         """A call that may wait on a remote store: bounded by ``timeout_s`` there, direct locally."""
         if not self._remote:
             return fn()
-        return fsio.call_with_timeout(fn, timeout_s=self.timeout_s, what=self.url)
+        return fsio.call_with_timeout(fn, timeout_s=self.timeout_s, what=self.url, flag="data.io_timeout_s")
 
     def close(self) -> None:
         if self._f is not None:

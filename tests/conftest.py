@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -84,11 +85,10 @@ def _moto_server_cmd() -> list[str]:
 _S3_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
 
 
-@pytest.fixture(scope="session")
-def moto_s3() -> Iterator[str]:
-    """A moto S3 server on 127.0.0.1; yields its endpoint URL with the AWS_* env vars pointing at it."""
-    pytest.importorskip("moto", reason="moto[server] is not installed (pip install -e '.[test]')")
-    pytest.importorskip("s3fs", reason="s3fs is not installed (pip install -e '.[s3]')")
+@contextlib.contextmanager
+def moto_server() -> Iterator[subprocess.Popen]:
+    """Start ``moto_server`` on 127.0.0.1 at a free port with the AWS_* env vars pointing at it;
+    yields its process (``AWS_ENDPOINT_URL`` holds the endpoint). Stopped and the env restored after."""
     port = _free_port()
     endpoint = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([*_moto_server_cmd(), "-H", "127.0.0.1", "-p", str(port)],
@@ -106,7 +106,7 @@ def moto_s3() -> Iterator[str]:
                 time.sleep(0.2)
         os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
                            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"})
-        yield endpoint
+        yield proc
     finally:
         proc.terminate()
         try:
@@ -118,6 +118,15 @@ def moto_s3() -> Iterator[str]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def moto_s3() -> Iterator[str]:
+    """A moto S3 server on 127.0.0.1; yields its endpoint URL with the AWS_* env vars pointing at it."""
+    pytest.importorskip("moto", reason="moto[server] is not installed (pip install -e '.[test]')")
+    pytest.importorskip("s3fs", reason="s3fs is not installed (pip install -e '.[s3]')")
+    with moto_server():
+        yield os.environ["AWS_ENDPOINT_URL"]
 
 
 def make_bucket(name: str) -> None:

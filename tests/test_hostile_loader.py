@@ -15,9 +15,7 @@ import subprocess
 import sys
 import tarfile
 import time
-import urllib.request
 
-import numpy as np
 import pytest
 import torch
 
@@ -221,43 +219,21 @@ def test_exit_with_a_stream_open_after_multiprocessing_get_logger(tmp_path):
 
 
 @pytest.fixture
-def own_moto(tmp_path):
+def own_moto():
     """A moto S3 server of this test's own (it gets frozen with SIGSTOP), AWS_* pointing at it."""
     pytest.importorskip("moto")
     s3fs = pytest.importorskip("s3fs")
-    from tests.conftest import _free_port, _moto_server_cmd
+    from tests.conftest import moto_server
 
     # fsspec caches filesystems by their arguments, not by AWS_ENDPOINT_URL: one made for another
-    # server must not serve this test, nor one made for this server (killed below) the next test
+    # server must not serve this test, nor one made for this server (stopped below) the next test
     s3fs.S3FileSystem.clear_instance_cache()
-    port = _free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([*_moto_server_cmd(), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-    try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                urllib.request.urlopen(endpoint + "/moto-api/", timeout=1)
-                break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"moto_server did not start on {endpoint}") from None
-                time.sleep(0.2)
-        os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
-                           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"})
-        yield proc
-    finally:
-        os.kill(proc.pid, signal.SIGCONT)
-        proc.kill()
-        proc.wait(10)
-        s3fs.S3FileSystem.clear_instance_cache()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with moto_server() as proc:
+        try:
+            yield proc
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)  # a frozen server would not stop on SIGTERM
+    s3fs.S3FileSystem.clear_instance_cache()
 
 
 def _upload(folder, bucket: str) -> str:
