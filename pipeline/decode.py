@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from pipeline.loader import LoaderConfig
 
 Transform = Callable[[np.ndarray, np.random.Generator], np.ndarray]
+MAX_CHANNELS, MIN_RATE, MAX_RATE = 64, 1000, 768_000  # beyond these a sample's header is taken as damage
 
 
 class BadSample(Exception):
@@ -145,6 +146,9 @@ class Cropper:
         frames, sr = int(f.frames), int(f.samplerate)
         if frames <= 0:
             raise BadSample("corrupt", f"{name}: no audio frames")
+        if not 1 <= f.channels <= MAX_CHANNELS or not MIN_RATE <= sr <= MAX_RATE:
+            # what a header may claim is not what is worth allocating or resampling for
+            raise BadSample("corrupt", f"{name}: {f.channels} channels at {sr} Hz is not audio this loader takes")
         target = cfg.sample_rate or sr
         avail = frames if target == sr else (frames * target) // sr  # frames at the target rate
         L, padded = self._length(avail, name)

@@ -120,18 +120,23 @@ def call_with_timeout(fn: Callable[[], T], *, timeout_s: float, what: str, warn_
     return value
 
 
-def file_size(f: IO) -> int:
-    """The size of an open file: fsspec's ``size``, ``fstat``, or a seek to the end and back."""
+def file_size(f: IO) -> int | None:
+    """The size of an open file: fsspec's ``size``, ``fstat``, or a seek to the end and back;
+    None for a stream that knows none of these."""
     size = getattr(f, "size", None)
     if isinstance(size, int):
         return size
     try:
         return os.fstat(f.fileno()).st_size
     except (AttributeError, OSError, io.UnsupportedOperation):
+        pass
+    try:
         pos = f.tell()
         end = f.seek(0, io.SEEK_END)
         f.seek(pos)
         return end
+    except (OSError, ValueError):
+        return None
 
 
 def sizes(urls: list[str], *, timeout_s: float = 60.0) -> dict[str, int | None]:

@@ -202,11 +202,15 @@ def _tar_int(field: bytes, what: str) -> int:
 
 
 def _pax_records(data: bytes) -> dict[str, str]:
-    """The ``"<len> <key>=<value>\\n"`` records of a POSIX pax extended header."""
+    """The ``"<len> <key>=<value>\\n"`` records of a POSIX pax extended header; ValueError for a
+    malformed one (a record length that is not a number, or runs outside the header or backwards)."""
     out, pos = {}, 0
     while pos < len(data) and data[pos:pos + 1] != b"\0":
-        length = int(data[pos:data.index(b" ", pos)])
-        key, _, value = data[data.index(b" ", pos) + 1 : pos + length - 1].partition(b"=")
+        space = data.index(b" ", pos)
+        length = int(data[pos:space])
+        if length <= space - pos or pos + length > len(data):
+            raise ValueError(f"pax record of length {length} at offset {pos}")
+        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
         out[key.decode("utf-8")] = value.decode("utf-8", "surrogateescape")
         pos += length
     return out
@@ -239,6 +243,7 @@ class TarCursor:
         self._opener = opener  # opens a local copy instead of the URL (pipeline.cache)
         self._remote = opener is None and not fsio.is_local(url)
         self._f: IO | None = None
+        self._size = 0  # the file's size, known once it is open
         self._pos = 0  # the file's position, tracked so that reading on costs no seek
         self._next = 0  # where the next header starts
         self._pending: _Member | None = None  # first member of the next group
@@ -251,9 +256,10 @@ class TarCursor:
         self._f = self._opener() if self._opener is not None else self._call(lambda: fsio.open_url(self.url, "rb"))
         self._pos = self._next = 0
         self._pending, self._index, self._eof, self._broken = None, -1, False, None
-        if self.expected_bytes is not None:
-            f = self._f
-            size = self._call(lambda: fsio.file_size(f))
+        f = self._f
+        size = self._call(lambda: fsio.file_size(f))
+        self._size = 1 << 62 if size is None else size  # unknown: reads are not clamped
+        if self.expected_bytes is not None and size is not None:
             if size != self.expected_bytes:
                 self._broken = ShardSizeError(self.url, size, self.expected_bytes)  # and every later get
                 raise self._broken
@@ -272,6 +278,8 @@ class TarCursor:
     def _read_at(self, offset: int, n: int) -> bytes:
         f = self._f
         assert f is not None
+        # a header may claim any size: never ask for more than the file holds (the caller sees a short read)
+        n = max(0, min(n, self._size - offset))
         if not self._remote:
             if offset != self._pos:
                 f.seek(offset)
@@ -315,9 +323,15 @@ class TarCursor:
                 if len(data) != member.size:
                     raise ShardReadError(f"{self.url}: truncated tar (extended header at byte {at})")
                 if kind == b"x":
-                    rec = _pax_records(data)
+                    try:
+                        rec = _pax_records(data)
+                        size = int(rec["size"]) if "size" in rec else size
+                        if size is not None and size < 0:
+                            raise ValueError(f"size {size}")
+                    except ValueError as exc:
+                        raise ShardReadError(f"{self.url}: malformed pax header at byte {at} ({exc}); "
+                                             "rebuild or re-upload this shard") from None
                     name = rec.get("path", name)
-                    size = int(rec["size"]) if "size" in rec else size
                 elif kind == b"L":
                     name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
                 continue

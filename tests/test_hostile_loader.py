@@ -300,3 +300,102 @@ def test_no_reader_unpickles_a_pyd_member(tmp_path):
     list(itertools.islice(StreamingLoader(_cfg(man, batch_size=2)), 4))
     list(iter_samples([man]))
     assert not os.path.exists(marker)
+
+
+# --- hostile tar headers: a counted bad shard, never a hang, a crash or a huge allocation ---------
+
+
+def _long_key_split(folder) -> tuple[str, str]:
+    """A split whose keys are longer than ustar's 100-byte names, so each member gets a pax header."""
+    clips = shardgen.make_clips(6, sample_rate=8000, seed=33, prefix="k" * 110)
+    man = shardgen.write_split(str(folder), clips, [6])
+    return man, os.path.join(str(folder), "train-000000.tar")
+
+
+def _patch_same_length(path: str, old: bytes, new: bytes, nth: int = 2) -> None:
+    """Replace the ``nth`` occurrence of ``old`` by ``new`` (same length: the manifest size still holds)."""
+    assert len(old) == len(new)
+    data = open(path, "rb").read()
+    at = -1
+    for _ in range(nth):
+        at = data.index(old, at + 1)
+    open(path, "wb").write(data[:at] + new + data[at + len(old):])
+
+
+def _in_thread(fn, timeout: float = 20.0):
+    """fn() in a thread; fails (instead of hanging the suite) when it does not return in time."""
+    import threading
+
+    box: list = []
+    t = threading.Thread(target=lambda: box.append(fn()), daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), f"still running after {timeout:.0f} s (a hang)"
+    return box[0]
+
+
+@pytest.mark.parametrize("record", ["zero length", "negative size"])
+def test_malformed_pax_record_is_a_counted_truncation_not_a_hang(tmp_path, record):
+    import re
+
+    man, tar = _long_key_split(tmp_path)
+    data = open(tar, "rb").read()
+    # pax header data blocks start with a "<len> path=<name>\n" record; spoil sample 3's audio member's
+    at = [i for i in range(0, len(data), 512) if re.match(rb"\d+ path=k", data[i:i + 32])][6]
+    length = int(data[at:data.index(b" ", at)])
+    rec = data[at:at + length]
+    if record == "zero length":  # before the fix: the record loop never advanced
+        bad = b"0" * len(str(length)) + rec[len(str(length)):]
+    else:  # a negative size sent the cursor backwards
+        head = f"{length} size=-".encode()
+        bad = head + b"0" * (length - len(head) - 2) + b"1\n"
+    _patch_same_length(tar, rec, bad, nth=1)
+    ld = StreamingLoader(_cfg(man, batch_size=2))
+    with pytest.warns(UserWarning, match="malformed pax header"):
+        batches = _in_thread(lambda: list(itertools.islice(ld, ld.steps_per_epoch)))
+    keys = {k for b in batches for k in b["keys"]}
+    assert len(batches) == 3 and ld.stats()["truncated_shards"] == 1
+    assert keys <= {f"{'k' * 110}-{i:05d}" for i in range(3)}, "a sample at or after the damage was used"
+    with pytest.warns(UserWarning, match="malformed pax header"):
+        assert len(_in_thread(lambda: list(iter_samples([man])))) == 3
+
+
+def test_member_claiming_an_absurd_size_is_a_counted_truncation(tmp_path):
+    from pipeline.shards import ShardReadError, TarCursor
+
+    man = _split(tmp_path, n=6, sizes=(6,))
+    tar = str(tmp_path / "train-000000.tar")
+    data = bytearray(open(tar, "rb").read())
+    # the header of sample 3's audio member claims 2**80 bytes (GNU base-256), checksum fixed up
+    at = next(i for i in range(0, len(data), 512) if data[i:i + 16] == b"clip-00003.flac\0")
+    data[at + 124:at + 136] = b"\x80" + (2**80).to_bytes(11, "big")
+    data[at + 148:at + 156] = b" " * 8
+    data[at + 148:at + 156] = f"{sum(data[at:at + 512]):06o}\0 ".encode()
+    open(tar, "wb").write(bytes(data))
+    cur = TarCursor(tar, expected_bytes=len(data))
+    assert [cur.get(i).key for i in range(3)] == [f"clip-{i:05d}" for i in range(3)]
+    with pytest.raises(ShardReadError, match="truncated"):  # before the fix: OverflowError / MemoryError
+        cur.get(3)
+    cur.close()
+    ld = StreamingLoader(_cfg(man, batch_size=2))
+    with pytest.warns(UserWarning, match="train-000000.tar"):
+        keys = {k for b in itertools.islice(ld, ld.steps_per_epoch) for k in b["keys"]}
+    assert ld.stats()["truncated_shards"] == 1 and keys <= {f"clip-{i:05d}" for i in range(3)}
+
+
+def test_audio_claiming_absurd_channels_or_rate_is_a_counted_corrupt_sample(tmp_path):
+    import numpy as np
+    import soundfile as sf
+
+    def wav(channels: int, rate: int) -> bytes:
+        buf = io.BytesIO()
+        sf.write(buf, np.zeros((2000, channels), dtype=np.float32), rate, format="WAV", subtype="PCM_16")
+        return buf.getvalue()
+
+    man = _split(tmp_path)
+    odd = {"clip-00001.flac": wav(200, 8000), "clip-00004.flac": wav(1, 10)}
+    _rewrite_shard(man, 0, lambda ms: [(n, odd.get(n, d)) for n, d in ms])
+    ld = StreamingLoader(_cfg(man, sample_rate=16000))
+    with pytest.warns(UserWarning, match=r"200 channels at 8000 Hz is not audio this loader takes"):
+        keys = [k for b in itertools.islice(ld, ld.steps_per_epoch) for k in b["keys"]]
+    assert not {"clip-00001", "clip-00004"} & set(keys) and ld.stats()["skipped_corrupt"] >= 2
