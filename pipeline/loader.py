@@ -71,10 +71,11 @@ from pipeline.decode import Transform
 from pipeline.manifest import load_manifest
 from pipeline.plan import EpochPlan, sample_bytes, shuffle_capacity
 from pipeline.samples import iter_samples
-from pipeline.shards import ShardUnavailableError, check_shards, merge_label_specs
+from pipeline.shards import BadDataError, ShardUnavailableError, check_shards, merge_label_specs
 from pipeline.stream import WorkerStream
 
 STATE_FORMAT = "musicssl-loader/1"
+_ERRORS = {e.__name__: e for e in (ShardUnavailableError, BadDataError)}  # what a worker may send instead of a batch
 STAT_KEYS = ("examples", "skipped_corrupt", "skipped_short", "skipped_truncated", "skipped_mismatched", "truncated_shards",
              "mismatched_shards", "substituted", "padded", "cache_fetched", "cache_corrupt")
 
@@ -227,9 +228,9 @@ class StreamingLoader:
             w, _epoch, _b = batch.pop("_pos")
             if w != self._step % W:
                 raise RuntimeError(f"loader worker {w} delivered rank step {self._step}; expected worker {self._step % W}")
-            if "_error" in batch:  # a shard that cannot be read: the stream stops at this step
+            if "_error" in batch:  # a shard that cannot be read, or bad data under on_error='raise': stop here
                 workers.stop(batches)  # now, not whenever the caller lets go of the exception
-                raise ShardUnavailableError(batch["_error"])
+                raise _ERRORS[batch["_error_type"]](batch["_error"])
             self._live_stats[int(w)] = batch.pop("_stats")
             slot = batch.pop("_slot", None)
             if slot is not None:
@@ -372,4 +373,5 @@ class DevicePrefetcher:
             yield cur
 
 
-__all__ = ["LoaderConfig", "StreamingLoader", "DevicePrefetcher", "ShardUnavailableError", "iter_samples", "STAT_KEYS"]
+__all__ = ["LoaderConfig", "StreamingLoader", "DevicePrefetcher", "BadDataError", "ShardUnavailableError", "iter_samples",
+           "STAT_KEYS"]

@@ -57,6 +57,10 @@ class ShardHashError(ShardMismatchError):
                          "manifest describes); re-upload or rebuild it (`shard-tools verify` checks every shard)")
 
 
+class BadDataError(UserError, RuntimeError):
+    """A bad sample with ``data.on_error="raise"``, or a worker's range with no usable sample at all."""
+
+
 class ShardUnavailableError(UserError, RuntimeError):
     """A shard could not be read at all, for a reason retrying did not cure: missing, access
     denied, an object store that stayed down past ``data.io_timeout_s`` x ``data.io_retries``.
@@ -429,7 +433,7 @@ def check_shards(manifests: list[Manifest], *, timeout_s: float = 60.0) -> tuple
     return missing, mismatched
 
 
-__all__ = ["AUDIO_EXTS", "LabelEncoder", "RawSample", "SampleJSONError", "ShardHashError", "ShardMismatchError",
+__all__ = ["AUDIO_EXTS", "BadDataError", "LabelEncoder", "RawSample", "SampleJSONError", "ShardHashError", "ShardMismatchError",
            "ShardReadError", "ShardSizeError",
            "ShardUnavailableError", "TarCursor", "check_shards", "merge_label_specs", "parse_sample_json",
            # re-exported for callers that import them from here

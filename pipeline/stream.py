@@ -30,7 +30,15 @@ from pipeline.cache import ShardCache
 from pipeline.batch import BatchRows, batch_tensor, collate
 from pipeline.decode import BadSample, Cropper, Example, KeyedDraws, Transform
 from pipeline.plan import EpochPlan, Ident
-from pipeline.shards import LabelEncoder, RawSample, ShardMismatchError, ShardReadError, ShardUnavailableError, TarCursor
+from pipeline.shards import (
+    BadDataError,
+    LabelEncoder,
+    RawSample,
+    ShardMismatchError,
+    ShardReadError,
+    ShardUnavailableError,
+    TarCursor,
+)
 
 if TYPE_CHECKING:
     from pipeline.loader import LoaderConfig
@@ -143,20 +151,25 @@ class WorkerStream(torch.utils.data.IterableDataset):
         self._alloc = self._slots.alloc if self._slots is not None else batch_tensor
         self._stats: Counter = Counter()
         self._broken: dict[str, tuple[int, str, str]] = {}  # shard url -> (first bad member, kind, why)
-        cfg = self.cfg
-        self._cache = None if cfg.cache_dir is None else ShardCache(
-            fsio.local_path(cfg.cache_dir), int(cfg.cache_limit_gb * 2**30), timeout_s=cfg.io_timeout_s, retries=cfg.io_retries, stats=self._stats)
+        self._cache = self._shard_cache()
         try:
             while True:
                 if self.plan.batches(w, epoch) > done:
                     yield from self._epoch(epoch, done)
                 epoch, done = epoch + 1, 0
-        except ShardUnavailableError as exc:
+        except (ShardUnavailableError, BadDataError) as exc:
             if info is None:
                 raise
             # a DataLoader would re-raise it in the caller wrapped in the worker's traceback text;
             # sent as a value, the caller raises it with its one-line message at this worker's turn
-            yield {"_error": str(exc), "_pos": [w, -1, -1]}
+            yield {"_error": str(exc), "_error_type": type(exc).__name__, "_pos": [w, -1, -1]}
+
+    def _shard_cache(self) -> ShardCache | None:
+        cfg = self.cfg
+        if cfg.cache_dir is None:
+            return None
+        return ShardCache(fsio.local_path(cfg.cache_dir), int(cfg.cache_limit_gb * 2**30), timeout_s=cfg.io_timeout_s,
+                          retries=cfg.io_retries, stats=self._stats)
 
     def _epoch(self, epoch: int, done: int) -> Iterator[dict]:
         """The chain of stages for this worker's slot in ``epoch``, from its batch ``done`` on."""
@@ -212,7 +225,8 @@ class WorkerStream(torch.utils.data.IterableDataset):
             idx = int(sub_rng.integers(len(items)))
             payload = reader.read_alone(items[idx])
         urls = sorted({self.plan.urls[m][s] for m, s, _ in items})
-        raise RuntimeError(f"no usable sample found in {len(items)} samples of shards {urls[:5]}...; check them with `shard-tools verify`")
+        raise BadDataError(f"no usable sample found in {len(items)} samples of shards {urls[:5]}...; "
+                           "check them with `shard-tools verify`")
 
     def _count(self, bad: BadSample) -> None:
         """The bad-sample policy: count it; raise (data.on_error='raise') or warn and go on."""
@@ -220,7 +234,7 @@ class WorkerStream(torch.utils.data.IterableDataset):
         if bad.kind == "short":  # too short for the crop is a property of the data, not damage
             return
         if self.cfg.on_error == "raise":
-            raise RuntimeError(f"{bad} (data.on_error='raise'; set it to 'skip' to skip and count bad samples)") from bad
+            raise BadDataError(f"{bad} (data.on_error='raise'; set it to 'skip' to skip and count bad samples)") from bad
         warnings.warn(f"[musicssl] skipping bad sample: {bad}", stacklevel=2)
 
     def _batches(self, examples: Iterator[Example], epoch: int, *, first: int, rows: BatchRows | None) -> Iterator[dict]:

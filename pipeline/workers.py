@@ -23,6 +23,11 @@ import numpy as np
 import torch
 
 from pipeline.batch import batch_tensor
+from pipeline.errors import UserError
+
+
+class SharedMemoryError(UserError, RuntimeError):
+    """/dev/shm cannot hold the workers' batches even at prefetch_factor=1."""
 
 
 class Ring:
@@ -125,7 +130,7 @@ def fit_prefetch(prefetch: int, workers: int, batch_bytes: int, free: int | None
     what = (f"{local_ranks} loader(s) x {workers} workers x (prefetch_factor + 2) batches of {mb(batch_bytes)}"
             f" in /dev/shm, which has {mb(free)} free")
     if need(1) > free:
-        raise RuntimeError(
+        raise SharedMemoryError(
             f"/dev/shm is too small for the loader: {what}; even prefetch_factor=1 needs {mb(need(1))}. "
             "Give the container more shared memory (docker run --shm-size=8g, or a Kubernetes emptyDir "
             "with medium: Memory on /dev/shm), or lower data.num_workers or the batch size"

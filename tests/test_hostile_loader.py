@@ -156,6 +156,16 @@ def test_shard_larger_than_its_manifest_entry_is_counted_or_raised(tmp_path):
         list(itertools.islice(StreamingLoader(_cfg(man, check_shards=False, on_error="raise")), 4))
 
 
+def test_bad_sample_under_on_error_raise_in_a_worker_is_one_clear_line(tmp_path):
+    from pipeline.loader import BadDataError
+
+    man = shardgen.write_split(str(tmp_path), shardgen.make_clips(12, sample_rate=8000, seed=8), [6, 6],
+                               corrupt_keys=("clip-00004",))
+    with pytest.raises(BadDataError, match=r"clip-00004.*data.on_error='raise'") as err:
+        list(itertools.islice(StreamingLoader(_cfg(man, num_workers=2, on_error="raise")), 8))
+    assert isinstance(err.value, UserError) and "\n" not in str(err.value) and "Traceback" not in str(err.value)
+
+
 # --- item 13: shards checked at start; a shard lost mid-run is a loader error the trainer catches ---
 
 
