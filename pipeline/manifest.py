@@ -78,7 +78,8 @@ def load_manifest(url: str, *, allow_empty: bool = False) -> Manifest:
     except FileNotFoundError as exc:
         raise ManifestNotFound(
             f"{url} does not exist; build the split with `shard-tools build ...` (`shard-tools demo --out "
-            "demo_shards` for the demo), or give the URL of an existing <split>.manifest.json"
+            "demo_shards` for the demo; `shard-tools merge` for --slice builds), or give the URL of an existing "
+            "<split>.manifest.json"
         ) from exc
     except IsADirectoryError as exc:
         raise ManifestError(f"{url} is a folder; give the URL of a <split>.manifest.json in it") from exc
