@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -75,14 +76,15 @@ def load_manifest(url: str, *, allow_empty: bool = False) -> Manifest:
     (the partial manifest of a slice that got none; shard-tools reads those, the loader does not)."""
     try:
         data = fsio.read_bytes(url)  # remote reads: bounded by a timeout, transient errors retried
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, IsADirectoryError) as exc:
+        if _is_folder(url):
+            raise ManifestError(f"{url} is a folder; give a <split>.manifest.json, e.g. "
+                                f"{fsio.join_url(url, 'train.manifest.json')}") from exc
         raise ManifestNotFound(
             f"{url} does not exist; build the split with `shard-tools build ...` (`shard-tools demo --out "
             "demo_shards` for the demo; `shard-tools merge` for --slice builds), or give the URL of an existing "
             "<split>.manifest.json"
         ) from exc
-    except IsADirectoryError as exc:
-        raise ManifestError(f"{url} is a folder; give the URL of a <split>.manifest.json in it") from exc
     except Exception as exc:  # noqa: BLE001 - permissions, credentials, a store that is down
         raise ManifestError(f"cannot read manifest {url} ({type(exc).__name__}: {exc}); check the URL, "
                             "its permissions and the store's credentials") from exc
@@ -91,6 +93,16 @@ def load_manifest(url: str, *, allow_empty: bool = False) -> Manifest:
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, absurd nesting
         raise ManifestError(f"manifest {url} is not valid JSON ({str(exc)[:200]}); {_REBUILD}") from exc
     return parse_manifest(raw, url, allow_empty=allow_empty)
+
+
+def _is_folder(url: str) -> bool:
+    if fsio.is_local(url):
+        return os.path.isdir(fsio.local_path(url))
+    try:
+        fs, path = fsio.fs_and_path(url)
+        return bool(fs.isdir(path))
+    except Exception:  # noqa: BLE001 - only the message depends on it
+        return False
 
 
 def parse_manifest(raw: object, url: str, *, allow_empty: bool = False) -> Manifest:
@@ -138,7 +150,7 @@ def _parse_shard(check: _Checker, i: int, s: object, url: str) -> Shard:
     where = f"shard entry {i} ({s['url']})"
     sha = s.get("sha256")
     if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
-        check.fail(f"{where}: 'sha256' must be the tar's hex digest (64 of 0-9a-f), got {sha!r}")
+        check.fail(f"{where}: sha256 {sha!r} is not the tar's hex digest (64 of 0-9a-f)")
     return Shard(url=resolve_shard_url(url, s["url"]),
                  num_samples=check.integer(s, "num_samples", minimum=0, where=where),
                  bytes=check.integer(s, "bytes", minimum=0, where=where), sha256=sha,
@@ -159,13 +171,13 @@ class _Checker:
         if v is None and optional:
             return None
         if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-            self.fail(f"{where + ': ' if where else ''}'{key}' must be an integer >= {minimum}, got {v!r}")
+            self.fail(f"{where + ': ' if where else ''}{key} {v!r} is not an integer >= {minimum}")
         return v
 
     def number(self, obj: dict, key: str, *, where: str = "") -> float:
         v = obj.get(key)
         if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
-            self.fail(f"{where + ': ' if where else ''}'{key}' must be a number >= 0, got {v!r}")
+            self.fail(f"{where + ': ' if where else ''}{key} {v!r} is not a number >= 0")
         return float(v)
 
     def text(self, obj: dict, key: str) -> str:

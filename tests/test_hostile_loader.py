@@ -96,20 +96,21 @@ def test_verify_counts_nested_json_and_names_a_non_integer_count(tmp_path, capsy
     m = json.load(open(man))
     m["shards"][0]["num_samples"] = "6"
     json.dump(m, open(man, "w"))
-    with pytest.raises(ManifestError, match=r"shard entry 0 \(train-000000.tar\): 'num_samples' must be an integer"):
+    with pytest.raises(ManifestError, match=r"shard entry 0 \(train-000000.tar\): num_samples '6' is not an integer"):
         verify(man, progress=False)
     assert cli_main(["verify", man, "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert man in err and "'num_samples' must be an integer >= 0, got '6'" in err and "Traceback" not in err
+    assert man in err and "num_samples '6' is not an integer >= 0" in err and "Traceback" not in err
 
 
 # --- the manifest's one reader and writer --------------------------------------------------------
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda m: m["shards"][1].pop("bytes"), r"shard entry 1 \(train-000001.tar\): 'bytes' must be an integer"),
-    (lambda m: m["shards"][0].update(num_samples=True), r"shard entry 0 .*'num_samples' must be an integer >= 0, got True"),
-    (lambda m: m["shards"][0].update(sha256=None), r"shard entry 0 .*'sha256' must be the tar's hex digest"),
+    (lambda m: m["shards"][1].pop("bytes"), r"shard entry 1 \(train-000001.tar\): bytes None is not an integer"),
+    (lambda m: m["shards"][0].update(num_samples=True), r"shard entry 0 .*num_samples True is not an integer >= 0"),
+    (lambda m: m["shards"][0].update(sha256="../../x"), r"shard entry 0 .*sha256 '../../x' is not the tar's hex digest"),
+    (lambda m: m.update(sample_rate="fast"), r"sample_rate 'fast' is not an integer >= 1"),
     (lambda m: m.update(format="musicssl-shards/0"), r"has format 'musicssl-shards/0'"),
     (lambda m: m["labels"].update(tags={"kind": "bag"}), r"label 'tags' has kind 'bag'"),
     (lambda m: m.update(shards={}), r"has no 'shards' list"),
@@ -125,6 +126,12 @@ def test_manifest_errors_name_the_url_and_the_entry(tmp_path, edit, message):
     with pytest.raises(ManifestError, match=message):  # and nothing writes what the reader refuses
         write_manifest(str(tmp_path / "copy.manifest.json"), m)
     assert not os.path.exists(tmp_path / "copy.manifest.json")
+
+
+def test_manifest_folder_is_told_to_give_a_manifest(tmp_path):
+    _split(tmp_path)
+    with pytest.raises(ManifestError, match=r"is a folder; give a <split>.manifest.json, e.g. .*train.manifest.json"):
+        load_manifest(str(tmp_path))
 
 
 def test_manifest_round_trip_and_unreadable_json(tmp_path):
