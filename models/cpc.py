@@ -19,10 +19,10 @@ Source: CLMR's CPC (Spijkervet/CLMR 4f984b2 "Added CPC model": ``model.py`` ``cp
 window, Adam 3e-4, batch 48). Departures: CLMR draws the negatives once per batch (M random
 permutations of all frames) and gives step k a shifted slice of that draw, keeping a negative that
 happens to be the positive (its comment: under 0.1 %); we draw per anchor with replacement, reuse
-the draw for every step and mask such negatives. Conv init: ``init="kaiming_uniform"`` (default) is
-CLMR's (``model.apply(model.initialize)`` in its ``main.py``: ``kaiming_uniform_(fan_in, relu)`` on
-conv weights, biases at PyTorch's default); ``"kaiming"`` (He-normal, zero biases) and ``"pytorch"``
-are the alternatives.
+the draw for every step and mask such negatives. Conv init: ``init="kaiming_uniform"`` (``default()``)
+is CLMR's (``model.apply(model.initialize)`` in its ``main.py``: ``kaiming_uniform_(fan_in, relu)``
+on conv weights, biases at PyTorch's default); ``"kaiming"`` (He-normal, zero biases; the dataclass
+and ``tiny()`` default) and ``"pytorch"`` are the alternatives.
 
 Usage::
 
@@ -55,13 +55,14 @@ class CPCConfig:
     negatives: int = 15  # M per anchor, shared across the K steps
     window: int | None = None  # anchors per clip (random contiguous window); None = all positions
     input_samples: int = 59049  # crop length the loader should give (same 2.68 s crops as CLMR)
-    # Conv weight init. "kaiming_uniform" (CLMR's CPC): kaiming_uniform_(fan_in, relu) on every conv
-    # weight, biases left at PyTorch's default (Spijkervet/CLMR 4f984b2 "Added CPC model": main.py
-    # runs model.apply(model.initialize), modules/model.py). "kaiming" (ours): He-normal weights, zero
-    # biases; the same weight variance. "pytorch": PyTorch's default, which shrinks the ReLU stack's
-    # scale ~2.4x per layer, so untrained frames barely differ and InfoNCE sits at chance for many
-    # steps (tests/test_cpc.py measures all three).
-    init: Literal["kaiming_uniform", "kaiming", "pytorch"] = "kaiming_uniform"
+    # Conv weight init. "kaiming_uniform" (CLMR's CPC, the default() preset): kaiming_uniform_(fan_in,
+    # relu) on every conv weight, biases left at PyTorch's default (Spijkervet/CLMR 4f984b2 "Added CPC
+    # model": main.py runs model.apply(model.initialize), modules/model.py). "kaiming" (ours, the
+    # dataclass and tiny() default): He-normal weights, zero biases; the same weight variance, and
+    # untrained features that already separate notes (tests/test_eval_e2e.py probes one). "pytorch":
+    # PyTorch's default, which shrinks the ReLU stack's scale ~2.4x per layer, so untrained frames
+    # barely differ and InfoNCE sits at chance for many steps (tests/test_cpc.py measures all three).
+    init: Literal["kaiming_uniform", "kaiming", "pytorch"] = "kaiming"
 
     def __post_init__(self) -> None:
         self.strides, self.kernels, self.padding = (tuple(int(v) for v in t) for t in (self.strides, self.kernels, self.padding))
@@ -110,8 +111,9 @@ class CPCConfig:
 
     @classmethod
     def default(cls) -> CPCConfig:
-        """CLMR's CPC for 22.05 kHz: 7 conv layers of 512, GRU 256, K = 20, 15 negatives, 59049-sample crops."""
-        return cls()
+        """CLMR's CPC for 22.05 kHz: 7 conv layers of 512, GRU 256, K = 20, 15 negatives, 59049-sample
+        crops, CLMR's kaiming-uniform conv init."""
+        return cls(init="kaiming_uniform")
 
     @classmethod
     def tiny(cls) -> CPCConfig:

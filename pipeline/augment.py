@@ -11,7 +11,7 @@ Transforms split ``forward`` into ``draw(n)`` (parameters, CPU tensors) and ``ap
 (deterministic given the parameters), so tests and listening tools can set parameters explicitly.
 
 Default chain: CLMR's (Spijkervet & Burgoyne 2021), as its master branch runs it (Spijkervet/CLMR
-``main.py`` and ``config/config.yaml`` at 423414d, with torchaudio-augmentations 0.2.0-0.2.3):
+``main.py`` and ``config/config.yaml`` at 423414d, with torchaudio-augmentations 0.2.2, f152b78, the release current then):
 polarity p=0.8; noise p=0.01, std uniform in 0.001-1.0 x the clip's; gain p=0.3, -20..-1 dB;
 windowed-sinc FIR high-pass 200-1200 Hz or low-pass 2200-4000 Hz, p=0.8; delay p=0.3, 200-450 ms
 in 50 ms steps, volume 0.5, halved; pitch p=0.6, +-7 semitones; sox/freeverb reverb p=0.6,
@@ -68,7 +68,7 @@ class AugmentConfig:
     # "std_ratio" (CLMR): noise std drawn uniformly in [lo, hi] x the example's std, white Gaussian;
     # "snr_db" (ours): SNR drawn uniformly in dB, noise scaled to its exact RMS.
     noise_mode: str = "std_ratio"
-    noise_std_ratio: tuple[float, float] = (0.001, 1.0)  # torchaudio-augmentations 0.2.0-0.2.3; 0.2.4: (1e-4, 1e-2)
+    noise_std_ratio: tuple[float, float] = (0.001, 1.0)  # torchaudio-augmentations <= 0.2.2; 0.2.3 on: (1e-4, 1e-2)
     noise_snr_db: tuple[float, float] = (46.0, 60.0)  # noise_mode="snr_db" only
     noise_color: tuple[str, ...] = ("white",)  # one colour drawn uniformly per example
 
@@ -310,7 +310,7 @@ class PolarityInversion(Transform):
     """Multiply selected examples by -1.
 
     Follows CLMR's ``PolarityInversion`` (Spijkervet/torchaudio-augmentations
-    ``torchaudio_augmentations/augmentations/polarity_inversion.py`` at v0.2.3, 109aa75: ``torch.neg``);
+    ``torchaudio_augmentations/augmentations/polarity_inversion.py`` at 0.2.2, f152b78: ``torch.neg``);
     no difference.
     """
 
@@ -330,7 +330,7 @@ class Gain(Transform):
     """Scale each selected example by a gain drawn uniformly in dB.
 
     Follows CLMR's ``Gain`` (Spijkervet/torchaudio-augmentations ``torchaudio_augmentations/
-    augmentations/gain.py`` at v0.2.3, 109aa75: ``random.uniform(-20, -1)`` dB through torchaudio's
+    augmentations/gain.py`` at 0.2.2, f152b78: ``random.uniform(-20, -1)`` dB through torchaudio's
     ``Vol``). Difference: ``Vol`` also clamps the result to [-1, 1]; we do not clip (with
     attenuating gains this only matters for inputs already beyond full scale).
     """
@@ -359,9 +359,9 @@ class Noise(Transform):
 
     ``mode="std_ratio"`` (default) follows CLMR's ``Noise`` from torchaudio-augmentations
     (Spijkervet/torchaudio-augmentations ``torchaudio_augmentations/augmentations/noise.py`` at
-    v0.2.3, 109aa75): noise std drawn uniformly in ``[lo * s, hi * s]`` with ``s`` the example's
+    0.2.2, f152b78): noise std drawn uniformly in ``[lo * s, hi * s]`` with ``s`` the example's
     (unbiased) std, white Gaussian samples of that std added. Defaults ``(0.001, 1.0)`` are that
-    version's, the one CLMR's master (Spijkervet/CLMR 423414d, Nov 2021) installed; 0.2.4 (f27fc7b,
+    version's, the one CLMR's master (Spijkervet/CLMR 423414d, 2021-11-11) installed; 0.2.3 (f27fc7b,
     2021-11-15) narrowed them to ``(0.0001, 0.01)`` (pass ``std_ratio=``). Differences: the draws
     come from our generators (per example, batched) instead of ``random``/``np.random``.
 
@@ -466,14 +466,14 @@ class HighLowPass(Transform):
     """A random high-pass or low-pass per example (50/50 by default), with a per-example cutoff.
 
     ``filter_type="fir"`` (default) follows CLMR's ``HighLowPass`` (Spijkervet/torchaudio-augmentations
-    ``torchaudio_augmentations/augmentations/high_low_pass.py`` at v0.2.0-v0.2.3, c6eadad, the
+    ``torchaudio_augmentations/augmentations/high_low_pass.py`` at 0.2.0-0.2.2, c6eadad, the
     version CLMR's master ran, with HighLowPass re-enabled in Spijkervet/CLMR 2e80ae2, 2021-07-22):
     julius' ``lowpass_filter`` / ``highpass_filter`` (``x - lowpass(x)``), a Hann-windowed sinc
     of ``zeros`` zero crossings each side, replicate-padded edges, cutoff ``f / sr``. Here every
     example's kernel is built on the device and all are applied in one batched FFT convolution
     (``fir_lowpass_kernels``, ``fir_filter``); the output equals julius' to float32 rounding
-    (tests/test_augment.py). Differences: cutoffs are drawn uniformly in Hz (v0.2.0-v0.2.3 drew
-    integer Hz with ``random.randint``; v0.2.4 uniform, like ours). CLMR's 2020 code (tag 2.0,
+    (tests/test_augment.py). Differences: cutoffs are drawn uniformly in Hz (0.2.0-0.2.3 drew
+    integer Hz with ``random.randint``; 0.2.4, 98f511a, uniform, like ours). CLMR's 2020 code (tag 2.0,
     ``modules/transformations/audio.py``) used essentia's first-order IIR filters instead; that
     variant is not offered.
 
@@ -521,7 +521,7 @@ class Delay(Transform):
     """One echo with a per-example lag from a grid of ms: ``(x(t) + volume * x(t - lag)) / 2``.
 
     Follows CLMR's ``Delay`` (Spijkervet/torchaudio-augmentations
-    ``torchaudio_augmentations/augmentations/delay.py`` at v0.2.3, 109aa75): lag drawn from
+    ``torchaudio_augmentations/augmentations/delay.py`` at 0.2.2, f152b78): lag drawn from
     ``np.arange(200, 500, 50)`` ms (200..450, our inclusive ``delay_ms=(200, 450)``), ``int(ms * sr
     / 1000)`` samples, echo at ``volume_factor=0.5``, the sum halved. ``halve=False`` (ours) drops
     the final ``/2``: ``x + volume * echo``. CLMR's 2020 code (tag 2.0) used volume 0.2, also halved.
@@ -567,7 +567,7 @@ class PitchShift(Transform):
     The output is rescaled to the input's RMS.
 
     CLMR's ``PitchShift`` (Spijkervet/torchaudio-augmentations ``torchaudio_augmentations/
-    augmentations/pitch_shift.py`` at v0.2.3, 109aa75) runs sox's ``pitch`` effect (WSOLA time
+    augmentations/pitch_shift.py`` at 0.2.2, f152b78) runs sox's ``pitch`` effect (WSOLA time
     stretch, then resampling) through WavAugment with ``random.randint(-700, 700)`` cents. Ours
     follows the same idea (in-phase overlap-add of resampled grains) batched on the device; it is
     not sample-identical to sox. Semitones are drawn as floats (sox's cents: 0.01-semitone steps).
@@ -930,7 +930,7 @@ class Reverb(Transform):
     """Reverberation, per example, batched.
 
     ``method="freeverb"`` (default) follows CLMR's ``Reverb`` (Spijkervet/torchaudio-augmentations
-    ``torchaudio_augmentations/augmentations/reverb.py`` at v0.2.3, 109aa75: WavAugment's
+    ``torchaudio_augmentations/augmentations/reverb.py`` at 0.2.2, f152b78: WavAugment's
     ``EffectChain().reverb(reverberance, damping, room_size).channels(1)``, i.e. sox's ``reverb``):
     reverberance, HF damping and room scale drawn as integers, ``torch.randint(0, 100)`` each (our
     inclusive ``(0, 99)``), sox's other controls at their defaults (stereo depth 100 %, no pre-delay,

@@ -32,16 +32,16 @@ def test_config_frames_and_sizes():
     assert sum(p.numel() for p in model.predictor.parameters()) == 256 * 20 * 512
     tiny = CPCConfig.tiny()
     assert tiny.num_frames(tiny.input_samples) == 41
-    # CLMR's init (default): kaiming_uniform_(fan_in, relu) weights, in +-sqrt(6 / fan_in) with std
-    # sqrt(2 / fan_in); biases at PyTorch's default, uniform in +-1 / sqrt(fan_in).
-    assert tiny.init == "kaiming_uniform"
-    second = CPC(tiny).encoder.layers[2]
+    # CLMR's init (the paper preset): kaiming_uniform_(fan_in, relu) weights, in +-sqrt(6 / fan_in) with
+    # std sqrt(2 / fan_in); biases at PyTorch's default, uniform in +-1 / sqrt(fan_in).
+    assert CPCConfig.default().init == "kaiming_uniform" and tiny.init == "kaiming"
+    second = CPC(CPCConfig(**{**tiny.__dict__, "init": "kaiming_uniform"})).encoder.layers[2]
     fan_in = 32 * 6
     assert second.weight.std().item() == pytest.approx(math.sqrt(2 / fan_in), rel=0.05)
     assert second.weight.abs().max() <= math.sqrt(6 / fan_in) and second.weight.abs().max() > 0.95 * math.sqrt(6 / fan_in)
     assert 0 < second.bias.abs().max() <= 1 / math.sqrt(fan_in)
-    # He-normal (ours): the same std, zero biases.
-    normal = CPC(CPCConfig(**{**tiny.__dict__, "init": "kaiming"})).encoder.layers[2]
+    # He-normal (ours, tiny's default): the same std, zero biases.
+    normal = CPC(tiny).encoder.layers[2]
     assert normal.weight.std().item() == pytest.approx(math.sqrt(2 / fan_in), rel=0.05)
     assert normal.bias.abs().max() == 0
     legacy = CPC(CPCConfig(**{**tiny.__dict__, "init": "pytorch"})).encoder.layers[2]
