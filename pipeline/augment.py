@@ -79,8 +79,9 @@ class AugmentConfig:
     highpass_hz: tuple[float, float] = (200.0, 1200.0)
     lowpass_hz: tuple[float, float] = (2200.0, 4000.0)
     highpass_prob: float = 0.5  # given the filter applies, chance it is a high-pass
-    # "fir" (CLMR via julius: Hann-windowed sinc, filter_zeros zero crossings, replicate padding) or
-    # "butterworth" (ours: zero-phase, filter_order poles, 6 * order dB/octave).
+    # "fir" (CLMR via julius: Hann-windowed sinc, filter_zeros zero crossings, replicate padding),
+    # "first_order" (CLMR's 2020 code: essentia's 1st-order IIR) or "butterworth" (ours: zero-phase,
+    # filter_order poles, 6 * order dB/octave).
     filter_type: str = "fir"
     filter_zeros: float = 8.0  # fir: zero crossings kept on each side (julius' default)
     filter_order: int = 4  # butterworth
@@ -140,7 +141,7 @@ class AugmentConfig:
             if len(v) != 2 or any(float(a) != int(a) for a in v) or not 0 <= v[0] <= v[1] <= 100:
                 raise ValueError(f"--augment.{name} must be a (low, high) pair of integers with 0 <= low <= high <= 100, got {v!r}")
             setattr(self, name, tuple(int(a) for a in v))
-        choices = {"noise_mode": ("std_ratio", "snr_db"), "filter_type": ("fir", "butterworth"),
+        choices = {"noise_mode": ("std_ratio", "snr_db"), "filter_type": ("fir", "butterworth", "first_order"),
                    "reverb_method": ("freeverb", "ir")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -448,6 +449,33 @@ def fir_lowpass_kernels(cutoff_hz: Tensor, sample_rate: int, zeros: float = 8.0)
     return kernel / kernel.sum(dim=1, keepdim=True)
 
 
+def first_order_kernels(cutoff_hz: Tensor, highpass: Tensor, sample_rate: int, tol: float = 1e-10) -> Tensor:
+    """Impulse responses of essentia's first-order IIR high/low-pass, ``(n,) -> (n, K)`` float64, causal.
+
+    essentia's ``LowPass``/``HighPass`` (MTG/essentia ``src/algorithms/filters/{lowpass,highpass}.cpp``
+    at 0f77e30; Zölzer, DAFX p. 40): ``c = (tan(pi fc/fs) - 1) / (tan(pi fc/fs) + 1)``,
+    ``H(z) = (b0 + b1 z^-1) / (1 + c z^-1)`` with ``b = ((1+c)/2, (1+c)/2)`` (low) or
+    ``((1-c)/2, (c-1)/2)`` (high), so ``h[0] = b0`` and ``h[k] = (b1 - c b0) (-c)^(k-1)``. Cut where
+    ``|c|^k`` falls below ``tol``: exact to that tolerance, the pole is inside the unit circle.
+    """
+    t = torch.tan(math.pi * cutoff_hz.double() / sample_rate)
+    c = (t - 1) / (t + 1)
+    b0 = torch.where(highpass, (1 - c) / 2, (1 + c) / 2)
+    b1 = torch.where(highpass, (c - 1) / 2, (1 + c) / 2)
+    length = int(math.ceil(math.log(tol) / math.log(max(float(c.abs().max()), 1e-3)))) + 2
+    k = torch.arange(1, length, device=cutoff_hz.device, dtype=torch.float64).view(1, -1)
+    tail = (b1 - c * b0).view(-1, 1) * (-c).view(-1, 1).pow(k - 1)
+    return torch.cat([b0.view(-1, 1), tail], dim=1)
+
+
+def causal_filter(x: Tensor, kernels: Tensor) -> Tensor:
+    """Causal convolution of ``x`` ``(n, C, T)`` with per-example kernels ``(n, K)``, zero initial state."""
+    t = x.shape[-1]
+    n_fft = fast_fft_len(t + kernels.shape[-1] - 1)
+    k = kernels.to(device=x.device, dtype=x.dtype).unsqueeze(1)
+    return torch.fft.irfft(torch.fft.rfft(x, n=n_fft) * torch.fft.rfft(k, n=n_fft), n=n_fft)[..., :t]
+
+
 def fir_filter(x: Tensor, kernels: Tensor, highpass: Tensor) -> Tensor:
     """Apply per-example centred FIR kernels ``(n, K)`` to ``x`` ``(n, C, T)`` as julius does: edges
     replicate-padded, same length out; where ``highpass`` ``(n,)`` is set, return ``x - lowpass(x)``."""
@@ -473,9 +501,13 @@ class HighLowPass(Transform):
     example's kernel is built on the device and all are applied in one batched FFT convolution
     (``fir_lowpass_kernels``, ``fir_filter``); the output equals julius' to float32 rounding
     (tests/test_augment.py). Differences: cutoffs are drawn uniformly in Hz (0.2.0-0.2.3 drew
-    integer Hz with ``random.randint``; 0.2.4, 98f511a, uniform, like ours). CLMR's 2020 code (tag 2.0,
-    ``modules/transformations/audio.py``) used essentia's first-order IIR filters instead; that
-    variant is not offered.
+    integer Hz with ``random.randint``; 0.2.4, 98f511a, uniform, like ours).
+
+    ``filter_type="first_order"``: CLMR's 2020 code (Spijkervet/CLMR tag 2.0, 206e145,
+    ``modules/transformations/audio.py`` ``HighLowBandPass``), essentia's first-order IIR
+    ``HighPass``/``LowPass`` (6 dB/octave), causal from a zero state, applied as its impulse
+    response (``first_order_kernels``) in one batched FFT convolution; equals ``lfilter`` with
+    essentia's coefficients (tests/test_augment.py). That code drew integer cutoffs; ours are floats.
 
     ``filter_type="butterworth"`` (ours): a zero-phase Butterworth magnitude response of order
     ``order`` (6*order dB/octave), applied in the frequency domain to the zero-padded batch.
@@ -487,8 +519,8 @@ class HighLowPass(Transform):
                  lowpass_hz=(2200.0, 4000.0), highpass_prob: float = 0.5, filter_type: str = "fir",
                  zeros: float = 8.0, order: int = 4, generator=None):
         super().__init__(p=p, generator=generator)
-        if filter_type not in ("fir", "butterworth"):
-            raise ValueError(f"HighLowPass: filter_type must be 'fir' or 'butterworth', got {filter_type!r}")
+        if filter_type not in ("fir", "butterworth", "first_order"):
+            raise ValueError(f"HighLowPass: filter_type must be 'fir', 'butterworth' or 'first_order', got {filter_type!r}")
         if max(highpass_hz[1], lowpass_hz[1]) > sample_rate / 2:
             raise ValueError(f"HighLowPass: cutoffs must stay below Nyquist ({sample_rate / 2} Hz); lower "
                              "--augment.highpass_hz / --augment.lowpass_hz")
@@ -508,6 +540,10 @@ class HighLowPass(Transform):
         if self.filter_type == "fir":
             kernels = fir_lowpass_kernels(params["cutoff_hz"].double().to(x.device), self.sample_rate, self.zeros)
             return fir_filter(x, kernels, params["highpass"])
+        if self.filter_type == "first_order":
+            kernels = first_order_kernels(params["cutoff_hz"].double().to(x.device), params["highpass"].to(x.device),
+                                          self.sample_rate)
+            return causal_filter(x, kernels)
         t = x.shape[-1]
         n_fft = fast_fft_len(t + self.pad)
         spec = torch.fft.rfft(x, n=n_fft)

@@ -140,6 +140,13 @@ class CpuAugment:
             y = self._run(self._highpass if highpass else self._lowpass, x, cutoff_freq=cutoff,
                           rolloff=6 * c.filter_order)
             return y, params
+        if c.filter_type == "first_order":  # essentia's 1st-order IIR, see pipeline.augment.first_order_kernels
+            from scipy.signal import lfilter
+
+            k = math.tan(math.pi * cutoff / self.sample_rate)
+            a1 = (k - 1) / (k + 1)
+            b = ((1 - a1) / 2, (a1 - 1) / 2) if highpass else ((1 + a1) / 2, (1 + a1) / 2)
+            return lfilter(b, (1.0, a1), x.astype(np.float64), axis=-1).astype(np.float32), params
         kernel = fir_lowpass_kernels(torch.tensor([cutoff], dtype=torch.float64), self.sample_rate,
                                      c.filter_zeros)[0].numpy()
         half = (len(kernel) - 1) // 2

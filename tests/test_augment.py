@@ -114,6 +114,26 @@ def test_fir_filter_equals_julius(device, cutoff_hz, highpass):
     torch.testing.assert_close(y.cpu(), ref, atol=2e-5, rtol=0)
 
 
+@pytest.mark.parametrize("cutoff_hz, highpass", [(200.0, True), (1200.0, True), (2200.0, False), (4000.0, False)])
+def test_first_order_filter_equals_essentias_iir(device, cutoff_hz, highpass):
+    from scipy.signal import lfilter
+
+    x = torch.randn(2, 1, 8000, generator=torch.Generator().manual_seed(2)).to(device)
+    filt = HighLowPass(sample_rate=SR, p=1.0, filter_type="first_order")
+    y = filt.apply(x, forced(2, highpass=torch.tensor([highpass] * 2), cutoff_hz=torch.tensor([cutoff_hz] * 2)))
+    k = np.tan(np.pi * cutoff_hz / SR)  # essentia LowPass/HighPass.configure(), written out
+    c = (k - 1) / (k + 1)
+    b = [(1 - c) / 2, (c - 1) / 2] if highpass else [(1 + c) / 2, (1 + c) / 2]
+    ref = lfilter(b, [1.0, c], x.cpu().double().numpy(), axis=-1)
+    np.testing.assert_allclose(y.cpu().numpy(), ref, atol=2e-5, rtol=0)
+    # 3 dB down at the cutoff, 6 dB/octave beyond it (first order).
+    f = np.fft.rfftfreq(16384, 1 / SR)
+    h = np.fft.rfft(filt.apply(torch.eye(1, 16384).view(1, 1, -1).to(device),
+                               forced(1, highpass=torch.tensor([highpass]), cutoff_hz=torch.tensor([cutoff_hz])))[0, 0].cpu().numpy())
+    at = lambda hz: 20 * np.log10(np.abs(h[np.argmin(np.abs(f - hz))]))  # noqa: E731
+    assert abs(at(cutoff_hz) + 3.01) < 0.1
+
+
 @pytest.mark.parametrize("filter_type", ["fir", "butterworth"])
 def test_filters_attenuate_the_stop_band_by_more_than_20_db(device, filter_type):
     n, t = 12, 3 * SR
@@ -285,7 +305,7 @@ def test_cpu_backend_and_disabled_give_the_identity_chain():
     (dict(order=("pitch", "pitch")), "order"), (dict(noise_color=("green",)), "noise_color"),
     (dict(reverb_ir_dir="/nonexistent/irs"), "reverb_ir_dir"),
     (dict(reverb_method="ir", reverb_ir_dir="/nonexistent/irs"), "reverb_ir_dir"),
-    (dict(filter_type="chebyshev"), "filter_type"), (dict(noise_mode="pink"), "noise_mode"),
+    (dict(filter_type="chebyshev"), "filter_type"), (dict(filter_type="Butterworth"), "filter_type"), (dict(noise_mode="pink"), "noise_mode"),
     (dict(reverb_method="sox"), "reverb_method"), (dict(reverb_room_scale=(0, 101)), "reverb_room_scale"),
     (dict(reverb_reverberance=(10.5, 20)), "reverb_reverberance"),
 ])

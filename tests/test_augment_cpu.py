@@ -115,21 +115,21 @@ def test_filter_attenuates_the_stop_band(highpass_prob):
     assert 20 * np.log10(np.sqrt(2 * np.mean(y[0, 0, mid] ** 2))) < -20
 
 
-@pytest.mark.parametrize("name", ["filter", "reverb"])
-def test_fir_filter_and_freeverb_equal_the_batched_chain(name):
+@pytest.mark.parametrize("name, kw", [("filter", {}), ("filter", {"filter_type": "first_order"}), ("reverb", {})])
+def test_fir_filter_and_freeverb_equal_the_batched_chain(name, kw):
     """Same originals on both paths: replay the CPU path's draws through the batched transforms."""
     import torch
 
     from pipeline.augment import HighLowPass, Reverb
 
     x = views_of((0.3 * np.random.default_rng(8).standard_normal(6000)).astype(np.float32), 3)
-    aug = CpuAugment(only(name), sample_rate=SR)
+    aug = CpuAugment(only(name, **kw), sample_rate=SR)
     y = aug(x, np.random.default_rng(9))
     for v in range(3):
         p = aug.last_params[v][name]
         one = torch.ones(1, dtype=torch.bool)
         if name == "filter":
-            t = HighLowPass(sample_rate=SR, p=1.0)
+            t = HighLowPass(sample_rate=SR, p=1.0, **kw)
             params = {"apply": one, "highpass": torch.tensor([p["highpass"]]), "cutoff_hz": torch.tensor([p["cutoff_hz"]])}
         else:
             t = Reverb(sample_rate=SR, p=1.0)
