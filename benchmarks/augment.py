@@ -69,7 +69,7 @@ def write_irs(folder: str, sr: int, n: int = 8, seed: int = 1) -> None:
     import soundfile as sf
     import torch
 
-    from pipeline.augment import freeverb_irs
+    from pipeline.dsp import freeverb_irs
 
     g = torch.Generator().manual_seed(seed)
     controls = [torch.randint(0, 100, (n,), generator=g) for _ in range(3)]

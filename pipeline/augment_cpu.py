@@ -24,9 +24,8 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from pipeline.augment import (
-    NOISE_COLORS, AugmentConfig, estimate_rt60, fir_lowpass_kernels, freeverb_apply, freeverb_irs, load_ir_bank,
-)
+from pipeline.augment import NOISE_COLORS, AugmentConfig, estimate_rt60, load_ir_bank
+from pipeline.dsp import fir_lowpass_kernels, freeverb_apply, freeverb_irs
 
 # audiomentations' AddColorNoise takes a decay in dB/octave of the *power* spectrum; our colour
 # exponents are amplitude slopes (|N| ~ f**e), i.e. 20*log10(2)*e dB/octave.
@@ -140,7 +139,7 @@ class CpuAugment:
             y = self._run(self._highpass if highpass else self._lowpass, x, cutoff_freq=cutoff,
                           rolloff=6 * c.filter_order)
             return y, params
-        if c.filter_type == "first_order":  # essentia's 1st-order IIR, see pipeline.augment.first_order_kernels
+        if c.filter_type == "first_order":  # essentia's 1st-order IIR, see pipeline.dsp.first_order_kernels
             from scipy.signal import lfilter
 
             k = math.tan(math.pi * cutoff / self.sample_rate)

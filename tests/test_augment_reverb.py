@@ -1,4 +1,4 @@
-"""CLMR's reverb (sox's freeverb) in pipeline.augment, checked against the algorithm and the program.
+"""CLMR's reverb (sox's freeverb: pipeline.dsp, pipeline.augment.Reverb), checked against the algorithm and the program.
 
 The reference below is written from sox 14.4.2's published algorithm (``src/reverb.c``: 8
 low-pass-feedback combs in parallel, 4 freeverb all-passes in series, delay lengths given at
@@ -20,7 +20,8 @@ import soundfile as sf
 import torch
 from scipy.signal import butter, sosfilt
 
-from pipeline.augment import AugmentConfig, Reverb, build_augment, freeverb_apply, freeverb_irs
+from pipeline.augment import AugmentConfig, Reverb, build_augment
+from pipeline.dsp import freeverb_apply, freeverb_irs
 from tests.test_augment_helpers import schroeder_rt60
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
