@@ -84,8 +84,21 @@ def wait_for_lines(path: str, n: int, proc: subprocess.Popen, timeout: float = 2
     raise AssertionError(f"no step {n} in {path} after {timeout}s")
 
 
-def wandb_records(run_file: str) -> list:
-    """Records of an offline ``run-<id>.wandb`` file (LevelDB log format after a 7-byte W&B header)."""
+def wandb_records(run_file: str, timeout: float = 60.0) -> list:
+    """Records of an offline ``run-<id>.wandb`` file, once its ``exit`` record is there.
+
+    wandb-core writes the file from its own process and may still be flushing when ``finish()``
+    returns (seen on a loaded 2-core box), so wait up to ``timeout`` seconds for the run's end.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        records = _wandb_records_now(run_file)
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.1)
+
+
+def _wandb_records_now(run_file: str) -> list:
     from wandb.proto import wandb_internal_pb2 as pb
 
     data = open(run_file, "rb").read()
