@@ -7,7 +7,8 @@
     shard-tools demo --out DIR             # render a real-instrument demo set and shard it
 
 Recipes are modules ``shard_tools/<dataset>.py`` with ``add_arguments(parser)`` and
-``prepare(root, args) -> Recipe``; only the one named on the command line is imported.
+``prepare(root, args) -> Recipe``, listed in :data:`RECIPES`; only the one named on the command
+line is imported.
 """
 
 from __future__ import annotations
@@ -17,9 +18,16 @@ import importlib
 import os
 import re
 import shlex
+import signal
 import sys
+from contextlib import contextmanager
 
-DATASETS = ("mtat", "msd", "musicnet", "nsynth", "folder")
+from pipeline.errors import UserError
+
+# dataset name -> recipe module: the only modules `build <dataset>` imports
+RECIPES = {"mtat": "shard_tools.mtat", "msd": "shard_tools.msd", "musicnet": "shard_tools.musicnet",
+           "nsynth": "shard_tools.nsynth", "folder": "shard_tools.folder"}
+DATASETS = tuple(RECIPES)
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "t": 10**12, "tb": 10**12, "ki": 2**10, "kib": 2**10, "mi": 2**20, "mib": 2**20,
@@ -57,15 +65,12 @@ def _positive_int(flag: str):
 
 
 def _load_recipe(name: str):
-    if not re.fullmatch(r"[a-z0-9_]+", name):
-        raise SystemExit(f"shard-tools build: unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
-    try:
-        return importlib.import_module(f"shard_tools.{name}")
-    except ModuleNotFoundError as exc:
-        if exc.name == f"shard_tools.{name}":
-            raise SystemExit(f"shard-tools build: no recipe {name!r} (shard_tools/{name}.py not found); "
-                             f"choose one of {', '.join(DATASETS)}") from None
-        raise
+    """The recipe module of a dataset named on the command line (only that one is imported)."""
+    if name not in RECIPES:
+        hint = ("; `demo` is its own command: shard-tools demo --out DIR" if name == "demo" else "")
+        raise UserError(f"build {name}: not a dataset recipe; choose one of "
+                        f"{', '.join(RECIPES)}{hint}")
+    return importlib.import_module(RECIPES[name])
 
 
 def add_build_arguments(parser: argparse.ArgumentParser) -> None:
@@ -84,7 +89,60 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slice", type=parse_slice, default=(0, 1), metavar="i/K",
                         help="build only slice i of K (0-based) with its own shards and a partial manifest; "
                              "join the K slices with `shard-tools merge OUT`")
+    parser.add_argument("--force-unlock", action="store_true",
+                        help="take over the output folder's build lock even though its holder (named in the "
+                             "error) may still run; only when you know that build is dead")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+
+
+# the options of add_build_arguments; the rest of a build's arguments are the recipe's own
+_COMMON = {"root", "out", "codec", "shard_size", "sample_rate", "mono", "workers", "seed", "slice", "quiet",
+           "force_unlock"}
+
+
+@contextmanager
+def remote_errors(flag: str, url: str):
+    """Turn an object store that cannot be reached (or refuses us) into one line naming the URL."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - classified below, re-raised when not a remote failure
+        if "://" not in url or url.startswith("file://") or not _is_remote_failure(exc):
+            raise
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{flag} {url}: the object store did not answer or refused ({type(exc).__name__}: {text}); "
+                        f"check the endpoint (AWS_ENDPOINT_URL / --endpoint settings), the network and the "
+                        f"credentials, then run the same command again") from exc
+
+
+def _is_remote_failure(exc: BaseException) -> bool:
+    from pipeline.fsio import is_transient
+
+    names = {c.__name__ for c in type(exc).__mro__}
+    if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
+        return False  # a real answer from the store; the caller's message says what was expected
+    return (is_transient(exc) or isinstance(exc, OSError)
+            or bool(names & {"BotoCoreError", "ClientError", "NoCredentialsError", "EndpointConnectionError",
+                             "ClientConnectorError", "ServerTimeoutError", "HttpError", "RefreshError"}))
+
+
+@contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM (a scheduler's stop, `kill`) unwinds like Ctrl-C, so a build removes its temp files
+    and releases its lock; kill -9 cannot be caught, the next build cleans up after it."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        old = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (an embedding program): leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def cmd_build(argv: list[str]) -> int:
@@ -109,17 +167,18 @@ def cmd_build(argv: list[str]) -> int:
     try:
         recipe = module.prepare(root, args)
     except (FileNotFoundError, ValueError) as exc:
-        print(f"shard-tools build {name}: error: {exc}", file=sys.stderr)
-        return 2
+        raise UserError(f"build {name}: {exc}") from exc
     slice_index, num_slices = args.slice
     try:
-        report = build_dataset(recipe, args.out, codec=args.codec, shard_size=args.shard_size,
-                               sample_rate=args.sample_rate, mono=args.mono, workers=args.workers, seed=args.seed,
-                               slice_index=slice_index, num_slices=num_slices, progress=not args.quiet,
-                               command=shlex.join(["shard-tools", "build", *argv]))
+        with _terminate_as_interrupt(), remote_errors("--out", args.out):
+            report = build_dataset(recipe, args.out, codec=args.codec, shard_size=args.shard_size,
+                                   sample_rate=args.sample_rate, mono=args.mono, workers=args.workers,
+                                   seed=args.seed, slice_index=slice_index, num_slices=num_slices,
+                                   progress=not args.quiet, command=shlex.join(["shard-tools", "build", *argv]),
+                                   recipe_options={k: v for k, v in vars(args).items() if k not in _COMMON},
+                                   force_unlock=args.force_unlock)
     except ValueError as exc:
-        print(f"shard-tools build {name}: error: {exc}", file=sys.stderr)
-        return 2
+        raise UserError(f"build {name}: {exc}") from exc
     except KeyboardInterrupt:
         print(f"\nshard-tools build {name}: interrupted; run the same command again to resume "
               f"(finished shards are kept)", file=sys.stderr)
@@ -137,15 +196,17 @@ def cmd_merge(argv: list[str]) -> int:
                                                  "<split>.manifest.json per split (checks that all K slices are there).")
     parser.add_argument("inputs", nargs="+", help="the shard folder, or partial manifest URLs (<split>.manifest.slice-i-of-K.json)")
     parser.add_argument("--out", default=None, help="folder for the merged manifests (default: that of the first input)")
+    parser.add_argument("--force-unlock", action="store_true",
+                        help="take over the output folder's build lock even though its holder may still run")
     args = parser.parse_args(argv)
     from shard_tools.build import format_summary
     from shard_tools.manifest import merge
 
     try:
-        rep = merge(args.inputs, args.out)
+        with remote_errors("merge", args.out or args.inputs[0]):
+            rep = merge(args.inputs, args.out, force_unlock=args.force_unlock)
     except (FileNotFoundError, ValueError) as exc:
-        print(f"shard-tools merge: error: {exc}", file=sys.stderr)
-        return 2
+        raise UserError(str(exc)) from exc
     if rep.get("files_in") is not None:
         print(format_summary(rep))
     else:
@@ -165,10 +226,10 @@ def cmd_verify(argv: list[str]) -> int:
     from shard_tools.verify import verify
 
     try:
-        problems, stats = verify(args.url, workers=args.workers, progress=not args.quiet)
+        with remote_errors("verify", args.url):
+            problems, stats = verify(args.url, workers=args.workers, progress=not args.quiet)
     except (FileNotFoundError, ValueError) as exc:
-        print(f"shard-tools verify: error: {exc}", file=sys.stderr)
-        return 2
+        raise UserError(str(exc)) from exc
     if problems:
         print(f"shard-tools verify: {len(problems)} problem(s) in {args.url}:", file=sys.stderr)
         for p in problems[:50]:
@@ -189,24 +250,21 @@ def cmd_info(argv: list[str]) -> int:
     from shard_tools.manifest import info_text
 
     try:
-        print(info_text(args.url))
+        with remote_errors("info", args.url):
+            print(info_text(args.url))
     except (FileNotFoundError, ValueError) as exc:
-        print(f"shard-tools info: error: {exc}", file=sys.stderr)
-        return 2
+        raise UserError(str(exc)) from exc
     return 0
 
 
 def cmd_demo(argv: list[str]) -> int:
-    try:
-        demo = importlib.import_module("shard_tools.demo")
-    except ModuleNotFoundError as exc:
-        if exc.name == "shard_tools.demo":
-            print("shard-tools demo: the demo recipe (shard_tools/demo.py) is not installed in this checkout", file=sys.stderr)
-            return 2
-        raise
+    from shard_tools import demo
+
     parser = argparse.ArgumentParser(prog="shard-tools demo", description=(demo.__doc__ or "").strip().split("\n\n")[0])
     demo.add_arguments(parser)
-    return int(demo.run(parser.parse_args(argv)) or 0)
+    args = parser.parse_args(argv)
+    with _terminate_as_interrupt(), remote_errors("--out", args.out):
+        return int(demo.run(args) or 0)
 
 
 COMMANDS = {"build": cmd_build, "merge": cmd_merge, "verify": cmd_verify, "info": cmd_info, "demo": cmd_demo}

@@ -9,6 +9,7 @@ from collections import Counter
 
 from pipeline import fsio
 from shard_tools.build import FORMAT, dumps_json, format_summary, manifest_name, reason_kind, report_name
+from shard_tools.lock import BuildLock, lock_name
 from shard_tools.writer import write_bytes_atomic
 
 _PARTIAL = re.compile(r"^(?P<split>[A-Za-z0-9_]+)\.manifest\.slice-(?P<i>\d+)-of-(?P<k>\d+)\.json$")
@@ -66,7 +67,7 @@ def _abs_folder(url: str) -> str:
     return os.path.abspath(fsio.local_path(url)) if fsio.is_local(url) else url.rstrip("/")
 
 
-def merge(inputs: list[str], out: str | None = None) -> dict:
+def merge(inputs: list[str], out: str | None = None, *, force_unlock: bool = False) -> dict:
     """Join the partial manifests of ``--slice`` builds into one manifest per split.
 
     ``inputs`` is a folder URL (all partial manifests in it) or a list of partial manifest URLs;
@@ -109,45 +110,89 @@ def merge(inputs: list[str], out: str | None = None) -> dict:
             names = ", ".join(manifest_name(split, i, k) for i in missing)
             raise FileNotFoundError(f"split {split!r}: missing slice(s) {missing} of {k} ({names} not found); "
                                     f"run those slices (`shard-tools build ... --slice i/{k}`) before merging")
-    out_abs = _abs_folder(out)
-    totals = {}
-    for split, parts in sorted(by_split.items()):
-        first = parts[0][1]
-        shards = []
-        rates, chans = set(), set()
-        for i in range(k):
-            u, m = parts[i]
-            if m["labels"] != first["labels"] or m["dataset"] != first["dataset"] or m["codec"] != first["codec"]:
-                raise ValueError(f"{u}: dataset, codec or label vocabulary differs from {parts[0][0]}; "
-                                 f"all slices must be built by the same command (only --slice differs)")
-            folder = _abs_folder(fsio.parent_url(u))
-            for s in m["shards"]:
-                s = dict(s)
-                if folder != out_abs:
-                    s["url"] = fsio.join_url(folder, s["url"])
-                shards.append(s)
-            if m["num_samples"]:
-                rates.add(m["sample_rate"])
-                chans.add(m["channels"])
-        merged = {
-            "format": FORMAT,
-            "dataset": first["dataset"],
-            "split": split,
-            "codec": first["codec"],
-            "sample_rate": rates.pop() if len(rates) == 1 else None,
-            "channels": chans.pop() if len(chans) == 1 else None,
-            "num_samples": sum(s["num_samples"] for s in shards),
-            "seconds": round(sum(s["seconds"] for s in shards), 6),
-            "shards": shards,
-            "labels": first["labels"],
-            "build": {**first["build"], "merged_slices": k},
-        }
-        write_bytes_atomic(fsio.join_url(out, manifest_name(split)),
-                                dumps_json(merged, indent=1))
-        totals[split] = {"samples": merged["num_samples"], "seconds": merged["seconds"],
-                         "hours": round(merged["seconds"] / 3600, 4), "shards": len(shards),
-                         "bytes": sum(s["bytes"] for s in shards)}
-    return _merge_reports(urls, out, k, totals)
+    # the merged manifests are the whole build's names: hold its lock (a whole build into the
+    # same folder would write them too)
+    fsio.makedirs(out)
+    with BuildLock(out, lock_name(), command="shard-tools merge", force=force_unlock):
+        out_abs = _abs_folder(out)
+        totals = {}
+        check_same_build([p for parts in by_split.values() for _, p in sorted(parts.items())])
+        for split, parts in sorted(by_split.items()):
+            first = parts[0][1]
+            shards = []
+            rates, chans = set(), set()
+            for i in range(k):
+                u, m = parts[i]
+                folder = _abs_folder(fsio.parent_url(u))
+                for s in m["shards"]:
+                    s = dict(s)
+                    if folder != out_abs:
+                        s["url"] = fsio.join_url(folder, s["url"])
+                    shards.append(s)
+                if m["num_samples"]:
+                    rates.add(m["sample_rate"])
+                    chans.add(m["channels"])
+            merged = {
+                "format": FORMAT,
+                "dataset": first["dataset"],
+                "split": split,
+                "codec": first["codec"],
+                "sample_rate": rates.pop() if len(rates) == 1 else None,
+                "channels": chans.pop() if len(chans) == 1 else None,
+                "num_samples": sum(s["num_samples"] for s in shards),
+                "seconds": round(sum(s["seconds"] for s in shards), 6),
+                "shards": shards,
+                "labels": first["labels"],
+                "build": {**first["build"], "merged_slices": k},
+            }
+            write_bytes_atomic(fsio.join_url(out, manifest_name(split)),
+                                    dumps_json(merged, indent=1))
+            totals[split] = {"samples": merged["num_samples"], "seconds": merged["seconds"],
+                             "hours": round(merged["seconds"] / 3600, 4), "shards": len(shards),
+                             "bytes": sum(s["bytes"] for s in shards)}
+        return _merge_reports(urls, out, k, totals)
+
+
+# build options as command-line flags, for messages; "recipe" holds the recipe's own options
+_FLAGS = {"codec": "--codec", "shard_size": "--shard-size", "sample_rate": "--sample-rate", "mono": "--mono",
+          "seed": "--seed", "dataset": "the dataset", "format": "the shard format (shard-tools version)"}
+
+
+def check_same_build(parts: list[tuple[str, dict]]) -> None:
+    """Refuse partial manifests that were not built by the same command but for ``--slice``.
+
+    Compares the options recorded in each manifest's ``build.options`` (codec, sample rate, mono,
+    seed, shard size, the recipe's own options), the dataset and the label vocabulary against the
+    first one; the error names the differing option and the two files. (Manifests written before
+    the options were recorded are compared by dataset, codec and labels only.)
+    """
+    u0, m0 = parts[0]
+    for u, m in parts[1:]:
+        what = _first_difference(m0, m)
+        if what is not None:
+            name, a, b = what
+            raise ValueError(f"{name} differs between slices: {a!r} in {u0} but {b!r} in {u}; all slices must be "
+                             f"built by the same command (only --slice differs): rebuild the odd slice(s) with the "
+                             f"options of the others")
+
+
+def _first_difference(a: dict, b: dict) -> tuple[str, object, object] | None:
+    for key in ("dataset", "codec"):
+        if a.get(key) != b.get(key):
+            return _FLAGS[key], a.get(key), b.get(key)
+    oa, ob = (a.get("build") or {}).get("options"), (b.get("build") or {}).get("options")
+    if oa is not None and ob is not None:
+        for key in sorted(set(oa) | set(ob)):
+            if key == "recipe":
+                ra, rb = oa.get(key) or {}, ob.get(key) or {}
+                for opt in sorted(set(ra) | set(rb)):
+                    if ra.get(opt) != rb.get(opt):
+                        return f"--{opt.replace('_', '-')}", ra.get(opt), rb.get(opt)
+            elif oa.get(key) != ob.get(key):
+                return _FLAGS.get(key, key), oa.get(key), ob.get(key)
+    if a.get("labels") != b.get("labels"):
+        return "the label vocabulary", "(see the manifest)", "(another one)"
+    return None
 
 
 def _merge_reports(urls: list[str], out: str, k: int, totals: dict) -> dict:
