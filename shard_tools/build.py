@@ -36,6 +36,7 @@ from datetime import datetime, timezone
 from pipeline import fsio
 from pipeline.errors import UserError
 from shard_tools.convert import Convert, Spooled, discard_result, process_item
+from shard_tools.layout import NOT_UTF8_NAME, printable, utf8_name
 from shard_tools.lock import BuildLock, lock_name
 from shard_tools.owner import me, sweep_temp
 from shard_tools.recipe import Item, Recipe, Skip
@@ -347,7 +348,7 @@ def _jsonable(obj):
 def _without_unnamable_files(recipe: Recipe) -> Recipe:
     """Items whose path is not valid UTF-8 (undecodable bytes that ``os.walk`` carries as surrogate
     escapes) become skips: their name can be neither hashed, nor stored in a sample's JSON."""
-    bad = [it for it in recipe.items if not _utf8(it.path) or not _utf8(it.source)]
+    bad = [it for it in recipe.items if not utf8_name(it.path) or not utf8_name(it.source)]
     if not bad:
         return recipe
     skipped = list(recipe.skipped)
@@ -355,24 +356,10 @@ def _without_unnamable_files(recipe: Recipe) -> Recipe:
     for it in bad:
         if it.path not in seen:
             seen.add(it.path)
-            skipped.append(Skip(printable_path(it.path), "file name not UTF-8: rename the file "
-                                                         "(e.g. convmv -f latin1 -t utf8 --notest FILE)"))
+            skipped.append(Skip(printable(it.path), NOT_UTF8_NAME))
     ids = {id(it) for it in bad}
     return Recipe(dataset=recipe.dataset, items=[it for it in recipe.items if id(it) not in ids], skipped=skipped,
                   labels=recipe.labels, files_in=recipe.files_in)
-
-
-def printable_path(path: str) -> str:
-    """``path`` with undecodable bytes shown as ``\\xNN`` (valid UTF-8, for reports and messages)."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
-
-
-def _utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _write_split(split: str, items: list[Item], start: int, st: dict, state: dict, processor: Processor,
