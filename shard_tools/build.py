@@ -241,6 +241,11 @@ def _build_locked(recipe: Recipe, out_url: str, options: dict, *, workers: int, 
         if progress:
             print(f"[shard-tools] {out_url}: already built with the same inputs and options; nothing to do")
         fsio.remove(progress_url)  # a kill right after the report leaves it behind
+        if done_report.get("recipe_options") != options["recipe"]:
+            # recipe options that changed nothing in the items: the shards stand, the records follow
+            _restamp(out_url, [manifest_name(s, slice_index, num_slices) for s in splits], options, command)
+            done_report["recipe_options"] = options["recipe"]
+            write_bytes_atomic(report_url, dumps_json(done_report, indent=1))
         done_report["up_to_date"] = True
         return done_report
 
@@ -314,6 +319,15 @@ def _build_locked(recipe: Recipe, out_url: str, options: dict, *, workers: int, 
     if progress:
         print(format_summary(report))
     return report
+
+
+def _restamp(out_url: str, names: list[str], options: dict, command: str) -> None:
+    """Record ``options`` and ``command`` in finished manifests whose shards they did not change."""
+    for name in names:
+        url = fsio.join_url(out_url, name)
+        m = json.loads(fsio.read_bytes(url))
+        m["build"].update(command=command, options={k: v for k, v in options.items() if k != "slice"})
+        write_bytes_atomic(url, dumps_json(m, indent=1))
 
 
 def _make_out_folder(out_url: str) -> None:
@@ -527,6 +541,7 @@ def _make_report(recipe: Recipe, plan: dict[str, list[Item]], recipe_skips: list
         "codec": options["codec"],
         "sample_rate": options["sample_rate"],
         "mono": options["mono"],
+        "recipe_options": options["recipe"],
         "seed": options["seed"],
         "shard_size": options["shard_size"],
         "workers": workers,
