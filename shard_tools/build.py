@@ -30,8 +30,6 @@ import os
 import random
 import re
 import time
-from collections import Counter
-from datetime import datetime, timezone
 
 from pipeline import fsio
 from pipeline.errors import UserError
@@ -40,6 +38,8 @@ from shard_tools.layout import NOT_UTF8_NAME, printable, utf8_name
 from shard_tools.lock import BuildLock, lock_name
 from shard_tools.owner import me, sweep_temp
 from shard_tools.recipe import Item, Recipe, Skip
+from shard_tools.report import (OPTION_FIELDS, assemble, format_summary, now_utc, report_name, skips_by_file,
+                                split_totals)
 from shard_tools.workers import Processor
 from shard_tools.writer import ShardWriter, dumps_json, write_bytes_atomic
 
@@ -67,10 +67,6 @@ def manifest_name(split: str, slice_index: int = 0, num_slices: int = 1) -> str:
     return f"{split}.manifest{slice_suffix(slice_index, num_slices)}.json"
 
 
-def report_name(slice_index: int = 0, num_slices: int = 1) -> str:
-    return f"build-report{slice_suffix(slice_index, num_slices)}.json"
-
-
 def progress_name(slice_index: int = 0, num_slices: int = 1) -> str:
     return f".build-progress{slice_suffix(slice_index, num_slices)}.json"
 
@@ -78,11 +74,6 @@ def progress_name(slice_index: int = 0, num_slices: int = 1) -> str:
 def stable_hash(text: str) -> int:
     """A hash of a string that is the same in every process and on every machine (not ``hash()``)."""
     return int.from_bytes(hashlib.sha1(text.encode("utf-8")).digest()[:8], "big")
-
-
-def reason_kind(reason: str) -> str:
-    """The category of a skip reason (the text before the first colon), for the summary."""
-    return reason.split(":", 1)[0].strip()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,10 +154,6 @@ def _shard_present(url: str, nbytes: int) -> bool:
         return int(fsio.with_retries(lambda: fs.info(path), what=url)["size"]) == nbytes
     except FileNotFoundError:
         return False
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def build_dataset(recipe: Recipe, out_url: str, *, codec: str = "flac", shard_size: int = 256_000_000,
@@ -307,9 +294,17 @@ def _build_locked(recipe: Recipe, out_url: str, options: dict, *, workers: int, 
     removed, foreign = remove_unlisted(out_url, {s: [r["url"] for r in state["splits"][s]["shards"]] for s in splits},
                                        slice_index, num_slices)
 
-    report = _make_report(recipe, plan, recipe_skips, item_skips, split_stats, out_url=out_url,
-                          fingerprint=fingerprint, options=options, command=command, workers=workers,
-                          wall=time.time() - t0, kept_shards=kept_shards, new_seconds=new_seconds)
+    files_written, files_skipped, segments_skipped = skips_by_file(plan, item_skips, recipe_skips)
+    report = assemble(dataset=recipe.dataset, out=out_url, command=command, slice_=(slice_index, num_slices),
+                      files_written=files_written, files_skipped=files_skipped, segments_skipped=segments_skipped,
+                      splits=split_stats, wall=time.time() - t0, processed_seconds=new_seconds,
+                      shards_kept_from_earlier_run=kept_shards, workers=workers, fingerprint=fingerprint,
+                      **{f: options["recipe" if f == "recipe_options" else f] for f in OPTION_FIELDS})
+    # Slices cannot split the recipe's own count, so it is only compared for a whole build.
+    if num_slices == 1 and recipe.files_in and recipe.files_in != report["files_in"]:
+        report["recipe_files_in"] = recipe.files_in
+        report["warning"] = (f"recipe {recipe.dataset!r} counted {recipe.files_in} input files but listed "
+                             f"{report['files_in']} as items or skips")
     if removed:
         report["removed_unlisted"] = removed
     if foreign:
@@ -451,16 +446,14 @@ def _write_manifest(split: str, st: dict, recipe: Recipe, out_url: str, options:
         "shards": [{k: s[k] for k in ("url", "num_samples", "seconds", "bytes", "sha256")} for s in shards],
         "labels": recipe.labels,
         # options: what merge compares between slices (everything that shapes the output but --slice)
-        "build": {"command": command, "seed": options["seed"], "created": _now(),
+        "build": {"command": command, "seed": options["seed"], "created": now_utc(),
                   "options": {k: v for k, v in options.items() if k != "slice"}},
     }
     if num_slices > 1:
         manifest["slice"] = {"index": slice_index, "count": num_slices}
     write_bytes_atomic(fsio.join_url(out_url, manifest_name(split, slice_index, num_slices)),
                        dumps_json(manifest, indent=1))
-    return {"samples": manifest["num_samples"], "seconds": manifest["seconds"],
-            "hours": round(manifest["seconds"] / 3600, 4), "shards": len(shards),
-            "bytes": sum(s["bytes"] for s in shards)}
+    return split_totals(manifest)
 
 
 def remove_unlisted(out_url: str, listed: dict[str, list[str]], slice_index: int = 0,
@@ -495,101 +488,3 @@ def remove_unlisted(out_url: str, listed: dict[str, list[str]], slice_index: int
             fsio.remove(fsio.join_url(out_url, name))
             removed.append(name)
     return removed, left
-
-
-
-def _make_report(recipe: Recipe, plan: dict[str, list[Item]], recipe_skips: list[Skip], item_skips: list[dict],
-                 split_stats: dict[str, dict], *, out_url: str, fingerprint: str, options: dict, command: str,
-                 workers: int, wall: float, kept_shards: int, new_seconds: float) -> dict:
-    # A source may give several samples (segments): it counts as written if any of them was.
-    failed = {(s["split"], s["index"]) for s in item_skips}
-    written_sources: set[str] = set()
-    failed_sources: dict[str, dict] = {}
-    for split, items in plan.items():
-        for idx, item in enumerate(items):
-            if (split, idx) not in failed:
-                written_sources.add(item.path)
-    segments_skipped = []
-    for s in sorted(item_skips, key=lambda s: (s["split"], s["index"])):
-        if s["path"] in written_sources:
-            segments_skipped.append({"path": s["path"], "key": s["key"], "reason": s["reason"]})
-        else:
-            failed_sources.setdefault(s["path"], {"path": s["path"], "reason": s["reason"]})
-    files_skipped = [{"path": s.path, "reason": s.reason} for s in recipe_skips] + list(failed_sources.values())
-    files_in = len(written_sources) + len(files_skipped)
-    seconds = sum(v["seconds"] for v in split_stats.values())
-    report = {
-        "dataset": recipe.dataset,
-        "out": out_url,
-        "command": command,
-        "slice": {"index": options["slice"][0], "count": options["slice"][1]},
-        "files_in": files_in,
-        "files_written": len(written_sources),
-        "samples_written": sum(v["samples"] for v in split_stats.values()),
-        "files_skipped": files_skipped,
-        "skipped_by_reason": dict(Counter(reason_kind(s["reason"]) for s in files_skipped).most_common()),
-        "segments_skipped": segments_skipped,
-        "splits": split_stats,
-        "seconds": round(seconds, 3),
-        "hours": round(seconds / 3600, 4),
-        "bytes": sum(v["bytes"] for v in split_stats.values()),
-        "shards": sum(v["shards"] for v in split_stats.values()),
-        "shards_kept_from_earlier_run": kept_shards,
-        "wall_seconds": round(wall, 3),
-        # throughput of this run only: audio actually processed, not shards kept by a resume
-        "audio_hours_per_hour": round(new_seconds / wall, 2) if wall > 0 else None,
-        "codec": options["codec"],
-        "sample_rate": options["sample_rate"],
-        "mono": options["mono"],
-        "recipe_options": options["recipe"],
-        "seed": options["seed"],
-        "shard_size": options["shard_size"],
-        "workers": workers,
-        "fingerprint": fingerprint,
-        "created": _now(),
-    }
-    # Slices cannot split the recipe's own count, so it is only compared for a whole build.
-    if options["slice"][1] == 1 and recipe.files_in and recipe.files_in != files_in:
-        report["recipe_files_in"] = recipe.files_in
-        report["warning"] = (f"recipe {recipe.dataset!r} counted {recipe.files_in} input files but listed "
-                             f"{files_in} as items or skips")
-    return report
-
-
-def format_summary(report: dict) -> str:
-    """The one-screen summary printed after a build (also used by ``merge``)."""
-    sl = report.get("slice") or {"index": 0, "count": 1}
-    lines = [
-        "",
-        f"shard-tools build: {report['dataset']} -> {report['out']}"
-        + (f"  (slice {sl['index']}/{sl['count']})" if sl["count"] > 1 else ""),
-        f"  files in         {report['files_in']:>10}",
-        f"  files written    {report['files_written']:>10}",
-        f"  samples written  {report['samples_written']:>10}",
-        f"  files skipped    {len(report['files_skipped']):>10}",
-    ]
-    for reason, n in list(report.get("skipped_by_reason", {}).items())[:8]:
-        lines.append(f"      {n:>6}  {reason}")
-    if report.get("segments_skipped"):
-        lines.append(f"  segments skipped {len(report['segments_skipped']):>10}  (in files that wrote other segments)")
-    lines.append(f"  audio            {report['hours']:>10.3f} h")
-    lines.append(f"  shards           {report['shards']:>10}" + (
-        f"  ({report['shards_kept_from_earlier_run']} kept from an interrupted run)"
-        if report.get("shards_kept_from_earlier_run") else ""))
-    lines.append(f"  bytes            {report['bytes']:>10}  ({report['bytes'] / 1e9:.3f} GB)")
-    for split, s in report["splits"].items():
-        lines.append(f"    {split:<12} {s['samples']:>8} samples {s['hours']:>9.3f} h {s['shards']:>5} shards")
-    if report.get("audio_hours_per_hour") is not None:
-        lines.append(f"  wall time        {report['wall_seconds']:>10.1f} s   "
-                     f"({report['audio_hours_per_hour']:.0f} audio-hours per hour)")
-    if report.get("removed_unlisted"):
-        lines.append(f"  removed {len(report['removed_unlisted'])} file(s) of an earlier build into this --out that "
-                     f"no manifest lists any more")
-    if report.get("unlisted_left"):
-        lines.append(f"  left alone: {', '.join(report['unlisted_left'])} (another build's; "
-                     f"`shard-tools verify` lists the shards no manifest lists)")
-    if report.get("warning"):
-        lines.append(f"  warning: {report['warning']}")
-    if report["files_skipped"]:
-        lines.append(f"  every skipped file and its reason: {fsio.join_url(report['out'], report_name(sl['index'], sl['count']))}")
-    return "\n".join(lines)

@@ -199,8 +199,8 @@ def cmd_merge(argv: list[str]) -> int:
     parser.add_argument("--force-unlock", action="store_true",
                         help="take over the output folder's build lock even though its holder may still run")
     args = parser.parse_args(argv)
-    from shard_tools.build import format_summary
     from shard_tools.manifest import merge
+    from shard_tools.report import format_summary
 
     try:
         with remote_errors("merge", args.out or args.inputs[0]):

@@ -23,6 +23,7 @@ import posixpath
 from collections.abc import Iterator
 
 from pipeline import fsio
+from shard_tools.recipe import Skip
 
 
 class Root:
@@ -35,6 +36,9 @@ class Root:
             self.url = os.path.abspath(fsio.local_path(self.url))
         self._files: dict[str, int] | None = None  # remote: relative path -> size, from one listing
         self._dirs: set[str] | None = None
+        # whether any audio file usable() was asked about exists (empty or not): a recipe whose
+        # files are all missing points at the wrong --root, which is an error, not N skips
+        self.found_any = False
 
     # -- names ------------------------------------------------------------------------------
 
@@ -82,13 +86,20 @@ class Root:
     def problem(self, rel: str) -> str | None:
         """Why the audio file ``rel`` cannot be used before decoding it (missing, empty, not a file), or None."""
         if self.local:
-            return file_problem(self.path(rel))
-        size = self._listing().get(rel)
-        if size is None:
-            return "missing file: listed in the labels but not in the bucket"
-        if size == 0:
-            return "empty file: 0 bytes"
-        return None
+            why = file_problem(self.path(rel))
+        else:
+            size = self._listing().get(rel)
+            why = ("missing file: listed in the labels but not in the bucket" if size is None
+                   else "empty file: 0 bytes" if size == 0 else None)
+        self.found_any = self.found_any or why is None or not why.startswith("missing")
+        return why
+
+    def usable(self, rel: str, skipped: list[Skip]) -> bool:
+        """True if the audio file ``rel`` may be decoded; else its Skip (with the reason) is appended."""
+        why = self.problem(rel)
+        if why is not None:
+            skipped.append(Skip(self.path(rel), why))
+        return why is None
 
     def listdir(self, rel: str = "") -> list[str]:
         """Names of the files directly in folder ``rel`` (sorted; [] if there is no such folder)."""
@@ -115,24 +126,24 @@ class Root:
 
 def require_dir(path: str, what: str) -> str:
     """``path`` if it is a folder (local or URL), else ``FileNotFoundError`` naming it and what it should hold."""
-    if not _is(path, "dir"):
-        raise FileNotFoundError(f"{path}: folder not found; expected {what}")
-    return path
+    return _require(path, "folder", what)
 
 
 def require_file(path: str, what: str) -> str:
     """``path`` if it is a file (local or URL), else ``FileNotFoundError`` naming it and what it should be."""
-    if not _is(path, "file"):
-        raise FileNotFoundError(f"{path}: file not found; expected {what}")
-    return path
+    return _require(path, "file", what)
 
 
-def _is(path: str, kind: str) -> bool:
+def _require(path: str, kind: str, what: str) -> str:
     if fsio.is_local(path):
         p = fsio.local_path(path)
-        return os.path.isdir(p) if kind == "dir" else os.path.isfile(p)
-    fs, p = fsio.fs_and_path(path)
-    return bool(fsio.with_retries(lambda: fs.isdir(p) if kind == "dir" else fs.isfile(p), what=path))
+        found = os.path.isdir(p) if kind == "folder" else os.path.isfile(p)
+    else:
+        fs, p = fsio.fs_and_path(path)
+        found = bool(fsio.with_retries(lambda: fs.isdir(p) if kind == "folder" else fs.isfile(p), what=path))
+    if not found:
+        raise FileNotFoundError(f"{path}: {kind} not found; expected {what}")
+    return path
 
 
 def file_problem(path: str) -> str | None:
@@ -185,6 +196,17 @@ def read_text(path: str) -> str:
         col = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
         raise ValueError(f"{path} line {line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at column {col}); "
                          f"save the file as UTF-8, e.g. iconv -f latin1 -t utf-8 FILE > FILE.utf8") from None
+
+
+def read_header_table(path: str, *, delimiter: str, expected: str) -> tuple[list[str], Iterator[tuple[int, list[str]]]]:
+    """A table's header row and an iterator over the rows after it (see :func:`read_table`);
+    ValueError naming the file when it is empty (``expected``: what the header should be)."""
+    rows = read_table(path, delimiter=delimiter)
+    try:
+        _, header = next(rows)
+    except StopIteration:
+        raise ValueError(f"{path}: empty file; expected a header {expected}") from None
+    return header, rows
 
 
 def read_table(path: str, *, delimiter: str) -> Iterator[tuple[int, list[str]]]:

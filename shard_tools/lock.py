@@ -101,7 +101,13 @@ class BuildLock:
                 pass  # the folder went away, or a bucket outage: the lock is stale now, and says whose
 
     def check(self) -> None:
-        """Raise UserError if another build took the lock over (``--force-unlock``) while we ran."""
+        """Raise UserError if another build took the lock over (``--force-unlock``) while we ran.
+
+        Reads the lock (one small read; the builder calls this once per shard, before publishing)."""
+        if self.lost is None:
+            held = self._read()
+            if held is not None and held.get("token") != self.record["token"]:
+                self.lost = held
         if self.lost is not None:
             raise UserError(f"{self.what} {self.folder}: the build lock was taken over by another build "
                             f"({_describe(self.lost)}); this build stops so the two do not mix their shards")

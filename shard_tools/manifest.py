@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections import Counter
 
 from pipeline import fsio
-from shard_tools.build import FORMAT, dumps_json, format_summary, manifest_name, reason_kind, report_name
+from shard_tools.build import FORMAT, manifest_name
+from shard_tools.report import merge_reports, report_name, split_totals
 from shard_tools.lock import BuildLock, lock_name
-from shard_tools.writer import write_bytes_atomic
+from shard_tools.writer import dumps_json, write_bytes_atomic
 
 _PARTIAL = re.compile(r"^(?P<split>[A-Za-z0-9_]+)\.manifest\.slice-(?P<i>\d+)-of-(?P<k>\d+)\.json$")
 _WHOLE = re.compile(r"^(?P<split>[A-Za-z0-9_]+)\.manifest\.json$")
@@ -145,12 +145,10 @@ def merge(inputs: list[str], out: str | None = None, *, force_unlock: bool = Fal
                 "labels": first["labels"],
                 "build": {**first["build"], "merged_slices": k},
             }
-            write_bytes_atomic(fsio.join_url(out, manifest_name(split)),
-                                    dumps_json(merged, indent=1))
-            totals[split] = {"samples": merged["num_samples"], "seconds": merged["seconds"],
-                             "hours": round(merged["seconds"] / 3600, 4), "shards": len(shards),
-                             "bytes": sum(s["bytes"] for s in shards)}
-        return _merge_reports(urls, out, k, totals)
+            write_bytes_atomic(fsio.join_url(out, manifest_name(split)), dumps_json(merged, indent=1))
+            totals[split] = split_totals(merged)
+        report = merge_reports(sorted({fsio.parent_url(u) for u in urls}), out, k, totals)
+    return report if report is not None else {"splits": totals, "report": None}
 
 
 # build options as command-line flags, for messages; "recipe" holds the recipe's own options
@@ -193,50 +191,6 @@ def _first_difference(a: dict, b: dict) -> tuple[str, object, object] | None:
     if a.get("labels") != b.get("labels"):
         return "the label vocabulary", "(see the manifest)", "(another one)"
     return None
-
-
-def _merge_reports(urls: list[str], out: str, k: int, totals: dict) -> dict:
-    folders = sorted({fsio.parent_url(u) for u in urls})
-    reports = []
-    for i in range(k):
-        found = None
-        for folder in folders:
-            u = fsio.join_url(folder, report_name(i, k))
-            if fsio.exists(u):
-                found = json.loads(fsio.read_bytes(u))
-                break
-        reports.append(found)
-    if any(r is None for r in reports):
-        missing = [report_name(i, k) for i, r in enumerate(reports) if r is None]
-        print(f"[shard-tools merge] build reports not found ({', '.join(missing)}); manifests merged, no merged report")
-        return {"splits": totals, "report": None}
-    skipped = [s for r in reports for s in r["files_skipped"]]
-    seconds = sum(v["seconds"] for v in totals.values())
-    wall = sum(r["wall_seconds"] for r in reports)
-    merged = {
-        "dataset": reports[0]["dataset"],
-        "out": out,
-        "command": reports[0]["command"],
-        "slice": {"index": 0, "count": 1},
-        "merged_slices": k,
-        "files_in": sum(r["files_in"] for r in reports),
-        "files_written": sum(r["files_written"] for r in reports),
-        "samples_written": sum(r["samples_written"] for r in reports),
-        "files_skipped": skipped,
-        "skipped_by_reason": dict(Counter(reason_kind(s["reason"]) for s in skipped).most_common()),
-        "segments_skipped": [s for r in reports for s in r.get("segments_skipped", [])],
-        "splits": totals,
-        "seconds": round(seconds, 3),
-        "hours": round(seconds / 3600, 4),
-        "bytes": sum(v["bytes"] for v in totals.values()),
-        "shards": sum(v["shards"] for v in totals.values()),
-        # slices may have run one after another or side by side; this is their summed time
-        "wall_seconds": round(wall, 3),
-        "audio_hours_per_hour": round(seconds / wall, 2) if wall > 0 else None,
-    }
-    write_bytes_atomic(fsio.join_url(out, report_name()),
-                            dumps_json(merged, indent=1))
-    return merged
 
 
 def info_text(url: str) -> str:
@@ -288,4 +242,4 @@ def _info_block(folder: str, manifests: list[tuple[str, dict]], show_report: boo
     return "\n".join(lines)
 
 
-__all__ = ["read_manifest", "find_manifests", "shard_url", "merge", "info_text", "format_summary"]
+__all__ = ["read_manifest", "find_manifests", "shard_url", "merge", "check_same_build", "info_text"]

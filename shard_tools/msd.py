@@ -184,7 +184,6 @@ def prepare(root: str, args: argparse.Namespace) -> Recipe:
 def _prepare_tagged(root: Root, tag_files: dict[str, str], names: list[str], id_map: dict[str, str]) -> Recipe:
     items: list[Item] = []
     skipped: list[Skip] = []
-    found_any = False
     for split in ("train", "valid", "test"):
         if split not in tag_files:
             continue
@@ -209,17 +208,13 @@ def _prepare_tagged(root: Root, tag_files: dict[str, str], names: list[str], id_
                 skipped.append(Skip(where, f"no 7digital id: {msd_id} is not in --id-map"))
                 continue
             rel = find_audio(root, id7)
-            problem = root.problem(rel)
-            if problem:
-                found_any = found_any or not problem.startswith("missing")
-                skipped.append(Skip(root.path(rel), problem))
+            if not root.usable(rel, skipped):
                 continue
-            found_any = True
             items.append(Item(path=root.path(rel), source=rel, split=split, id=msd_id,
                               key=make_key(DATASET, msd_id),
                               labels={"tags": [n for n, on in zip(names, flags) if on]},
                               extra={"msd_id": msd_id, "7digital_id": id7}))
-    if skipped and not found_any:
+    if skipped and not root.found_any:
         raise FileNotFoundError(
             f"none of the previews named by the tag files exist under --root {root.url}; expected "
             f"<7d_id[0]>/<7d_id[1]>/<7d_id>.clip.mp3 there (e.g. {skipped[0].path})")
@@ -250,9 +245,7 @@ def _prepare_unlabelled(root: Root, id_map: dict[str, str], split: str) -> Recip
         for extra_copy in rels[1:]:
             skipped.append(Skip(root.path(extra_copy), f"duplicate preview: {rels[0]} has the same 7digital id"))
         rel = rels[0]
-        problem = root.problem(rel)
-        if problem:
-            skipped.append(Skip(root.path(rel), problem))
+        if not root.usable(rel, skipped):
             continue
         items.append(Item(path=root.path(rel), source=rel, split=split, id=msd_of.get(id7, id7),
                           key=make_key(DATASET, id7), labels={},

@@ -39,7 +39,7 @@ from __future__ import annotations
 import argparse
 from collections import Counter
 
-from shard_tools.layout import Root, read_table, require_dir, require_file
+from shard_tools.layout import Root, read_header_table, read_table, require_dir, require_file
 from shard_tools.recipe import Item, Recipe, Skip, make_key
 
 DATASET = "mtat"
@@ -64,11 +64,7 @@ def read_annotations(path: str) -> tuple[list[str], list[tuple[int, str, list[st
 
     Raises ValueError naming the file and line when the header or a row does not fit the layout.
     """
-    rows = read_table(path, delimiter="\t")
-    try:
-        _, header = next(rows)
-    except StopIteration:
-        raise ValueError(f"{path}: empty file; expected a TAB-separated header clip_id<TAB>tags...<TAB>mp3_path") from None
+    header, rows = read_header_table(path, delimiter="\t", expected="clip_id<TAB>tags...<TAB>mp3_path (TAB-separated)")
     if len(header) < 3 or header[0] != "clip_id" or header[-1] != "mp3_path":
         raise ValueError(f"{path}: header must start with clip_id and end with mp3_path (TAB-separated), "
                          f"got {header[:2]}...{header[-1:]}; is this MagnaTagATune's annotations_final.csv?")
@@ -147,7 +143,6 @@ def prepare(root: str, args: argparse.Namespace) -> Recipe:
     skipped: list[Skip] = []
     left_out = 0
     seen: set[int] = set()
-    found_any = False
     for clip_id, mp3_path, clip_tags in rows:
         if clip_id in seen:
             skipped.append(Skip(f"{csv_path}:clip_id={clip_id}", f"duplicate clip_id: {clip_id} listed twice in {ANNOTATIONS}"))
@@ -165,12 +160,8 @@ def prepare(root: str, args: argparse.Namespace) -> Recipe:
             if split is None:
                 skipped.append(Skip(path, f"no split: mp3_path {rel!r} is not below a folder 0-f"))
                 continue
-        problem = audio.problem(rel)
-        if problem:
-            found_any = found_any or not problem.startswith("missing")
-            skipped.append(Skip(path, problem))
+        if not audio.usable(rel, skipped):
             continue
-        found_any = True
         has = set(clip_tags)
         labels = {"tags": [t for t in vocab if t in has]}  # vocabulary order, as in the manifest
         items.append(Item(path=path, source=tree.rel(path), split=split, id=str(clip_id),
@@ -180,7 +171,7 @@ def prepare(root: str, args: argparse.Namespace) -> Recipe:
             rel = index_paths.get(cid, f"<clip {cid}>")
             skipped.append(Skip(audio.path(rel),
                                 f"no annotations: clip {cid} is in --split-files but not in {ANNOTATIONS}"))
-    if rows and not found_any:
+    if rows and not audio.found_any:
         raise FileNotFoundError(
             f"{audio.path(rows[0][1])}: file not found, and none of the {len(rows)} mp3s listed in {csv_path} exist; "
             f"expected the folders 0/ ... f/ of mp3.zip in {audio.url} (unzip it there or pass --audio-dir)")

@@ -43,7 +43,7 @@ import io
 
 import soundfile as sf
 
-from shard_tools.layout import Root, read_table, read_text, require_file
+from shard_tools.layout import Root, read_header_table, read_text, require_file
 from shard_tools.recipe import Item, Recipe, Skip, make_key
 
 DATASET = "musicnet"
@@ -105,11 +105,7 @@ def sounding(notes: list[tuple[float, float, int, int]], start: float, end: floa
 
 
 def read_metadata(path: str) -> dict[str, dict[str, str]]:
-    rows = read_table(path, delimiter=",")
-    try:
-        _, header = next(rows)
-    except StopIteration:
-        raise ValueError(f"{path}: empty file; expected a header id,composer,...,seconds") from None
+    header, rows = read_header_table(path, delimiter=",", expected="id,composer,...,seconds")
     if "id" not in header:
         raise ValueError(f"{path}: no 'id' column (header: {header}); is this musicnet_metadata.csv?")
     col = header.index("id")
@@ -158,9 +154,7 @@ def prepare(root: str, args: argparse.Namespace) -> Recipe:
             if rid not in csvs:
                 skipped.append(Skip(wav, f"no labels: {label_dir}/{rid}.csv not found"))
                 continue
-            problem = tree.problem(rel)
-            if problem:
-                skipped.append(Skip(wav, problem))
+            if not tree.usable(rel, skipped):
                 continue
             try:
                 with tree.open(rel) as f:  # the header only: the frame count

@@ -145,9 +145,7 @@ def prepare(root: str, args: argparse.Namespace) -> Recipe:
             if pitch_range and not pitch_range[0] <= labels["pitch"] <= pitch_range[1]:
                 left_out += 1
                 continue
-            problem = tree.problem(rel)
-            if problem:
-                skipped.append(Skip(wav, problem))
+            if not tree.usable(rel, skipped):
                 continue
             pitches.add(labels["pitch"])
             velocities.add(labels["velocity"])

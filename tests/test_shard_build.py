@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -18,7 +16,6 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from shard_tools import folder
 from shard_tools.build import build_dataset
 from shard_tools.convert import Convert
 from shard_tools.workers import Processor
@@ -26,6 +23,7 @@ from shard_tools.recipe import Item
 from shard_tools.cli import main as cli_main
 from shard_tools.verify import verify
 from tests.conftest import crash_on_marker, write_tone
+from tests.fixtures_layouts import folder_recipe, shard_samples, tars
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,18 +53,6 @@ def make_tree(root: str, n: int, *, seconds: float = 0.5, bad: bool = True) -> d
     return freqs
 
 
-def folder_recipe(root: str, **kw):
-    ns = argparse.Namespace(labels=None, path_column="path", split_column="split", multi_hot=[], label_sep=";",
-                            keep_unlisted=False, valid_fraction=0.2, test_fraction=0.2)
-    for k, v in kw.items():
-        setattr(ns, k, v)
-    return folder.prepare(root, ns)
-
-
-def tars(out: str) -> dict[str, bytes]:
-    return {n: open(os.path.join(out, n), "rb").read() for n in sorted(os.listdir(out)) if n.endswith(".tar")}
-
-
 def manifests(out: str) -> dict[str, dict]:
     res = {}
     for n in sorted(os.listdir(out)):
@@ -80,15 +66,7 @@ def manifests(out: str) -> dict[str, dict]:
 
 
 def samples(out: str) -> dict[str, tuple[dict, np.ndarray, int]]:
-    res = {}
-    for name, data in tars(out).items():
-        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-            members = tar.getmembers()
-            for a, j in zip(members[0::2], members[1::2]):
-                meta = json.loads(tar.extractfile(j).read())
-                audio, sr = sf.read(io.BytesIO(tar.extractfile(a).read()), dtype="float32", always_2d=True)
-                res[meta["key"]] = (meta, audio.T, sr)
-    return res
+    return shard_samples(out)
 
 
 def f0(audio: np.ndarray, sr: int) -> float:
