@@ -37,7 +37,7 @@ from shard_tools.convert import Convert, Spooled, discard_result, process_item
 from shard_tools.layout import NOT_UTF8_NAME, printable, utf8_name
 from shard_tools.lock import BuildLock, lock_name
 from shard_tools.owner import me, sweep_temp
-from shard_tools.recipe import Item, Recipe, Skip
+from shard_tools.recipe import Item, Recipe, Skip, item_record
 from shard_tools.report import (OPTION_FIELDS, assemble, format_summary, now_utc, report_name, skips_by_file,
                                 split_totals)
 from shard_tools.workers import Processor
@@ -78,11 +78,6 @@ def stable_hash(text: str) -> int:
 
 # ----------------------------------------------------------------------------------------------
 # plan
-
-
-def _item_record(item: Item) -> list:
-    return [item.split, item.key, item.path, item.source, item.id, item.labels,
-            list(item.segment) if item.segment is not None else None, item.extra]
 
 
 def plan_items(recipe: Recipe, *, seed: int, slice_index: int, num_slices: int) -> dict[str, list[Item]]:
@@ -127,7 +122,7 @@ def _fingerprint(recipe: Recipe, plan: dict[str, list[Item]], options: dict) -> 
     for split, items in plan.items():
         h.update(split.encode())
         for item in items:
-            h.update(json.dumps(_item_record(item), sort_keys=True, default=str).encode())
+            h.update(json.dumps(item_record(item), sort_keys=True, default=str).encode())
     return h.hexdigest()
 
 
@@ -214,7 +209,7 @@ def _build_locked(recipe: Recipe, out_url: str, options: dict, *, workers: int, 
     codec, seed = options["codec"], options["seed"]
     plan = plan_items(recipe, seed=seed, slice_index=slice_index, num_slices=num_slices)
     recipe_skips = [s for s in recipe.skipped
-                    if num_slices == 1 or stable_hash(s.path) % num_slices == slice_index]
+                    if num_slices == 1 or stable_hash(recipe.slice_key(s.path)) % num_slices == slice_index]
     fingerprint = _fingerprint(recipe, plan, options)
     # A sliced build writes a (possibly empty) partial manifest for every split of the whole
     # dataset, so that merge can tell a slice with no items of a split from a missing slice.
@@ -368,7 +363,7 @@ def _without_unnamable_files(recipe: Recipe) -> Recipe:
             skipped.append(Skip(printable(it.path), NOT_UTF8_NAME))
     ids = {id(it) for it in bad}
     return Recipe(dataset=recipe.dataset, items=[it for it in recipe.items if id(it) not in ids], skipped=skipped,
-                  labels=recipe.labels, files_in=recipe.files_in)
+                  labels=recipe.labels, files_in=recipe.files_in, root=recipe.root)
 
 
 def _write_split(split: str, items: list[Item], start: int, st: dict, state: dict, processor: Processor,

@@ -1,6 +1,8 @@
 """``shard-tools``: build, merge, verify and describe WebDataset shards of music datasets.
 
     shard-tools build <dataset> --root SRC --out URL [options]   # dataset: mtat msd musicnet nsynth folder
+    shard-tools plan <dataset> --root SRC --out PLAN [options]   # list the corpus once, for --slice jobs
+    shard-tools build --plan PLAN --out URL --slice i/K          # one slice, reading only its share
     shard-tools merge URL [URL ...]        # join the partial manifests of --slice builds
     shard-tools verify URL                 # re-read every shard, check sha256/counts, decode every sample
     shard-tools info URL                   # splits, counts, hours, label vocabularies
@@ -73,9 +75,14 @@ def _load_recipe(name: str):
     return importlib.import_module(RECIPES[name])
 
 
+def add_root_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--root", required=True, metavar="SRC",
+                        help="folder holding the dataset in its original layout: a local path or any fsspec URL "
+                             "(s3://bucket/mtat, gs://...)")
+
+
 def add_build_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options every recipe shares."""
-    parser.add_argument("--root", required=True, metavar="SRC", help="folder holding the dataset in its original layout")
+    """The options every build shares (the dataset's --root and own options come from its recipe)."""
     parser.add_argument("--out", required=True, metavar="URL", help="output folder: local path or fsspec URL (s3://, gs://, file://)")
     parser.add_argument("--codec", choices=("flac", "wav"), default="flac", help="audio codec in the shards (default: flac)")
     parser.add_argument("--shard-size", type=parse_size, default=256_000_000, metavar="SIZE",
@@ -95,9 +102,9 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
 
 
-# the options of add_build_arguments; the rest of a build's arguments are the recipe's own
+# the options of add_root_argument/add_build_arguments; the rest of a build's arguments are the recipe's own
 _COMMON = {"root", "out", "codec", "shard_size", "sample_rate", "mono", "workers", "seed", "slice", "quiet",
-           "force_unlock"}
+           "force_unlock", "plan"}
 
 
 @contextmanager
@@ -145,29 +152,68 @@ def _terminate_as_interrupt():
         signal.signal(signal.SIGTERM, old)
 
 
-def cmd_build(argv: list[str]) -> int:
-    if not argv or argv[0] in ("-h", "--help"):
-        print("usage: shard-tools build <dataset> --root SRC --out URL [options]\n\n"
-              f"datasets: {', '.join(DATASETS)}\n"
-              "`shard-tools build <dataset> --help` lists the dataset's own options.")
-        return 0 if argv else 2
-    name = argv[0]
+def _recipe_parser(name: str, prog: str):
+    """The recipe module of ``name`` and a parser with ``--root`` and the recipe's own options."""
     module = _load_recipe(name)
     # the recipe's docstring describes the on-disk layout it expects: worth showing in --help
-    parser = argparse.ArgumentParser(prog=f"shard-tools build {name}", description=(module.__doc__ or "").strip(),
+    parser = argparse.ArgumentParser(prog=f"{prog} {name}", description=(module.__doc__ or "").strip(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_root_argument(parser)
+    return module, parser
+
+
+def _prepare(module, name: str, args: argparse.Namespace, parser: argparse.ArgumentParser):
+    """Run the recipe on ``--root`` (local or URL): the Recipe, or a UserError naming what is wrong."""
+    root = args.root if "://" in args.root else os.path.expanduser(args.root)
+    if "://" not in root and not os.path.isdir(root):
+        parser.error(f"--root {args.root}: folder not found; give the folder that holds the {name} dataset")
+    try:
+        with remote_errors("--root", root):
+            return module.prepare(root, args)
+    except (FileNotFoundError, ValueError) as exc:
+        raise UserError(f"{parser.prog.split(' ', 1)[1]}: {exc}") from exc
+
+
+def cmd_build(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: shard-tools build <dataset> --root SRC --out URL [options]\n"
+              "       shard-tools build --plan PLAN --out URL [--slice i/K] [options]\n\n"
+              f"datasets: {', '.join(DATASETS)}\n"
+              "`shard-tools build <dataset> --help` lists the dataset's own options;\n"
+              "`shard-tools build --plan PLAN --help` the options of a build from a plan (see `shard-tools plan`).")
+        return 0 if argv else 2
+    if argv[0] == "--plan" or argv[0].startswith("--plan="):
+        return _build_from_plan(argv)
+    name = argv[0]
+    module, parser = _recipe_parser(name, "shard-tools build")
     add_build_arguments(parser)
     module.add_arguments(parser)
     args = parser.parse_args(argv[1:])
+    recipe = _prepare(module, name, args, parser)
+    return _run_build(recipe, args, f"build {name}", argv,
+                      recipe_options={k: v for k, v in vars(args).items() if k not in _COMMON})
+
+
+def _build_from_plan(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="shard-tools build --plan",
+                                     description="Build (a slice of) a dataset from a plan written by `shard-tools "
+                                                 "plan`: no listing of the corpus, only this slice's files are read.")
+    parser.add_argument("--plan", required=True, metavar="PLAN", help="the plan file (local path or URL)")
+    add_build_arguments(parser)
+    args = parser.parse_args(argv)
+    from shard_tools.plan import read_plan
+
+    try:
+        with remote_errors("--plan", args.plan):
+            recipe, meta = read_plan(args.plan)
+    except (FileNotFoundError, ValueError) as exc:
+        raise UserError(str(exc)) from exc
+    return _run_build(recipe, args, f"build --plan {args.plan}", argv, recipe_options=meta["recipe_options"])
+
+
+def _run_build(recipe, args: argparse.Namespace, what: str, argv: list[str], recipe_options: dict) -> int:
     from shard_tools.build import build_dataset
 
-    root = os.path.expanduser(args.root)
-    if not os.path.isdir(root):
-        parser.error(f"--root {args.root}: folder not found; give the folder that holds the {name} dataset")
-    try:
-        recipe = module.prepare(root, args)
-    except (FileNotFoundError, ValueError) as exc:
-        raise UserError(f"build {name}: {exc}") from exc
     slice_index, num_slices = args.slice
     try:
         with _terminate_as_interrupt(), remote_errors("--out", args.out):
@@ -175,18 +221,44 @@ def cmd_build(argv: list[str]) -> int:
                                    sample_rate=args.sample_rate, mono=args.mono, workers=args.workers,
                                    seed=args.seed, slice_index=slice_index, num_slices=num_slices,
                                    progress=not args.quiet, command=shlex.join(["shard-tools", "build", *argv]),
-                                   recipe_options={k: v for k, v in vars(args).items() if k not in _COMMON},
-                                   force_unlock=args.force_unlock)
+                                   recipe_options=recipe_options, force_unlock=args.force_unlock)
     except ValueError as exc:
-        raise UserError(f"build {name}: {exc}") from exc
+        raise UserError(f"{what}: {exc}") from exc
     except KeyboardInterrupt:
-        print(f"\nshard-tools build {name}: interrupted; run the same command again to resume "
+        print(f"\nshard-tools {what}: interrupted; run the same command again to resume "
               f"(finished shards are kept)", file=sys.stderr)
         return 130
     if report["samples_written"] == 0 and (num_slices == 1 or report["files_in"] > 0):
-        print(f"shard-tools build {name}: error: no samples written; all {report['files_in']} input files were "
+        print(f"shard-tools {what}: error: no samples written; all {report['files_in']} input files were "
               f"skipped (reasons in the build report under {args.out})", file=sys.stderr)
         return 1
+    return 0
+
+
+def cmd_plan(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: shard-tools plan <dataset> --root SRC --out PLAN [dataset options]\n\n"
+              "Runs the dataset's recipe once (lists the corpus, reads its label files) and writes the items to\n"
+              "PLAN (JSON; gzipped if it ends in .gz; a local path or URL). Then every slice job runs\n"
+              "`shard-tools build --plan PLAN --out URL --slice i/K` and reads only its share of the corpus.\n\n"
+              f"datasets: {', '.join(DATASETS)}; `shard-tools plan <dataset> --help` lists its options.")
+        return 0 if argv else 2
+    name = argv[0]
+    module, parser = _recipe_parser(name, "shard-tools plan")
+    parser.add_argument("--out", required=True, metavar="PLAN", help="the plan file to write (e.g. s3://bucket/msd.plan.json.gz)")
+    module.add_arguments(parser)
+    args = parser.parse_args(argv[1:])
+    from shard_tools.plan import write_plan
+
+    recipe = _prepare(module, name, args, parser)
+    with remote_errors("--out", args.out):
+        s = write_plan(recipe, args.out, command=shlex.join(["shard-tools", "plan", *argv]),
+                       recipe_options={k: v for k, v in vars(args).items() if k not in _COMMON})
+    print(f"shard-tools plan: {s['dataset']}: {s['items']} items ("
+          + ", ".join(f"{k} {v}" for k, v in s["splits"].items()) + f"), {s['skipped']} files skipped by the recipe"
+          f" -> {s['url']} ({s['bytes'] / 1e6:.1f} MB)\n"
+          f"  next, one job per slice i = 0 .. K-1:  shard-tools build --plan {s['url']} --out URL --slice i/K\n"
+          f"  then, once:                          shard-tools merge URL")
     return 0
 
 
@@ -267,7 +339,8 @@ def cmd_demo(argv: list[str]) -> int:
         return int(demo.run(args) or 0)
 
 
-COMMANDS = {"build": cmd_build, "merge": cmd_merge, "verify": cmd_verify, "info": cmd_info, "demo": cmd_demo}
+COMMANDS = {"build": cmd_build, "plan": cmd_plan, "merge": cmd_merge, "verify": cmd_verify, "info": cmd_info,
+            "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,6 +32,7 @@ from shard_tools.writer import dumps_json
 
 BLOCK_FRAMES = 1 << 18  # frames decoded per block: 1 MB per channel as float32
 SPOOL_BYTES = 8 << 20  # encoded samples above this go through a temp file, not the result pipe
+REMOTE_BLOCK_BYTES = 4 << 20  # read-ahead of a source file in a bucket
 _FORMATS = {"flac": ("FLAC", "PCM_16"), "wav": ("WAV", "PCM_16")}
 
 
@@ -142,7 +143,8 @@ def _open_source(path: str):
         raise SkipItem(f"missing file: {getattr(exc, 'strerror', None) or exc}") from exc
     if size == 0:
         raise SkipItem("empty file: 0 bytes")
-    raw = None if fsio.is_local(path) else fsio.open_url(path, "rb")
+    # a bucket object is read through a small read-ahead buffer (s3fs's default is 50 MB per file)
+    raw = None if fsio.is_local(path) else fs.open(p, "rb", block_size=REMOTE_BLOCK_BYTES)
     try:
         try:
             f = sf.SoundFile(fsio.local_path(path) if raw is None else raw)

@@ -190,5 +190,5 @@ def prepare(root: str, args: argparse.Namespace) -> Recipe:
                           key=file_key(rel), labels=labels))
     spec = {c: {"kind": "multi_hot" if c in multi else "class", "names": sorted(values[c])} for c in label_cols}
     n_rows_without_file = sum(1 for s in skips if s.reason.startswith(("label row", "duplicate label row")))
-    return Recipe(dataset=DATASET, items=items, skipped=skips, labels=spec,
+    return Recipe(dataset=DATASET, items=items, skipped=skips, labels=spec, root=tree.url,
                   files_in=len(files) + unnamable + n_rows_without_file)

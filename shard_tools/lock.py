@@ -7,10 +7,12 @@ one build write disjoint names and run side by side, one lock each); ``merge`` t
 build's lock. The lock holds the holder's host, pid, pid start time, start time and command, and
 a heartbeat that a daemon thread refreshes every ``HEARTBEAT_S`` seconds.
 
-A lock whose holder is provably dead (same host, the pid is gone or is another process now) is
-stale: the next build says so and takes it over. A lock of another host cannot be checked from
-here; if its heartbeat is old the message says the holder looks dead, and ``--force-unlock``
-takes it over. Local folders create the lock with ``O_EXCL``; object stores have no exclusive
+A lock is stale, and the next build says so and takes it over, when its holder is provably dead
+(same host, the pid is gone or is another process now) or its heartbeat is older than
+``STALE_AFTER_S`` (a build on another machine that was killed or preempted: a requeued slice job
+on another node takes its slice over after that wait). Any other lock is refused with the
+holder's description; ``--force-unlock`` takes it over at once. A holder that was only frozen
+(a suspended VM) notices the takeover before it publishes its next shard and stops. Local folders create the lock with ``O_EXCL``; object stores have no exclusive
 create, so there the lock is written, then read back after a moment to see who won (two builds
 starting within that moment can still both proceed; start slices of one folder one per slice).
 """
@@ -30,7 +32,7 @@ from shard_tools.owner import Owner, me
 from shard_tools.writer import write_bytes_atomic
 
 HEARTBEAT_S = 30.0
-STALE_AFTER_S = 600.0  # a heartbeat older than this: the holder looks dead (said in the message)
+STALE_AFTER_S = 300.0  # a heartbeat older than this (ten missed beats): the holder is taken for dead
 _SETTLE_S = 0.5  # object stores: time to let a concurrent writer's lock land before reading back
 
 
@@ -158,10 +160,20 @@ class BuildLock:
             return False
 
     def _may_take_over(self, held: dict) -> bool:
-        return self.force or self._holder_dead(held)
+        return self.force or self._holder_dead(held) or self._silent_s(held) > STALE_AFTER_S
+
+    @staticmethod
+    def _silent_s(held: dict) -> float:
+        age = _age_s(held.get("heartbeat", ""))
+        return age if age is not None else 0.0
 
     def _take_over(self, held: dict) -> None:
-        why = "--force-unlock" if not self._holder_dead(held) else "its process is gone"
+        if self._holder_dead(held):
+            why = "its process is gone"
+        elif self._silent_s(held) > STALE_AFTER_S:
+            why = f"no heartbeat for {self._silent_s(held) / 60:.0f} min"
+        else:
+            why = "--force-unlock"
         print(f"[shard-tools] {self.url}: taking over the lock of an earlier build ({_describe(held)}): {why}")
         write_bytes_atomic(self.url, self._payload())
         if not fsio.is_local(self.url):
@@ -171,12 +183,10 @@ class BuildLock:
         if held.get("unreadable"):
             return (f"{self.what} {self.folder}: the build lock {self.url} is unreadable (a build killed while "
                     f"writing it?); if no other build writes this folder, run again with --force-unlock")
-        age = _age_s(held.get("heartbeat", ""))
-        looks_dead = age is not None and age > STALE_AFTER_S
-        advice = (f"its last heartbeat is {age / 60:.0f} min old, so it looks dead; if it is, run again with "
-                  f"--force-unlock" if looks_dead else
-                  "wait for it to finish (then this command resumes or finds the build done), or stop it; "
-                  "if it is dead on another machine, run again with --force-unlock")
+        wait = max(0.0, STALE_AFTER_S - self._silent_s(held))
+        advice = ("wait for it to finish (then this command resumes or finds the build done), or stop it; if it "
+                  f"is dead on another machine, run again in {wait / 60:.0f} min (its lock is stale once its "
+                  f"heartbeat is {STALE_AFTER_S / 60:.0f} min old) or now with --force-unlock")
         return (f"{self.what} {self.folder} is being written by another build ({_describe(held)}); {advice}. "
                 f"Run one build per output folder (or per --slice)")
 

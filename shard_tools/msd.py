@@ -218,7 +218,7 @@ def _prepare_tagged(root: Root, tag_files: dict[str, str], names: list[str], id_
         raise FileNotFoundError(
             f"none of the previews named by the tag files exist under --root {root.url}; expected "
             f"<7d_id[0]>/<7d_id[1]>/<7d_id>.clip.mp3 there (e.g. {skipped[0].path})")
-    return Recipe(dataset=DATASET, items=items, skipped=skipped,
+    return Recipe(dataset=DATASET, items=items, skipped=skipped, root=root.url,
                   labels={"tags": {"kind": "multi_hot", "names": names}},
                   files_in=len({it.path for it in items}) + len(skipped))
 
@@ -250,5 +250,5 @@ def _prepare_unlabelled(root: Root, id_map: dict[str, str], split: str) -> Recip
         items.append(Item(path=root.path(rel), source=rel, split=split, id=msd_of.get(id7, id7),
                           key=make_key(DATASET, id7), labels={},
                           extra={"msd_id": msd_of.get(id7), "7digital_id": id7}))
-    return Recipe(dataset=DATASET, items=items, skipped=skipped, labels={},
+    return Recipe(dataset=DATASET, items=items, skipped=skipped, root=root.url, labels={},
                   files_in=len(items) + len(skipped))

@@ -127,7 +127,8 @@ def prepare(root: str, args: argparse.Namespace) -> Recipe:
     top_k = getattr(args, "top_k", 50)
     if top_k <= 0:
         raise ValueError(f"--top-k must be positive, got {top_k}")
-    audio = Root(getattr(args, "audio_dir", None) or tree.url)
+    audio_dir = getattr(args, "audio_dir", None)
+    audio = Root(audio_dir) if audio_dir else tree  # one Root, one listing of a bucket
     csv_path = require_file(tree.path(ANNOTATIONS),
                             "MagnaTagATune's annotations_final.csv (TAB-separated clip_id, 188 tags, mp3_path) in --root")
     tags, rows = read_annotations(csv_path)
@@ -177,6 +178,6 @@ def prepare(root: str, args: argparse.Namespace) -> Recipe:
             f"expected the folders 0/ ... f/ of mp3.zip in {audio.url} (unzip it there or pass --audio-dir)")
     if left_out:
         print(f"[mtat] --split-files: left out {left_out} clips of {ANNOTATIONS} that are in none of the split files")
-    return Recipe(dataset=DATASET, items=items, skipped=skipped,
+    return Recipe(dataset=DATASET, items=items, skipped=skipped, root=tree.url,
                   labels={"tags": {"kind": "multi_hot", "names": vocab}},
                   files_in=len(items) + len(skipped))

@@ -193,5 +193,5 @@ def prepare(root: str, args: argparse.Namespace) -> Recipe:
         "composer": {"kind": "class", "names": sorted(composers)},
         "ensemble": {"kind": "class", "names": sorted(ensembles)},
     }
-    return Recipe(dataset=DATASET, items=items, skipped=skipped, labels=labels_spec,
+    return Recipe(dataset=DATASET, items=items, skipped=skipped, labels=labels_spec, root=tree.url,
                   files_in=len({it.path for it in items}) + len(skipped))

@@ -165,5 +165,5 @@ def prepare(root: str, args: argparse.Namespace) -> Recipe:
         "instrument_source_str": {"kind": "class", "names": list(SOURCES)},
         "qualities": {"kind": "multi_hot", "names": list(QUALITIES)},
     }
-    return Recipe(dataset=DATASET, items=items, skipped=skipped, labels=labels_spec,
+    return Recipe(dataset=DATASET, items=items, skipped=skipped, labels=labels_spec, root=tree.url,
                   files_in=len(items) + len(skipped))

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from datetime import datetime, timezone
 
 import pytest
 
@@ -114,7 +115,7 @@ def test_a_second_build_into_a_locked_folder_is_refused_naming_the_first(tmp_pat
     assert not [n for n in os.listdir(out) if n.startswith(".build-lock")]
 
 
-def test_the_lock_of_a_killed_build_is_taken_over_and_a_foreign_one_needs_force(tmp_path, capsys):
+def test_stale_locks_are_taken_over_and_live_foreign_ones_need_force(tmp_path, capsys):
     root, out = str(tmp_path / "src"), str(tmp_path / "out")
     tones(root, 6)
     os.makedirs(out)
@@ -127,11 +128,16 @@ def test_the_lock_of_a_killed_build_is_taken_over_and_a_foreign_one_needs_force(
     said = capsys.readouterr().out
     assert "taking over the lock" in said and f"pid {dead_pid}" in said and "its process is gone" in said
     assert not os.path.exists(lock_path)
-    # a lock of another machine cannot be checked: refused, says it looks dead, --force-unlock takes it
+    # a lock of another machine (a preempted slice job) is stale once its heartbeat is old ...
     json.dump({**stale, "host": "node-17.cluster"}, open(lock_path, "w"))
+    assert cli_main(build_cmd(root, out)) == 0
+    assert "no heartbeat for" in capsys.readouterr().out and not os.path.exists(lock_path)
+    # ... and refused while it beats; --force-unlock takes it at once
+    fresh = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    json.dump({**stale, "host": "node-17.cluster", "heartbeat": fresh}, open(lock_path, "w"))
     assert cli_main(build_cmd(root, out)) == 2
     line = one_error_line(capsys.readouterr().err)
-    assert "host node-17.cluster" in line and "looks dead" in line and "--force-unlock" in line
+    assert "host node-17.cluster" in line and "run again in 5 min" in line and "--force-unlock" in line
     assert cli_main(build_cmd(root, out, "--force-unlock")) == 0
     assert not os.path.exists(lock_path)
 

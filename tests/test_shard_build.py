@@ -248,6 +248,9 @@ def test_slices_and_merge_equal_the_whole(tree, reference, tmp_path, capsys):
     assert set(samples(out)) == set(samples(ref_out))
     rep = json.load(open(os.path.join(out, "build-report.json")))
     assert rep["files_in"] == ref_report["files_in"] and rep["samples_written"] == 18
+    # one report schema: the merged report has every field of a whole build's (but its fingerprint)
+    assert set(ref_report) - set(rep) == {"fingerprint"} and rep["merged_slices"] == 3
+    assert (rep["codec"], rep["sample_rate"], rep["mono"], rep["seed"]) == ("flac", 16000, True, 3)
     assert sorted(s["path"] for s in rep["files_skipped"]) == sorted(s["path"] for s in ref_report["files_skipped"])
     problems, stats = verify(out, progress=False)
     assert problems == [] and stats["samples"] == 18
