@@ -40,7 +40,7 @@ from shard_tools.owner import me, sweep_temp
 from shard_tools.recipe import Item, Recipe, Skip, item_record
 from shard_tools.report import (OPTION_FIELDS, assemble, format_summary, now_utc, report_name, skips_by_file,
                                 split_totals)
-from shard_tools.workers import Processor
+from shard_tools.workers import Processor, stop_point
 from shard_tools.writer import ShardWriter, dumps_json, write_bytes_atomic
 
 FORMAT = "musicssl-shards/1"
@@ -412,6 +412,7 @@ def _write_split(split: str, items: list[Item], start: int, st: dict, state: dic
                     close(idx + 1)
             if bar is not None:
                 bar.update(1)
+            stop_point()  # SIGTERM / Ctrl-C: stop here, between files
         if writer is not None:
             close(len(items))
     except BaseException:

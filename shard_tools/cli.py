@@ -135,21 +135,31 @@ def _is_remote_failure(exc: BaseException) -> bool:
 
 
 @contextmanager
-def _terminate_as_interrupt():
-    """SIGTERM (a scheduler's stop, `kill`) unwinds like Ctrl-C, so a build removes its temp files
-    and releases its lock; kill -9 cannot be caught, the next build cleans up after it."""
-    def handler(signum, frame):
-        raise KeyboardInterrupt
+def stop_on_signals():
+    """SIGTERM (a scheduler's stop, ``kill``) and Ctrl-C stop a build after the file in hand: the
+    handler only sets ``workers.STOP``, and the build raises KeyboardInterrupt at its next stop
+    point, removes its temp files and releases its lock. A second signal stops at once. (kill -9
+    cannot be caught; the next build cleans up after it.)"""
+    from shard_tools.workers import STOP
 
+    def handler(signum, frame):
+        if STOP.is_set():
+            raise KeyboardInterrupt
+        STOP.set()
+        print(f"\n[shard-tools] {signal.Signals(signum).name}: stopping after the file in hand "
+              f"(again to stop at once)", file=sys.stderr, flush=True)
+
+    STOP.clear()
     try:
-        old = signal.signal(signal.SIGTERM, handler)
+        old = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     except ValueError:  # not the main thread (an embedding program): leave signals alone
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for sig, h in old.items():
+            signal.signal(sig, h)
 
 
 def _recipe_parser(name: str, prog: str):
@@ -216,7 +226,7 @@ def _run_build(recipe, args: argparse.Namespace, what: str, argv: list[str], rec
 
     slice_index, num_slices = args.slice
     try:
-        with _terminate_as_interrupt(), remote_errors("--out", args.out):
+        with stop_on_signals(), remote_errors("--out", args.out):
             report = build_dataset(recipe, args.out, codec=args.codec, shard_size=args.shard_size,
                                    sample_rate=args.sample_rate, mono=args.mono, workers=args.workers,
                                    seed=args.seed, slice_index=slice_index, num_slices=num_slices,
@@ -335,7 +345,7 @@ def cmd_demo(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="shard-tools demo", description=(demo.__doc__ or "").strip().split("\n\n")[0])
     demo.add_arguments(parser)
     args = parser.parse_args(argv)
-    with _terminate_as_interrupt(), remote_errors("--out", args.out):
+    with stop_on_signals(), remote_errors("--out", args.out):
         return int(demo.run(args) or 0)
 
 

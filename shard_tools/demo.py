@@ -447,20 +447,23 @@ def _run_tasks(tasks: list[tuple], workers: int, progress: bool) -> None:
     """Run ``("note", ...)`` / ``("clip", ...)`` render tasks, in one process pool when workers > 1."""
     from tqdm import tqdm
 
+    from shard_tools.workers import Pool, stop_point
+
     bar = tqdm(total=len(tasks), desc="render notes + clips", unit="file", disable=not progress, dynamic_ncols=True)
     try:
         if workers <= 1:
             for t in tasks:
                 _render_task(t)
                 bar.update(1)
+                stop_point()
             return
-        from shard_tools.workers import Pool
 
         # forkserver/spawn, never fork (no inherited locks of the parent's threads); the workers
         # exit with this process, even when it is killed
         with Pool(workers, initializer=_init_worker, initargs=(soundfont_path(),)) as pool:
             for _ in pool.map(_render_task, tasks, chunksize=max(1, min(8, len(tasks) // (workers * 8)))):
                 bar.update(1)
+                stop_point()
     finally:
         bar.close()
 

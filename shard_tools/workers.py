@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import signal
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -43,7 +44,24 @@ def _exit_when_parent_goes(conn) -> None:
     os._exit(1)
 
 
+# Set by the CLI's SIGTERM/SIGINT handler (cli.stop_on_signals): long loops of the shard tools stop
+# at the next item, raising KeyboardInterrupt where unwinding is safe. Raising from the handler
+# itself would interrupt an arbitrary bytecode, e.g. one inside libsndfile's I/O callbacks, where
+# cffi prints and swallows the exception and the encoder carries on with a wrong file position.
+STOP = threading.Event()
+
+
+def stop_point() -> None:
+    """Raise KeyboardInterrupt if a stop was requested (call between items)."""
+    if STOP.is_set():
+        raise KeyboardInterrupt
+
+
 def _worker_init(conn, initializer: Callable | None, initargs: tuple) -> None:
+    # Ctrl-C reaches the whole process group and a scheduler's SIGTERM every process of the job:
+    # the parent decides when to stop; the workers end with it (the pipe below)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     threading.Thread(target=_exit_when_parent_goes, args=(conn,), daemon=True, name="parent-watch").start()
     if initializer is not None:
         initializer(*initargs)

@@ -311,6 +311,29 @@ def test_killed_bucket_build_leaves_no_partial_shards(moto_s3, tmp_path):
     assert rep["samples_written"] == 40 and not set(left) & set(os.listdir(tmp))
 
 
+def test_sigterm_and_ctrl_c_stop_between_files_and_the_resume_is_exact(tmp_path):
+    """A stop signal used to raise inside libsndfile's I/O callbacks, where cffi swallowed it: the
+    build ran on with a wrong file position. Now it stops between files, every time."""
+    root, ref, out = str(tmp_path / "src"), str(tmp_path / "ref"), str(tmp_path / "out")
+    tones(root, 48, seconds=0.5)
+    assert cli_main(build_cmd(root, ref, "--shard-size", "20kB")) == 0
+    for sig, workers in ((signal.SIGTERM, 1), (signal.SIGINT, 2)):
+        before = set(tars(out)) if os.path.isdir(out) else set()
+        proc = subprocess.Popen([sys.executable, "-m", "shard_tools",
+                                 *build_cmd(root, out, "--shard-size", "20kB", workers=workers)],
+                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.time() + 60
+        while time.time() < deadline and proc.poll() is None and len(set(tars(out) if os.path.isdir(out) else ()) - before) < 2:
+            time.sleep(0.005)
+        proc.send_signal(sig)
+        assert proc.wait(60) == 130, proc.stderr.read().decode()
+        assert "stopping after the file in hand" in proc.stderr.read().decode()
+        assert not [n for n in os.listdir(out) if n.endswith(".partial") or n.startswith(".build-lock")]
+        assert all(tars(out)[n] == tars(ref)[n] for n in tars(out))
+    assert cli_main(build_cmd(root, out, "--shard-size", "20kB")) == 0
+    assert tars(out) == tars(ref)
+
+
 def test_sweep_only_removes_files_of_dead_owners(tmp_path):
     from shard_tools.owner import sweep_temp
 
