@@ -261,9 +261,13 @@ def cmd_plan(argv: list[str]) -> int:
     from shard_tools.plan import write_plan
 
     recipe = _prepare(module, name, args, parser)
-    with remote_errors("--out", args.out):
-        s = write_plan(recipe, args.out, command=shlex.join(["shard-tools", "plan", *argv]),
-                       recipe_options={k: v for k, v in vars(args).items() if k not in _COMMON})
+    try:
+        with remote_errors("--out", args.out):
+            s = write_plan(recipe, args.out, command=shlex.join(["shard-tools", "plan", *argv]),
+                           recipe_options={k: v for k, v in vars(args).items() if k not in _COMMON})
+    except OSError as exc:
+        raise UserError(f"--out {args.out}: cannot write the plan file ({exc.strerror or exc}); give a file path "
+                        f"in a folder that exists and is writable") from exc
     print(f"shard-tools plan: {s['dataset']}: {s['items']} items ("
           + ", ".join(f"{k} {v}" for k, v in s["splits"].items()) + f"), {s['skipped']} files skipped by the recipe"
           f" -> {s['url']} ({s['bytes'] / 1e6:.1f} MB)\n"
