@@ -206,68 +206,37 @@ def build_dataset(recipe: Recipe, out_url: str, *, codec: str = "flac", shard_si
 def _build_locked(recipe: Recipe, out_url: str, options: dict, *, workers: int, progress: bool, command: str,
                   lock: BuildLock, t0: float) -> dict:
     slice_index, num_slices = options["slice"]
-    codec, seed = options["codec"], options["seed"]
-    plan = plan_items(recipe, seed=seed, slice_index=slice_index, num_slices=num_slices)
-    recipe_skips = [s for s in recipe.skipped
-                    if num_slices == 1 or stable_hash(recipe.slice_key(s.path)) % num_slices == slice_index]
+    plan = plan_items(recipe, seed=options["seed"], slice_index=slice_index, num_slices=num_slices)
     fingerprint = _fingerprint(recipe, plan, options)
     # A sliced build writes a (possibly empty) partial manifest for every split of the whole
     # dataset, so that merge can tell a slice with no items of a split from a missing slice.
     splits = sorted({it.split for it in recipe.items}) if num_slices > 1 else sorted(plan)
-
     report_url = fsio.join_url(out_url, report_name(slice_index, num_slices))
     progress_url = fsio.join_url(out_url, progress_name(slice_index, num_slices))
-    done_report = _read_json(report_url)
-    if (done_report is not None and done_report.get("fingerprint") == fingerprint
-            and all(fsio.exists(fsio.join_url(out_url, manifest_name(s, slice_index, num_slices))) for s in splits)):
-        if progress:
-            print(f"[shard-tools] {out_url}: already built with the same inputs and options; nothing to do")
+    done = _finished_report(report_url, fingerprint, out_url, splits, options, command, progress)
+    if done is not None:
         fsio.remove(progress_url)  # a kill right after the report leaves it behind
-        if done_report.get("recipe_options") != options["recipe"]:
-            # recipe options that changed nothing in the items: the shards stand, the records follow
-            _restamp(out_url, [manifest_name(s, slice_index, num_slices) for s in splits], options, command)
-            done_report["recipe_options"] = options["recipe"]
-            write_bytes_atomic(report_url, dumps_json(done_report, indent=1))
-        done_report["up_to_date"] = True
-        return done_report
+        return done
+    state = _progress_state(progress_url, fingerprint, progress)
 
-    state = _read_json(progress_url)
-    if state is not None and state.get("fingerprint") != fingerprint:
-        if progress:
-            print(f"[shard-tools] {progress_url} belongs to a build with other inputs or options; starting over")
-        state = None
-    if state is None:
-        state = {"fingerprint": fingerprint, "splits": {}}
-
-    conv = Convert(recipe.dataset, codec, options["sample_rate"], options["mono"], owner=me(),
+    conv = Convert(recipe.dataset, options["codec"], options["sample_rate"], options["mono"], owner=me(),
                    spool_dir=fsio.local_path(out_url) if fsio.is_local(out_url) else None)
     processor = Processor(process_item, conv, workers)
-    total_items = sum(len(v) for v in plan.values())
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=total_items, unit="file", desc=f"{recipe.dataset} -> shards", dynamic_ncols=True)
-    kept_shards = 0
-    new_seconds = 0.0
+        bar = tqdm(total=sum(len(v) for v in plan.values()), unit="file", desc=f"{recipe.dataset} -> shards",
+                   dynamic_ncols=True)
+    kept_shards, new_seconds = 0, 0.0
     split_stats: dict[str, dict] = {}
-    item_skips: list[dict] = []  # {"split", "index", "reason"} per item that wrote nothing
+    item_skips: list[dict] = []  # {"split", "index", "reason", ...} per item that wrote nothing
     try:
         for split in splits:
             items = plan.get(split, [])
             st = state["splits"].setdefault(split, {"shards": [], "done": False, "tail_skips": []})
-            # keep the finished shards that are still there, up to the first one that is not
-            kept = []
-            for rec in st["shards"]:
-                if not _shard_present(fsio.join_url(out_url, rec["url"]), rec["bytes"]):
-                    break
-                kept.append(rec)
-            if len(kept) < len(st["shards"]) or not st["done"]:
-                st["done"] = False
-                st["tail_skips"] = []
-            st["shards"] = kept
-            kept_shards += len(kept)
-            start = kept[-1]["end"] if kept else 0
+            kept_shards += _keep_finished_shards(st, out_url)
+            start = st["shards"][-1]["end"] if st["shards"] else 0
             if bar is not None:
                 bar.update(start if not st["done"] else len(items))
             if not st["done"]:
@@ -276,11 +245,8 @@ def _build_locked(recipe: Recipe, out_url: str, options: dict, *, workers: int, 
                 fsio.remove(fsio.join_url(out_url, manifest_name(split, slice_index, num_slices)))
                 new_seconds += _write_split(split, items, start, st, state, processor, out_url, progress_url,
                                             options, lock, bar)
-            for rec in st["shards"]:
-                for s in rec["skips"]:
-                    item_skips.append({"split": split, **s})
-            for s in st["tail_skips"]:
-                item_skips.append({"split": split, **s})
+            item_skips += [{"split": split, **s} for rec in st["shards"] for s in rec["skips"]]
+            item_skips += [{"split": split, **s} for s in st["tail_skips"]]
             split_stats[split] = _write_manifest(split, st, recipe, out_url, options, command)
     finally:
         processor.close()
@@ -288,18 +254,9 @@ def _build_locked(recipe: Recipe, out_url: str, options: dict, *, workers: int, 
             bar.close()
     removed, foreign = remove_unlisted(out_url, {s: [r["url"] for r in state["splits"][s]["shards"]] for s in splits},
                                        slice_index, num_slices)
-
-    files_written, files_skipped, segments_skipped = skips_by_file(plan, item_skips, recipe_skips)
-    report = assemble(dataset=recipe.dataset, out=out_url, command=command, slice_=(slice_index, num_slices),
-                      files_written=files_written, files_skipped=files_skipped, segments_skipped=segments_skipped,
-                      splits=split_stats, wall=time.time() - t0, processed_seconds=new_seconds,
-                      shards_kept_from_earlier_run=kept_shards, workers=workers, fingerprint=fingerprint,
-                      **{f: options["recipe" if f == "recipe_options" else f] for f in OPTION_FIELDS})
-    # Slices cannot split the recipe's own count, so it is only compared for a whole build.
-    if num_slices == 1 and recipe.files_in and recipe.files_in != report["files_in"]:
-        report["recipe_files_in"] = recipe.files_in
-        report["warning"] = (f"recipe {recipe.dataset!r} counted {recipe.files_in} input files but listed "
-                             f"{report['files_in']} as items or skips")
+    report = _build_report(recipe, plan, item_skips, split_stats, options, out_url=out_url, command=command,
+                           wall=time.time() - t0, processed_seconds=new_seconds, shards_kept=kept_shards,
+                           workers=workers, fingerprint=fingerprint)
     if removed:
         report["removed_unlisted"] = removed
     if foreign:
@@ -308,6 +265,71 @@ def _build_locked(recipe: Recipe, out_url: str, options: dict, *, workers: int, 
     fsio.remove(progress_url)
     if progress:
         print(format_summary(report))
+    return report
+
+
+def _finished_report(report_url: str, fingerprint: str, out_url: str, splits: list[str], options: dict,
+                     command: str, progress: bool) -> dict | None:
+    """The report of a finished build of the same inputs and options into ``out_url``, else None."""
+    done = _read_json(report_url)
+    slice_index, num_slices = options["slice"]
+    names = [manifest_name(s, slice_index, num_slices) for s in splits]
+    if done is None or done.get("fingerprint") != fingerprint or not all(
+            fsio.exists(fsio.join_url(out_url, n)) for n in names):
+        return None
+    if progress:
+        print(f"[shard-tools] {out_url}: already built with the same inputs and options; nothing to do")
+    if done.get("recipe_options") != options["recipe"]:
+        # recipe options that changed nothing in the items: the shards stand, the records follow
+        _restamp(out_url, names, options, command)
+        done["recipe_options"] = options["recipe"]
+        write_bytes_atomic(report_url, dumps_json(done, indent=1))
+    done["up_to_date"] = True
+    return done
+
+
+def _progress_state(progress_url: str, fingerprint: str, progress: bool) -> dict:
+    """The progress file of an interrupted build of the same inputs and options, or a fresh state."""
+    state = _read_json(progress_url)
+    if state is not None and state.get("fingerprint") != fingerprint:
+        if progress:
+            print(f"[shard-tools] {progress_url} belongs to a build with other inputs or options; starting over")
+        state = None
+    return state if state is not None else {"fingerprint": fingerprint, "splits": {}}
+
+
+def _keep_finished_shards(st: dict, out_url: str) -> int:
+    """Keep the split's recorded shards that are still there, up to the first one that is not;
+    returns how many. A split missing one is not done any more."""
+    kept = []
+    for rec in st["shards"]:
+        if not _shard_present(fsio.join_url(out_url, rec["url"]), rec["bytes"]):
+            break
+        kept.append(rec)
+    if len(kept) < len(st["shards"]) or not st["done"]:
+        st["done"] = False
+        st["tail_skips"] = []
+    st["shards"] = kept
+    return len(kept)
+
+
+def _build_report(recipe: Recipe, plan: dict[str, list[Item]], item_skips: list[dict], split_stats: dict,
+                  options: dict, *, out_url: str, command: str, wall: float, processed_seconds: float,
+                  shards_kept: int, workers: int, fingerprint: str) -> dict:
+    slice_index, num_slices = options["slice"]
+    recipe_skips = [s for s in recipe.skipped
+                    if num_slices == 1 or stable_hash(recipe.slice_key(s.path)) % num_slices == slice_index]
+    files_written, files_skipped, segments_skipped = skips_by_file(plan, item_skips, recipe_skips)
+    report = assemble(dataset=recipe.dataset, out=out_url, command=command, slice_=(slice_index, num_slices),
+                      files_written=files_written, files_skipped=files_skipped, segments_skipped=segments_skipped,
+                      splits=split_stats, wall=wall, processed_seconds=processed_seconds,
+                      shards_kept_from_earlier_run=shards_kept, workers=workers, fingerprint=fingerprint,
+                      **{f: options["recipe" if f == "recipe_options" else f] for f in OPTION_FIELDS})
+    # Slices cannot split the recipe's own count, so it is only compared for a whole build.
+    if num_slices == 1 and recipe.files_in and recipe.files_in != report["files_in"]:
+        report["recipe_files_in"] = recipe.files_in
+        report["warning"] = (f"recipe {recipe.dataset!r} counted {recipe.files_in} input files but listed "
+                             f"{report['files_in']} as items or skips")
     return report
 
 

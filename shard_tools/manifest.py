@@ -71,23 +71,46 @@ def merge(inputs: list[str], out: str | None = None, *, force_unlock: bool = Fal
     """Join the partial manifests of ``--slice`` builds into one manifest per split.
 
     ``inputs`` is a folder URL (all partial manifests in it) or a list of partial manifest URLs;
-    every split must have all K slices. Writes ``<split>.manifest.json`` into ``out`` (default: the
-    folder of the first partial manifest) and, when every slice's build report is there, a merged
+    every split must have all K slices, built by the same command but for ``--slice``
+    (:func:`check_same_build`). Writes ``<split>.manifest.json`` into ``out`` (default: the folder
+    of the first partial manifest) and, when every slice's build report is there, a merged
     ``build-report.json``. Returns the merged report (or a summary of the manifests).
     """
+    urls = _partial_urls(inputs)
+    out = (out or fsio.parent_url(urls[0])).rstrip("/")
+    by_split, k = _slices_by_split(urls)
+    check_same_build([p for parts in by_split.values() for _, p in sorted(parts.items())])
+    # the merged manifests are the whole build's names: hold its lock (a whole build into the
+    # same folder would write them too)
+    fsio.makedirs(out)
+    with BuildLock(out, lock_name(), command="shard-tools merge", force=force_unlock):
+        totals = {}
+        for split, parts in sorted(by_split.items()):
+            merged = _merged_manifest(split, [parts[i] for i in range(k)], out)
+            write_bytes_atomic(fsio.join_url(out, manifest_name(split)), dumps_json(merged, indent=1))
+            totals[split] = split_totals(merged)
+        report = merge_reports(sorted({fsio.parent_url(u) for u in urls}), out, k, totals)
+    return report if report is not None else {"splits": totals, "report": None}
+
+
+def _partial_urls(inputs: list[str]) -> list[str]:
     urls: list[str] = []
     for u in inputs:
         if u.endswith(".json"):
             urls.append(u)
-        else:
-            names = [n for n in fsio.list_dir(u) if _PARTIAL.match(n)]
-            if not names:
-                raise FileNotFoundError(f"{u}: no partial manifests (<split>.manifest.slice-<i>-of-<K>.json); "
-                                        f"build the slices with `shard-tools build ... --slice i/K --out {u}` first")
-            urls.extend(fsio.join_url(u, n) for n in names)
+            continue
+        names = [n for n in fsio.list_dir(u) if _PARTIAL.match(n)]
+        if not names:
+            raise FileNotFoundError(f"{u}: no partial manifests (<split>.manifest.slice-<i>-of-<K>.json); "
+                                    f"build the slices with `shard-tools build ... --slice i/K --out {u}` first")
+        urls.extend(fsio.join_url(u, n) for n in names)
     if not urls:
         raise ValueError("merge: give a shard folder or partial manifest URLs")
-    out = (out or fsio.parent_url(urls[0])).rstrip("/")
+    return urls
+
+
+def _slices_by_split(urls: list[str]) -> tuple[dict[str, dict[int, tuple[str, dict]]], int]:
+    """``{split: {slice index: (url, manifest)}}`` and K; refuses duplicates, mixed K, missing slices."""
     by_split: dict[str, dict[int, tuple[str, dict]]] = {}
     counts: set[int] = set()
     for u in urls:
@@ -110,45 +133,34 @@ def merge(inputs: list[str], out: str | None = None, *, force_unlock: bool = Fal
             names = ", ".join(manifest_name(split, i, k) for i in missing)
             raise FileNotFoundError(f"split {split!r}: missing slice(s) {missing} of {k} ({names} not found); "
                                     f"run those slices (`shard-tools build ... --slice i/{k}`) before merging")
-    # the merged manifests are the whole build's names: hold its lock (a whole build into the
-    # same folder would write them too)
-    fsio.makedirs(out)
-    with BuildLock(out, lock_name(), command="shard-tools merge", force=force_unlock):
-        out_abs = _abs_folder(out)
-        totals = {}
-        check_same_build([p for parts in by_split.values() for _, p in sorted(parts.items())])
-        for split, parts in sorted(by_split.items()):
-            first = parts[0][1]
-            shards = []
-            rates, chans = set(), set()
-            for i in range(k):
-                u, m = parts[i]
-                folder = _abs_folder(fsio.parent_url(u))
-                for s in m["shards"]:
-                    s = dict(s)
-                    if folder != out_abs:
-                        s["url"] = fsio.join_url(folder, s["url"])
-                    shards.append(s)
-                if m["num_samples"]:
-                    rates.add(m["sample_rate"])
-                    chans.add(m["channels"])
-            merged = {
-                "format": FORMAT,
-                "dataset": first["dataset"],
-                "split": split,
-                "codec": first["codec"],
-                "sample_rate": rates.pop() if len(rates) == 1 else None,
-                "channels": chans.pop() if len(chans) == 1 else None,
-                "num_samples": sum(s["num_samples"] for s in shards),
-                "seconds": round(sum(s["seconds"] for s in shards), 6),
-                "shards": shards,
-                "labels": first["labels"],
-                "build": {**first["build"], "merged_slices": k},
-            }
-            write_bytes_atomic(fsio.join_url(out, manifest_name(split)), dumps_json(merged, indent=1))
-            totals[split] = split_totals(merged)
-        report = merge_reports(sorted({fsio.parent_url(u) for u in urls}), out, k, totals)
-    return report if report is not None else {"splits": totals, "report": None}
+    return by_split, k
+
+
+def _merged_manifest(split: str, parts: list[tuple[str, dict]], out: str) -> dict:
+    """One split's manifest from its K partial ones (in slice order); shard URLs made absolute when
+    a slice lives in another folder than ``out``."""
+    first = parts[0][1]
+    out_abs = _abs_folder(out)
+    shards, rates, chans = [], set(), set()
+    for u, m in parts:
+        folder = _abs_folder(fsio.parent_url(u))
+        shards += [s if folder == out_abs else {**s, "url": fsio.join_url(folder, s["url"])} for s in m["shards"]]
+        if m["num_samples"]:
+            rates.add(m["sample_rate"])
+            chans.add(m["channels"])
+    return {
+        "format": FORMAT,
+        "dataset": first["dataset"],
+        "split": split,
+        "codec": first["codec"],
+        "sample_rate": rates.pop() if len(rates) == 1 else None,
+        "channels": chans.pop() if len(chans) == 1 else None,
+        "num_samples": sum(s["num_samples"] for s in shards),
+        "seconds": round(sum(s["seconds"] for s in shards), 6),
+        "shards": shards,
+        "labels": first["labels"],
+        "build": {**first["build"], "merged_slices": len(parts)},
+    }
 
 
 # build options as command-line flags, for messages; "recipe" holds the recipe's own options
