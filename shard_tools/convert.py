@@ -10,7 +10,7 @@ float32 in one piece, 2 MB per block here).
 The bytes are exactly those of the whole-file path (``pipeline.audio``: ``resample`` then
 ``encode_audio``): polyphase resampling is time-invariant over periods of ``down`` input frames,
 so each block is resampled with enough input context on both sides and cut on such a period
-(tests/test_shard_build.py checks it bit for bit), and libsndfile's encoders do not depend on the
+(tests/test_shard_scale.py checks it bit for bit), and libsndfile's encoders do not depend on the
 sizes of the writes.
 """
 

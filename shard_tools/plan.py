@@ -9,7 +9,7 @@ the corpus, so a slice opens only the audio files of its own items.
 The plan file (``musicssl-plan/1``) holds the recipe exactly: dataset, label vocabularies,
 ``files_in``, every item (``recipe.item_record``) and every file the recipe skipped, plus the
 recipe's own options (recorded in the manifests, compared by ``merge``) and the command. A build
-from a plan writes the same shards as a build that runs the recipe (tests/test_shard_build.py).
+from a plan writes the same shards as a build that runs the recipe (tests/test_shard_scale.py).
 """
 
 from __future__ import annotations
