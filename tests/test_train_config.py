@@ -12,6 +12,8 @@ import torch
 
 import train
 import train_config as tc
+from training import checkpoint
+from training.step import build_optimizer, lr_factor
 
 
 @pytest.mark.parametrize("name", list(tc.PRESETS))
@@ -65,7 +67,7 @@ def test_print_config_and_help_list_every_section(capsys):
 
 
 def test_lr_schedules():
-    f = train.lr_factor
+    f = lr_factor
     assert [f(s, schedule="constant", warmup=0, total=10, final=0.0) for s in (0, 9)] == [1.0, 1.0]
     # linear warmup over 4 steps, then linear decay to 10 % at the last step (index total - 1 .. total)
     lin = [f(s, schedule="warmup_linear", warmup=4, total=14, final=0.1) for s in range(15)]
@@ -77,7 +79,8 @@ def test_lr_schedules():
 
 def test_optimizer_presets_and_schedule_wiring():
     model = torch.nn.Linear(4, 4)
-    opt, sched = train.build_optimizer(tc.preset("wav2vec2_musicnet"), model)
+    cfg = tc.preset("wav2vec2_musicnet")
+    opt, sched = build_optimizer(cfg.optim, model, cfg.train.steps)
     g = opt.param_groups[0]
     assert isinstance(opt, torch.optim.AdamW)
     assert (g["betas"], g["eps"], g["weight_decay"], g["initial_lr"]) == ((0.9, 0.98), 1e-6, 0.01, 5e-4)
@@ -86,7 +89,7 @@ def test_optimizer_presets_and_schedule_wiring():
         opt.step()
         sched.step()
     assert g["lr"] == pytest.approx(5e-4 * 4 / 32_000)
-    opt, _ = train.build_optimizer(tc.preset("clmr_mtat"), model)
+    opt, _ = build_optimizer(tc.preset("clmr_mtat").optim, model, 1000)
     g = opt.param_groups[0]
     assert type(opt) is torch.optim.Adam and g["lr"] == 3e-4 and g["betas"] == (0.9, 0.999)
 
@@ -95,17 +98,17 @@ def test_checkpoint_files_rotate_atomically_and_load_weights_only(tmp_path):
     folder = str(tmp_path / "ckpts")
     os.makedirs(folder)
     open(os.path.join(folder, "notes.txt"), "w").close()
-    assert train.find_resume("auto", folder) is None
+    assert checkpoint.find_resume("auto", folder) is None
     for step in (5, 10, 15, 20):
-        state = {"format": train.CKPT_FORMAT, "step": step, "w": torch.full((3,), float(step))}
-        url = train.save_checkpoint(folder, state, keep=2)
+        state = {"format": checkpoint.FORMAT, "step": step, "w": torch.full((3,), float(step))}
+        url = checkpoint.save(folder, state, keep=2)
     assert sorted(os.listdir(folder)) == ["ckpt-00000015.pt", "ckpt-00000020.pt", "notes.txt"]  # no temp files
-    assert train.find_resume("auto", folder) == url and url.endswith("ckpt-00000020.pt")
-    assert train.find_resume("none", folder) is None
-    assert torch.equal(train.load_checkpoint(url)["w"], torch.full((3,), 20.0))
+    assert checkpoint.find_resume("auto", folder) == url and url.endswith("ckpt-00000020.pt")
+    assert checkpoint.find_resume("none", folder) is None
+    assert torch.equal(checkpoint.load(url)["w"], torch.full((3,), 20.0))
     torch.save({"format": "something-else"}, os.path.join(folder, "other.pt"))
     with pytest.raises(ValueError, match="not a musicssl-ckpt/1 checkpoint"):
-        train.load_checkpoint(os.path.join(folder, "other.pt"))
+        checkpoint.load(os.path.join(folder, "other.pt"))
 
 
 def test_rng_state_survives_a_weights_only_round_trip(tmp_path):
@@ -113,11 +116,11 @@ def test_rng_state_survives_a_weights_only_round_trip(tmp_path):
     np.random.seed(2)
     random.seed(3)
     np.random.standard_normal()  # leaves a cached gaussian in numpy's state
-    state = train.rng_state(torch.device("cpu"))
+    state = checkpoint.rng_state(torch.device("cpu"))
     expected = (torch.rand(3), np.random.standard_normal(3), np.random.rand(2), random.random())
     path = tmp_path / "rng.pt"
     torch.save(state, path)
-    train.set_rng_state(torch.load(path, weights_only=True), torch.device("cpu"))
+    checkpoint.set_rng_state(torch.load(path, weights_only=True), torch.device("cpu"))
     again = (torch.rand(3), np.random.standard_normal(3), np.random.rand(2), random.random())
     assert torch.equal(expected[0], again[0])
     assert np.array_equal(expected[1], again[1]) and np.array_equal(expected[2], again[2])

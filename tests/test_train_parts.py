@@ -1,0 +1,164 @@
+"""The trainer's parts (training/) driven without train.py: one step of any model on the models seam,
+the loader position a checkpoint takes, the checkpoint reader's refusals."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import os
+import pickle
+
+import pytest
+import torch
+
+from pipeline.loader import DevicePrefetcher, LoaderConfig, StreamingLoader
+from tests import shardgen
+from training import checkpoint
+from training.distributed import Dist
+from training.errors import CheckpointError
+from training.step import TrainStep, build_optimizer
+
+CPU = Dist(rank=0, world=1, device=torch.device("cpu"))
+
+
+class Regression(torch.nn.Module):
+    """A supervised model on the models seam: ``forward(batch) -> (loss, metrics)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 1)
+
+    def forward(self, batch):
+        err = self.lin(batch["x"]).squeeze(-1) - batch["y"]
+        return (err**2).mean(), {"mae": err.abs().mean().detach()}
+
+
+def _batches(n: int, seed: int = 0, bad: int | None = None):
+    g = torch.Generator().manual_seed(seed)
+    for i in range(n):
+        x = torch.randn(4, 3, generator=g)
+        y = x @ torch.tensor([1.0, -2.0, 0.5]) + (float("nan") if i == bad else 0.0)
+        yield {"x": x, "y": y}
+
+
+def _setup(**kw):
+    from train_config import OptimConfig
+
+    torch.manual_seed(0)
+    model = Regression()
+    opt, sched = build_optimizer(OptimConfig(name="adam", lr=0.1, schedule="warmup_linear", warmup_steps=2), model, 10)
+    return model, opt, sched, TrainStep(model, opt, sched, CPU, **kw)
+
+
+def test_train_step_averages_micro_steps_clips_and_steps_like_a_hand_written_loop():
+    model, opt, sched, step = _setup(accum=2, grad_clip=0.5)
+    ref = Regression()
+    ref.load_state_dict(model.state_dict())
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=0.1)
+    for group in ref_opt.param_groups:
+        group["lr"] = 0.1 * 0.5  # the first of 2 warmup steps
+    b = list(_batches(2))
+    r = step(iter(b))
+    losses = [((ref.lin(x["x"]).squeeze(-1) - x["y"]) ** 2).mean() for x in b]
+    (sum(losses) / 2).backward()
+    expected = float(sum(losses).detach() / 2)
+    norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
+    ref_opt.step()
+    assert r.loss == pytest.approx(expected, rel=1e-6) and r.grad_norm == pytest.approx(float(norm), rel=1e-6)
+    assert r.consumed == 2 and not (r.skipped or r.stop or r.data_failed) and r.lr == pytest.approx(0.05)
+    assert set(r.metrics) == {"mae"}
+    for a, c in zip(model.parameters(), ref.parameters()):
+        assert torch.allclose(a, c, atol=1e-7)
+    assert sched.get_last_lr()[0] == pytest.approx(0.1)  # the schedule moved to its second step
+
+
+def test_train_step_skips_a_non_finite_step_and_stops_on_a_failed_stream():
+    model, opt, sched, step = _setup()
+    before = [p.detach().clone() for p in model.parameters()]
+    r = step(_batches(1, bad=0))
+    assert r.skipped and not r.data_failed and r.lr == pytest.approx(0.05)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert sched.get_last_lr()[0] == pytest.approx(0.1)  # a skipped step still advances the schedule
+
+    def failing():
+        yield from _batches(1)
+        raise FileNotFoundError(2, "No such file or directory", "/shards/train-000003.tar")
+
+    model, opt, sched, step = _setup(accum=2)
+    before = [p.detach().clone() for p in model.parameters()]
+    r = step(failing())
+    assert r.data_failed and r.consumed == 1 and "train-000003.tar" in r.data_error
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert sched.get_last_lr()[0] == pytest.approx(0.05)  # the failed step did not happen
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_loader_state_before_held_batches_yields_them_again(tmp_path):
+    clips = shardgen.make_clips(24, sample_rate=8000, seconds=(0.3, 0.3), seed=1)
+    man = shardgen.write_split(str(tmp_path), clips, [12, 12])
+    cfg = LoaderConfig(manifests=[man], batch_size=2, crop_samples=1000, shuffle_buffer=4, num_workers=0, seed=3)
+    loader = StreamingLoader(cfg)
+    taken = [b["keys"] for b in itertools.islice(loader, 5)]
+    state = loader.state_dict(held=2)  # the last two were never used
+    assert state["step"] == 3 and state["epoch"] == 0
+    again = StreamingLoader(cfg)
+    again.load_state_dict(state)
+    assert [b["keys"] for b in itertools.islice(again, 2)] == taken[3:]
+    # a CPU prefetcher is a pass-through and holds nothing back
+    ahead = DevicePrefetcher(again, torch.device("cpu"))
+    next(iter(ahead))
+    assert ahead.state_dict()["step"] == 6
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_prefetcher_state_counts_only_the_batches_it_yielded(tmp_path):
+    clips = shardgen.make_clips(24, sample_rate=8000, seconds=(0.3, 0.3), seed=1)
+    man = shardgen.write_split(str(tmp_path), clips, [12, 12])
+    cfg = LoaderConfig(manifests=[man], batch_size=2, crop_samples=1000, shuffle_buffer=4, num_workers=0, seed=3)
+    loader = StreamingLoader(cfg)
+    pre = DevicePrefetcher(loader, torch.device("cuda"))
+    got = [b["keys"] for b in itertools.islice(iter(pre), 3)]
+    assert loader.state_dict()["step"] == 4 and pre.state_dict()["step"] == 3  # one batch in flight
+    again = StreamingLoader(cfg)
+    again.load_state_dict(pre.state_dict())
+    ref = [b["keys"] for b in itertools.islice(StreamingLoader(cfg), 4)]
+    assert got == ref[:3] and next(iter(again))["keys"] == ref[3]
+
+
+def _save(path, obj) -> str:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    with open(path, "wb") as f:
+        f.write(buf.getvalue())
+    return str(path)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("echo should-never-run",))
+
+
+def test_checkpoint_reader_names_the_file_and_never_unpickles(tmp_path):
+    good = _save(tmp_path / "ckpt-00000001.pt", {"format": checkpoint.FORMAT, "step": 1, "w": torch.ones(2)})
+    state, sha = checkpoint.read(good)
+    assert state["step"] == 1 and len(sha) == 64
+    data = open(good, "rb").read()
+    cases = {
+        "empty.pt": (b"", "is empty"),
+        "cut.pt": (data[: len(data) // 2], "truncated or not a checkpoint"),
+        "evil.pt": (None, "holds non-tensor Python objects (posix.system)"),
+        "plain.pt": (pickle.dumps(123), "truncated or not a checkpoint"),
+    }
+    for name, (content, message) in cases.items():
+        path = tmp_path / name
+        if content is None:
+            _save(path, {"format": checkpoint.FORMAT, "x": _Payload()})
+        else:
+            path.write_bytes(content)
+        with pytest.raises(CheckpointError) as exc:
+            checkpoint.load(str(path), flag="--checkpoint")
+        text = str(exc.value)
+        assert text.startswith(f"--checkpoint {path}") and message in text, text
+        assert "weights_only" not in text
+    with pytest.raises(CheckpointError, match="no such file"):
+        checkpoint.load(str(tmp_path / "missing.pt"))
