@@ -167,7 +167,7 @@ def build_model(cfg: Config, env: Dist) -> tuple[nn.Module, nn.Module, torch.opt
 def build_data(cfg: Config, env: Dist, *, sample_rate: int, crop: int, micro_batch: int) -> tuple[Any, Any, nn.Module]:
     """``(loader, stream, augmenter)``: this rank's share of the shards and its own augmentation generator."""
     from pipeline.augment import build_augment
-    from pipeline.loader import DevicePrefetcher, LoaderConfig, StreamingLoader
+    from pipeline.loader import DevicePrefetcher, StreamingLoader
 
     transform = None
     if cfg.augment.enabled and cfg.augment.backend == "cpu":
@@ -175,17 +175,9 @@ def build_data(cfg: Config, env: Dist, *, sample_rate: int, crop: int, micro_bat
 
         transform = CpuAugment(cfg.augment, sample_rate=sample_rate)
     cuda = env.device.type == "cuda"
-    loader = StreamingLoader(
-        LoaderConfig(
-            manifests=list(cfg.data.manifests), weights=cfg.data.weights, batch_size=micro_batch,
-            mode="pairs" if cfg.views == 2 else "single", crop_samples=crop,
-            variable_length=cfg.data.variable_length, pad_to=cfg.data.pad_to, short_policy=cfg.data.short_policy,
-            sample_rate=sample_rate, mono=True, shuffle_buffer=cfg.data.shuffle_buffer,
-            num_workers=cfg.data.num_workers, prefetch_factor=cfg.data.prefetch_factor, seed=cfg.train.seed,
-            pin_memory=cfg.data.pin_memory and cuda, on_error=cfg.data.on_error,
-        ),
-        rank=env.rank, world_size=env.world, transform=transform,
-    )
+    loader_cfg = cfg.data.loader_config(batch_size=micro_batch, views=cfg.views, crop_samples=crop,
+                                        sample_rate=sample_rate, seed=cfg.train.seed, cuda=cuda)
+    loader = StreamingLoader(loader_cfg, rank=env.rank, world_size=env.world, transform=transform)
     # One generator per rank: each rank augments its own clips differently.
     augmenter = build_augment(cfg.augment, sample_rate=sample_rate, seed=cfg.train.seed + 7919 * env.rank).to(env.device)
     return loader, DevicePrefetcher(loader, env.device) if cuda else loader, augmenter
@@ -444,37 +436,63 @@ def build_parser() -> argparse.ArgumentParser:
         "(see --print-config).",
         epilog="presets:\n" + "\n".join(f"  {n:18s} {fn.__doc__.splitlines()[0]}" for n, fn in tc.PRESETS.items())
         + "\n\nexamples:\n  python train.py --config clmr_tiny --optim.lr=3e-4 --train.steps=500\n"
+        "  python train.py --config clmr_tiny --train.steps=500 --print-config run.yaml   # write a config file\n"
+        "  python train.py --config run.yaml --optim.lr=1e-3                              # train from it\n"
         "  torchrun --standalone --nproc_per_node=8 train.py --config clmr_mtat --resume auto",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config", required=True, metavar="PRESET", help=f"preset: {', '.join(tc.PRESETS)}")
+    p.add_argument("--config", required=True, metavar="PRESET|FILE",
+                   help=f"a preset ({', '.join(tc.PRESETS)}) or a .json/.yaml/.toml file from --print-config FILE "
+                   "(its `preset` key names the base; its other keys override it)")
     p.add_argument("--resume", default=None, metavar="auto|none|URL",
                    help="auto: continue from the newest checkpoint in --checkpoint.dir (if any); or a ckpt URL")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config as overridable flags and exit")
+    p.add_argument("--print-config", nargs="?", const="-", default=None, metavar="FILE",
+                   help="print the resolved config (as overridable flags) and exit; with FILE (.json/.yaml/.toml) "
+                   "write it there as a config file for --config")
+    p.add_argument("--format", choices=["flags", "json", "yaml", "toml"], default=None,
+                   help="--print-config's format (default: flags on screen, the FILE's extension otherwise)")
     return p
 
 
-def config_from_argv(argv: list[str]) -> tuple[Config, bool]:
-    """Parse the command line into a resolved config; ``(config, print_only)``."""
-    parser = build_parser()
-    args, rest = parser.parse_known_args(argv)
-    overrides: list[str] = []
-    i = 0
-    while i < len(rest):
-        item = rest[i]
+def overrides_from(rest: list[str]) -> list[str]:
+    """``--section.key=value`` / ``--section.key value`` items of the command line."""
+    out: list[str] = []
+    items = iter(rest)
+    for item in items:
         if not item.startswith("--") or "." not in item.split("=", 1)[0]:
-            raise ValueError(f"unrecognised argument {item!r}: overrides look like --section.key=value (see --print-config)")
+            raise ConfigError(f"unrecognised argument {item!r}: overrides look like --section.key=value (see --print-config)")
         if "=" not in item:
-            if i + 1 >= len(rest):
-                raise ValueError(f"{item} needs a value: {item}=VALUE")
-            item = f"{item}={rest[i + 1]}"
-            i += 1
-        overrides.append(item)
-        i += 1
+            value = next(items, None)
+            if value is None:
+                raise ConfigError(f"{item} needs a value: {item}=VALUE")
+            item = f"{item}={value}"
+        out.append(item)
+    return out
+
+
+def config_from_argv(argv: list[str]) -> tuple[Config, argparse.Namespace]:
+    """The resolved config of a command line, and its parsed train.py options."""
+    args, rest = build_parser().parse_known_args(argv)
+    overrides = overrides_from(rest)
     if args.resume is not None:
         overrides.append(f"--checkpoint.resume={args.resume}")
-    cfg = tc.apply_overrides(tc.preset(args.config), overrides)
-    return cfg, args.print_config
+    try:
+        base = tc.load_file(args.config) if tc.file_format(args.config) else tc.preset(args.config)
+        return tc.apply_overrides(base, overrides), args
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def print_config(cfg: Config, target: str, fmt: str | None) -> None:
+    """``--print-config [FILE] [--format F]``."""
+    if target == "-":
+        print(tc.dumps(cfg, fmt or "flags"), end="")
+        return
+    fmt = fmt or tc.file_format(target)
+    if fmt is None or fmt == "flags":
+        raise ConfigError(f"--print-config {target}: name a .json, .yaml or .toml file (or pass --format json|yaml|toml)")
+    fsio.write_bytes_atomic(target, tc.dumps(cfg, fmt).encode())
+    print(f"wrote {target} ({fmt}); train from it with: python train.py --config {target}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -487,17 +505,12 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str]) -> int:
     rank = int(os.environ.get("RANK", 0))
     try:
-        cfg, print_only = config_from_argv(argv)
-    except ValueError as exc:
-        if rank == 0:
-            print(f"train.py: error: {exc}", file=sys.stderr)
-        return 2
-    if print_only:
-        print("\n".join(tc.describe(cfg)))
-        return 0
-    try:
+        cfg, args = config_from_argv(argv)
+        if args.print_config is not None:
+            print_config(cfg, args.print_config, args.format)
+            return 0
         summary = train(cfg)
-    except ConfigError as exc:  # problems found at start (the message names the flag)
+    except ConfigError as exc:  # the message names the flag; printed once, not by every rank
         if rank == 0:
             print(f"train.py: error: {exc}", file=sys.stderr)
         return 2
