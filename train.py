@@ -65,10 +65,16 @@ from training.step import StepResult, TrainStep, autocast_dtype, build_optimizer
 # Validation at start: every error names the flag to change.
 
 
-def read_manifest(url: str) -> dict[str, Any]:
-    """Read and check one shard manifest; errors name ``--data.manifests`` and the URL."""
+def read_manifest(url: str) -> Any:
+    """One shard manifest through ``pipeline.shards.load_manifest`` (its one reader); every problem
+    is a :class:`ConfigError` naming ``--data.manifests`` and the URL."""
+    from pipeline.shards import load_manifest
+
     try:
-        exists = fsio.exists(url)
+        exists, is_dir = fsio.exists(url), False
+        if exists:
+            fs, path = fsio.fs_and_path(url)
+            is_dir = fs.isdir(path)
     except Exception as exc:  # noqa: BLE001 - credentials, bad bucket names, ...
         raise ConfigError(f"--data.manifests: cannot reach {url} ({exc}); check the URL and credentials") from exc
     if not exists:
@@ -76,12 +82,18 @@ def read_manifest(url: str) -> dict[str, Any]:
             f"--data.manifests: {url} does not exist. Build shards with `shard-tools demo --out demo_shards` "
             "(for the *_tiny presets) or `shard-tools build ...`, or pass --data.manifests=URL"
         )
+    if is_dir:
+        raise ConfigError(f"--data.manifests: {url} is a folder; give a <split>.manifest.json, "
+                          f"e.g. {fsio.join_url(url, 'train.manifest.json')}")
     try:
-        manifest = json.loads(fsio.read_bytes(url))
-    except Exception as exc:  # noqa: BLE001
-        raise ConfigError(f"--data.manifests: {url} is not readable JSON ({exc}); rebuild the split") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != "musicssl-shards/1":
-        raise ConfigError(f"--data.manifests: {url} is not a musicssl-shards/1 manifest (see docs/architecture.md §1)")
+        manifest = load_manifest(url)
+    except Exception as exc:  # noqa: BLE001 - malformed fields surface as ValueError, TypeError, KeyError, ...
+        text = str(exc) if url in str(exc) else f"{url}: {exc}"
+        raise ConfigError(f"--data.manifests: {text} (a manifest damaged or not written by shard-tools; rebuild the "
+                          "split, see docs/architecture.md §1)") from None
+    for name, value in (("sample_rate", manifest.sample_rate), ("channels", manifest.channels)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ConfigError(f"--data.manifests: {url} has {name} {value!r}, not a positive integer; rebuild the split")
     return manifest
 
 
@@ -97,10 +109,19 @@ def validate(cfg: Config, world_size: int) -> dict[str, Any]:
         )
     if cfg.augment.enabled and cfg.augment.backend == "cpu" and cfg.data.num_workers == 0:
         print("[train] note: --augment.backend=cpu with --data.num_workers=0 augments in the main process")
-    rates = set()
-    for url in cfg.data.manifests:
-        manifest = read_manifest(url)
-        rates.add(manifest.get("sample_rate"))
+    manifests = [read_manifest(url) for url in cfg.data.manifests]
+    try:
+        from pipeline.shards import merge_label_specs
+
+        merge_label_specs(manifests)
+    except Exception as exc:  # noqa: BLE001
+        raise ConfigError(f"--data.manifests: the label specs of {', '.join(cfg.data.manifests)} do not fit "
+                          f"together or are malformed ({exc})") from None
+    clips = sum(m.num_samples for m in manifests)
+    if clips < cfg.train.global_batch_size:
+        raise ConfigError(f"--train.global_batch_size={cfg.train.global_batch_size} is more than the {clips} clips of "
+                          "--data.manifests (one step would need more than an epoch); lower it or add data")
+    rates = {m.sample_rate for m in manifests}
     sample_rate = cfg.data.sample_rate
     if sample_rate is None:
         if len(rates) != 1 or None in rates:
@@ -213,13 +234,47 @@ class Prepare:
 # Checkpoints (the artefact itself is training.checkpoint's)
 
 
-def restore(state: dict[str, Any], url: str, cfg: Config, env: Dist, p: Parts) -> tuple[int, str | None, dict[str, Any]]:
-    """Load checkpoint ``state`` into the parts; ``(step, W&B run id, this rank's RNG state)``."""
+# What a resumed run must share with its checkpoint besides the weights' shapes: the data stream
+# (its manifests, mixing and seed) and the per-rank batch its position counts in.
+RESUME_FIXED = ("data.manifests", "data.weights", "train.seed")
+
+
+def check_resumable(state: dict[str, Any], url: str, cfg: Config, env: Dist) -> None:
+    """A :class:`ConfigError` naming the flags when ``state`` cannot continue as this run."""
+    missing = [k for k in ("step", "model_name", "model", "optimizer", "scheduler", "loader", "augment", "config")
+               if k not in state]
+    if missing:
+        raise ConfigError(f"--resume: {url} is not a train.py checkpoint (it has no {', '.join(missing)})")
     if state["model_name"] != cfg.arch:
         raise ConfigError(f"--resume: {url} holds a {state['model_name']} model, this run is {cfg.arch}")
-    p.raw_model.load_state_dict(state["model"])
-    p.optimizer.load_state_dict(state["optimizer"])
-    p.scheduler.load_state_dict(state["scheduler"])
+    fixed = [f"--{line}" for line in tc.diff(state["config"], tc.to_dict(cfg)) if line.startswith(RESUME_FIXED)]
+    if fixed:
+        raise ConfigError(f"--resume: {url} cannot continue with a changed {'; '.join(fixed)} (a run resumes the "
+                          "model, data stream and seed it was written with); drop those overrides, or start a new "
+                          "run in another --train.out_dir")
+    micro = cfg.train.global_batch_size // (env.world * cfg.train.grad_accum)
+    was, ranks = state["loader"].get("batch_size"), len(state.get("ranks") or [1])
+    if was != micro:
+        raise ConfigError(
+            f"--resume: {url} was written with {was} clips per rank and micro-step ({ranks} ranks); this run has "
+            f"{micro} (--train.global_batch_size={cfg.train.global_batch_size} / ({env.world} ranks x "
+            f"--train.grad_accum={cfg.train.grad_accum})); the data stream continues only with the same per-rank "
+            f"micro-batch: use --train.global_batch_size={was * env.world * cfg.train.grad_accum}"
+        )
+
+
+def restore(state: dict[str, Any], url: str, cfg: Config, env: Dist, p: Parts) -> tuple[int, str | None, dict[str, Any]]:
+    """Load checkpoint ``state`` into the parts; ``(step, W&B run id, this rank's RNG state)``."""
+    check_resumable(state, url, cfg, env)
+    try:
+        p.raw_model.load_state_dict(state["model"])
+        p.optimizer.load_state_dict(state["optimizer"])
+        p.scheduler.load_state_dict(state["scheduler"])
+    except (RuntimeError, ValueError, KeyError) as exc:  # shapes or parameter groups that do not match
+        changed = [f"--{line}" for line in tc.diff(state["config"], tc.to_dict(cfg)) if line.startswith("model.")]
+        why = "; ".join(changed) or (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"--resume: {url} holds a model of another shape ({why}); drop those overrides, "
+                          "or start a new run in another --train.out_dir") from None
     mine, exact = checkpoint.rank_state(state, env.rank, env.world)
     if not exact and env.master:
         print(f"[train] warning: {url} was written by {len(state.get('ranks', []))} ranks, this run has {env.world}; "
@@ -227,7 +282,10 @@ def restore(state: dict[str, Any], url: str, cfg: Config, env: Dist, p: Parts) -
               "will differ from an uninterrupted run")
     # The loader's state is rank-agnostic; strict=False continues at the next epoch when the
     # world size or worker count changed (an exact mid-epoch resume needs the same layout).
-    p.stream.load_state_dict(state["loader"], strict=exact)
+    try:
+        p.stream.load_state_dict(state["loader"], strict=exact)
+    except ValueError as exc:
+        raise ConfigError(f"--resume: {url}: {exc}") from None
     p.augmenter.load_state_dict(mine["augment"])
     p.logger.load_state_dict(state.get("counters", {}))
     if env.master:

@@ -7,6 +7,7 @@ import io
 import itertools
 import os
 import pickle
+import time
 
 import pytest
 import torch
@@ -162,3 +163,65 @@ def test_checkpoint_reader_names_the_file_and_never_unpickles(tmp_path):
         assert "weights_only" not in text
     with pytest.raises(CheckpointError, match="no such file"):
         checkpoint.load(str(tmp_path / "missing.pt"))
+
+
+class _Normed(torch.nn.Module):
+    """With a BatchNorm: DDP broadcasts its buffers in forward, one more collective to match."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.bn = torch.nn.Linear(3, 1), torch.nn.BatchNorm1d(1)
+
+    def forward(self, batch):
+        err = self.bn(self.lin(batch["x"])).squeeze(-1) - batch["y"]
+        return (err**2).mean(), {"mae": err.abs().mean().detach()}
+
+
+def _ddp_rank(rank: int, init: str, accum: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from train_config import OptimConfig
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    torch.manual_seed(0)
+    raw = _Normed()
+    opt, sched = build_optimizer(OptimConfig(lr=0.1), raw, 10)
+    model = torch.nn.parallel.DistributedDataParallel(raw)
+    env = Dist(rank=rank, world=2, device=torch.device("cpu"))
+    step = TrainStep(model, opt, sched, env, accum=accum)
+
+    def stream():
+        yield from _batches(accum + (0 if rank == 1 else accum), seed=rank)  # rank 1 runs dry in step 2
+        raise FileNotFoundError(2, "No such file or directory", f"/shards/rank{rank}.tar")
+
+    it = stream()
+    first = step(it)
+    params, buffers = ([t.detach().clone() for t in ts] for ts in (raw.parameters(), raw.buffers()))
+    second = step(it)
+    same = {name: all(torch.equal(a, b) for a, b in zip(before, now))
+            for name, before, now in (("params", params, raw.parameters()), ("buffers", buffers, raw.buffers()))}
+    torch.save({"first": first.data_failed, "failed": second.data_failed, "error": second.data_error,
+                "consumed": second.consumed, **same, "lr": sched.get_last_lr()[0]},
+               os.path.join(out, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_a_rank_whose_stream_fails_stands_in_so_no_rank_hangs(tmp_path, accum):
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(_ddp_rank, args=(f"file://{tmp_path}/rdzv", accum, str(tmp_path)), nprocs=2,
+                             join=False, start_method="spawn")
+    deadline = time.time() + 120
+    while not ctx.join(timeout=5):
+        assert time.time() < deadline, "a rank hung"
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert not r0["first"] and not r1["first"]
+    assert r0["failed"] and r1["failed"]  # every rank learns of rank 1's failure in the same step
+    assert r0["error"] is None and "rank1.tar" in r1["error"]
+    assert (r0["consumed"], r1["consumed"]) == (accum, 0)
+    # no update on any rank, the schedule did not move; the stand-in left rank 1's BatchNorm
+    # statistics as they were (rank 0 ran real forwards, so its statistics moved)
+    assert r0["params"] and r1["params"] and r0["lr"] == r1["lr"] == pytest.approx(0.1)
+    assert r1["buffers"] and not r0["buffers"]
