@@ -97,6 +97,20 @@ def read_manifest(url: str) -> Any:
     return manifest
 
 
+def check_checkpoint_dir(cfg: Config) -> None:
+    """A fresh run must not rotate an earlier run's checkpoints away; a resume URL must exist."""
+    if cfg.checkpoint.resume == "none":
+        found = checkpoint.list_checkpoints(cfg.checkpoint_dir)
+        if found:
+            raise ConfigError(
+                f"--checkpoint.dir {cfg.checkpoint_dir} already holds checkpoints of an earlier run (newest "
+                f"{found[-1][1]}); continue it with --resume auto, or start afresh in another --train.out_dir "
+                "or --checkpoint.dir (a new run there would rotate the old checkpoints away)"
+            )
+    elif cfg.checkpoint.resume != "auto" and not fsio.exists(cfg.checkpoint.resume):
+        raise ConfigError(f"--resume / --checkpoint.resume: {cfg.checkpoint.resume} does not exist; use auto or a ckpt-*.pt URL")
+
+
 def validate(cfg: Config, world_size: int) -> dict[str, Any]:
     """Checks that need the world size or the file system. Returns facts the run needs (sample rate)."""
     per_step = world_size * cfg.train.grad_accum
@@ -137,16 +151,7 @@ def validate(cfg: Config, world_size: int) -> dict[str, Any]:
     min_crop = getattr(cfg.model, "input_samples", None)
     if min_crop is not None and crop < min_crop:
         raise ConfigError(f"--data.crop_samples={crop} is shorter than the model's input ({min_crop} samples)")
-    if cfg.checkpoint.resume == "none":
-        found = checkpoint.list_checkpoints(cfg.checkpoint_dir)
-        if found:
-            raise ConfigError(
-                f"--checkpoint.dir {cfg.checkpoint_dir} already holds checkpoints of an earlier run (newest "
-                f"{found[-1][1]}); continue it with --resume auto, or start afresh in another --train.out_dir "
-                "or --checkpoint.dir (a new run there would rotate the old checkpoints away)"
-            )
-    elif cfg.checkpoint.resume != "auto" and not fsio.exists(cfg.checkpoint.resume):
-        raise ConfigError(f"--resume / --checkpoint.resume: {cfg.checkpoint.resume} does not exist; use auto or a ckpt-*.pt URL")
+    check_checkpoint_dir(cfg)
     return {"sample_rate": sample_rate, "crop_samples": crop}
 
 

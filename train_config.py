@@ -467,6 +467,15 @@ def convert(value: Any, hint: Any, flag: str) -> Any:
             return tuple(convert(v, a, flag) for v, a in zip(value, args))
         items = [convert(v, args[0] if args else str, flag) for v in value]
         return tuple(items) if origin is tuple else items
+    if hint in (bool, int, float, str):
+        return _scalar(value, hint, bad)
+    if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+        return build(hint, value, flag[2:])
+    raise ValueError(f"{flag}: fields of type {hint!r} cannot be set from text")
+
+
+def _scalar(value: Any, hint: type, bad: Callable[[str], ValueError]) -> Any:
+    """A bool, int, float or str from a command-line string or a parsed file's value."""
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -491,13 +500,9 @@ def convert(value: Any, hint: Any, flag: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("a number")
         return float(value)
-    if hint is str:
-        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-            raise bad("a string")
-        return str(value)
-    if dataclasses.is_dataclass(hint) and isinstance(value, dict):
-        return build(hint, value, flag[2:])
-    raise ValueError(f"{flag}: fields of type {hint!r} cannot be set from text")
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):  # hint is str
+        raise bad("a string")
+    return str(value)
 
 
 def _unknown_key(path: str, name: str, known: list[str]) -> ValueError:

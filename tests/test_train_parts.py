@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import json
 import os
 import pickle
 import time
@@ -17,6 +18,7 @@ from tests import shardgen
 from training import checkpoint
 from training.distributed import Dist
 from training.errors import CheckpointError
+from training.log import RunLogger
 from training.step import TrainStep, build_optimizer
 
 CPU = Dist(rank=0, world=1, device=torch.device("cpu"))
@@ -225,3 +227,55 @@ def test_a_rank_whose_stream_fails_stands_in_so_no_rank_hangs(tmp_path, accum):
     # statistics as they were (rank 0 ran real forwards, so its statistics moved)
     assert r0["params"] and r1["params"] and r0["lr"] == r1["lr"] == pytest.approx(0.1)
     assert r1["buffers"] and not r0["buffers"]
+
+
+class PitchHead(torch.nn.Module):
+    """A supervised model on the seam (what fine-tuning trains): spectrum bands -> pitch class."""
+
+    def __init__(self, classes: int) -> None:
+        super().__init__()
+        self.head = torch.nn.Linear(64, classes)
+
+    def forward(self, batch):
+        spec = torch.fft.rfft(batch["audio"][:, 0, 0]).abs()[:, :256]  # (B, 256)
+        logits = self.head(spec.reshape(len(spec), 64, 4).mean(-1))
+        loss = torch.nn.functional.cross_entropy(logits, batch["labels"]["pitch"])
+        return loss, {"acc": (logits.argmax(-1) == batch["labels"]["pitch"]).float().mean()}
+
+
+def _second_trainer(man: str, out: str, steps: int, resume: str) -> list[float]:
+    """A fine-tuning-style loop built only from training/ (the lines a second trainer needs)."""
+    from train_config import LoggingConfig, OptimConfig
+
+    torch.manual_seed(0)
+    loader = StreamingLoader(LoaderConfig(manifests=[man], batch_size=8, mode="single", crop_samples=2000,
+                                          shuffle_buffer=8, num_workers=0, seed=1))
+    model = PitchHead(len(loader.label_specs["pitch"]["names"]))
+    optimizer, scheduler = build_optimizer(OptimConfig(lr=3e-2), model, steps)
+    logger = RunLogger(LoggingConfig(every=2, wandb_mode="disabled"), CPU, out_dir=out, total_steps=steps,
+                       run_name="pitch", config={}, audio_seconds=0.25)
+    step, (url, state) = 0, checkpoint.resume_point(resume, f"{out}/ckpt")
+    if state is not None:
+        step = state["step"]
+        for part, key in ((model, "model"), (optimizer, "optimizer"), (scheduler, "scheduler"), (loader, "loader")):
+            part.load_state_dict(state[key])
+    logger.start(step=step, resumed=state is not None, run_id=None)
+    train_step, batches = TrainStep(model, optimizer, scheduler, CPU), iter(loader)
+    while step < steps:
+        r = train_step(batches)
+        step += 1
+        logger.log_step(step, r, clips=8, data_counters=loader.stats)
+        if step % 2 == 0:
+            checkpoint.save_run(f"{out}/ckpt", 2, CPU, step=step, mine={"loader": loader.state_dict()},
+                                shared=lambda: {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                                "scheduler": scheduler.state_dict()})
+    return [json.loads(line)["loss"] for line in open(f"{out}/metrics.jsonl")]
+
+
+def test_a_second_trainer_from_the_parts_learns_and_resumes_exactly(tmp_path):
+    clips = shardgen.make_clips(48, sample_rate=8000, seconds=(0.5, 0.5), seed=2)
+    man = shardgen.write_split(str(tmp_path / "shards"), clips, [24, 24])
+    ref = _second_trainer(man, str(tmp_path / "ref"), 8, "none")
+    assert sum(ref[-2:]) < sum(ref[:2]) - 0.5, ref  # it learns the pitch classes
+    _second_trainer(man, str(tmp_path / "run"), 4, "none")
+    assert _second_trainer(man, str(tmp_path / "run"), 8, "auto") == pytest.approx(ref, rel=1e-6)

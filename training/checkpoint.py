@@ -125,7 +125,7 @@ def resume_point(resume: str, folder: str, *, say: Callable[[str], None] = print
         return url, state
     if found:
         raise CheckpointError(f"--resume auto: none of the {len(found)} checkpoints in {folder} is readable (see the "
-                              "warnings above); pass --resume URL, or start afresh in another --train.out_dir")
+                              "warnings above); pass --resume URL, or start afresh in another run folder")
     return None, None
 
 
