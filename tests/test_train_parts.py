@@ -254,7 +254,7 @@ def _second_trainer(man: str, out: str, steps: int, resume: str) -> list[float]:
     optimizer, scheduler = build_optimizer(OptimConfig(lr=3e-2), model, steps)
     logger = RunLogger(LoggingConfig(every=2, wandb_mode="disabled"), CPU, out_dir=out, total_steps=steps,
                        run_name="pitch", config={}, audio_seconds=0.25)
-    step, (url, state) = 0, checkpoint.resume_point(resume, f"{out}/ckpt")
+    step, (_, state) = 0, checkpoint.resume_point(resume, f"{out}/ckpt")
     if state is not None:
         step = state["step"]
         for part, key in ((model, "model"), (optimizer, "optimizer"), (scheduler, "scheduler"), (loader, "loader")):
