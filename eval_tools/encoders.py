@@ -165,19 +165,11 @@ def build_encoder(
 
 
 def load_checkpoint(path: str) -> dict:
-    """``torch.load(weights_only=True)`` of a train.py checkpoint, with a clear error if it is not one."""
-    from pipeline import fsio
+    """A train.py checkpoint (``training.checkpoint.read``), with ``_sha``: its file's digest."""
+    from training import checkpoint
 
-    import io
-
-    try:
-        data = fsio.read_bytes(path)
-    except FileNotFoundError as exc:
-        raise FileNotFoundError(f"--checkpoint {path}: no such file; pass a ckpt-<step>.pt written by train.py") from exc
-    ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != "musicssl-ckpt/1":
-        raise ValueError(f"--checkpoint {path}: not a musicssl checkpoint (format 'musicssl-ckpt/1' expected, see docs/architecture.md §5)")
-    ckpt["_sha"] = _sha(data)
+    ckpt, sha = checkpoint.read(path, flag="--checkpoint")
+    ckpt["_sha"] = sha[:16]
     return ckpt
 
 
@@ -202,13 +194,10 @@ def config_sample_rate(cfg, fallback: int | None) -> int:
 def encoder_from_checkpoint(path: str, *, name: str = "pretrained", layer: int | str = -1, sample_rate: int | None = None,
                             fallback_rate: int | None = None, max_window_seconds: float = 30.0) -> Encoder:
     """The encoder of a train.py checkpoint (its resolved config rebuilds the model)."""
-    import train_config
+    from training import checkpoint
 
     ckpt = load_checkpoint(path)
-    cfg = train_config.from_dict(ckpt["config"])
-    _, model_cls = train_config.model_classes(cfg.arch)
-    model = model_cls(cfg.model)
-    model.load_state_dict(ckpt["model"])
+    model, cfg = checkpoint.model_from_state(ckpt)
     sr = sample_rate or config_sample_rate(cfg, fallback_rate)
     return build_encoder(
         name=name, arch=cfg.arch, model=model, model_cfg=cfg.model, sample_rate=sr, crop_samples=cfg.crop_samples,

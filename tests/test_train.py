@@ -24,6 +24,7 @@ import torch
 import train
 import train_config as tc
 from tests import shardgen
+from training import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_PY = os.path.join(ROOT, "train.py")
@@ -213,7 +214,7 @@ def test_kill9_then_resume_repeats_the_uninterrupted_losses(manifest, tmp_path):
     assert proc.returncode == -signal.SIGKILL
     logged_before_kill = len(losses(out))
     assert 6 <= logged_before_kill < 12
-    ckpts = train.list_checkpoints(os.path.join(out, "checkpoints"))
+    ckpts = checkpoint.list_checkpoints(os.path.join(out, "checkpoints"))
     assert ckpts and ckpts[-1][0] in (4, 8)
 
     summary = train.train(config(manifest, out, *common, "--checkpoint.resume=auto"))
@@ -381,8 +382,8 @@ def test_checkpoints_in_a_bucket_rotate_and_resume(manifest, tmp_path, moto_s3):
     common = ["--data.num_workers=0", "--checkpoint.every=1", "--checkpoint.keep=2", f"--checkpoint.dir={url}"]
     out = str(tmp_path / "run")
     train.train(config(manifest, out, "--train.steps=3", *common))
-    assert [s for s, _ in train.list_checkpoints(url)] == [2, 3]
+    assert [s for s, _ in checkpoint.list_checkpoints(url)] == [2, 3]
     summary = train.train(config(manifest, out, "--train.steps=5", *common, "--checkpoint.resume=auto"))
     assert summary["resumed_from"] == f"{url}/ckpt-00000003.pt" and summary["steps_run"] == 2
-    assert [s for s, _ in train.list_checkpoints(url)] == [4, 5]
-    assert train.load_checkpoint(f"{url}/ckpt-00000005.pt")["step"] == 5
+    assert [s for s, _ in checkpoint.list_checkpoints(url)] == [4, 5]
+    assert checkpoint.load(f"{url}/ckpt-00000005.pt")["step"] == 5
