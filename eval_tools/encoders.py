@@ -43,13 +43,16 @@ class Encoder:
     window: int | None = None  # CLMR: crop length (input_samples); others: max window in samples
     ident: str = ""  # cache key part: checkpoint hash, or a hash of the random-init config + seed
     crop_samples: int | None = None  # the training crop length (BN recalibration, fine-tuning)
+    min_samples: int = 1  # the shortest input giving one output frame (receptive field); shorter clips are padded to it
     meta: dict = field(default_factory=dict)
     batch_crops: int = 128  # crops per forward pass
 
     @property
     def cache_id(self) -> str:
         """Identifies these embeddings: weights, layer choice and windowing."""
-        parts = {"ident": self.ident, "arch": self.arch, "layer": self.layer, "window": self.window, "sr": self.sample_rate}
+        # "v": the extraction's own version; 2 = padded only to min_samples, with lengths (issue 12)
+        parts = {"ident": self.ident, "arch": self.arch, "layer": self.layer, "window": self.window, "sr": self.sample_rate,
+                 "v": 2}
         return f"{self.arch}-{_sha(json.dumps(parts, sort_keys=True).encode(), 12)}"
 
     def embed_stream(self, clips, batch: int, on_batch=None):
@@ -97,27 +100,35 @@ class Encoder:
 
     # --- wav2vec2 / CPC: mean over time, in bounded windows --------------------------------------
     def _embed_windows(self, clip: np.ndarray) -> np.ndarray:
+        """Mean over the clip's frames, embedded in windows of at most ``window`` samples.
+
+        Only a clip (or last window) shorter than ``min_samples`` is zero-padded, and only up to
+        it: the training crop plays no part, so a 1 s note is never padded to 15.6 s of silence."""
         n = self.window or len(clip)
-        min_len = self.crop_samples or 0
-        starts = list(range(0, max(1, len(clip) - n + 1), n)) if len(clip) > n else [0]
+        pieces = [clip[s : s + n] for s in range(0, len(clip), n)] or [clip]
+        if len(pieces) > 1 and len(pieces[-1]) < self.min_samples:
+            pieces = pieces[:-1]  # a tail too short for one frame adds nothing
         vecs, weights = [], []
-        for s in starts:
-            w = clip[s : s + n]
-            if len(w) < min_len:  # too short for the model's receptive field: zero-pad
-                w = np.pad(w, (0, min_len - len(w)))
-            out = self.model.embed(torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))[None])
-            if self.arch == "wav2vec2" and self.layer != -1:
-                layers = out["layers"]
-                if self.layer == "all":
-                    v = torch.stack([l.mean(dim=1)[0] for l in layers])  # (L, D)
-                else:
-                    v = layers[int(self.layer)].mean(dim=1)[0]
-            else:
-                v = out["pooled"][0]
+        for w in pieces:
+            if len(w) < self.min_samples:
+                w = np.pad(w, (0, self.min_samples - len(w)))
+            x = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))[None]
+            out = self.model.embed(x, torch.tensor([len(w)]))
+            v = self._pool(out)[0]
             vecs.append(v.double())
-            weights.append(len(w))
+            weights.append(int(out["frame_lengths"][0]))
         wts = torch.tensor(weights, dtype=torch.float64)
         return (torch.stack(vecs) * (wts / wts.sum()).view(-1, *([1] * vecs[0].dim()))).sum(0).float().numpy()
+
+    def _pool(self, out: dict) -> torch.Tensor:
+        """``(B, D)`` (or ``(B, L, D)`` for ``layer='all'``): the chosen output, mean over valid frames."""
+        if self.arch != "wav2vec2" or self.layer == -1:
+            return out["pooled"]
+        layers = out["layers"] if self.layer == "all" else [out["layers"][int(self.layer)]]
+        valid = (torch.arange(layers[0].shape[1], device=layers[0].device)[None, :]
+                 < out["frame_lengths"][:, None]).to(layers[0].dtype)[..., None]  # (B, T', 1)
+        pooled = [(l * valid).sum(1) / valid.sum(1).clamp_min(1) for l in layers]
+        return torch.stack(pooled, dim=1) if self.layer == "all" else pooled[0]
 
     # --- log-mel statistics ----------------------------------------------------------------------
     def _logmel(self, clip: np.ndarray) -> np.ndarray:
@@ -133,6 +144,21 @@ def logmel_encoder(sample_rate: int, *, n_mels: int = 128, n_fft: int = 1024, ho
     mel = torchaudio.transforms.MelSpectrogram(sample_rate=sample_rate, n_fft=n_fft, hop_length=hop, n_mels=n_mels, power=2.0)
     ident = _sha(json.dumps({"n_mels": n_mels, "n_fft": n_fft, "hop": hop}).encode())
     return Encoder(name="log-mel", arch="logmel", sample_rate=sample_rate, model=mel, ident=ident)
+
+
+def min_input_samples(arch: str, model_cfg) -> int:
+    """The shortest input that yields one frame: CLMR's crop, wav2vec2's receptive field, CPC's
+    conv stack's. Clips shorter than this are zero-padded to it, never to the training crop."""
+    if arch == "clmr":
+        return int(model_cfg.input_samples)
+    if arch == "wav2vec2":
+        return int(model_cfg.receptive_field)
+    if arch == "cpc":
+        n = 1
+        while model_cfg.num_frames(n) < 1:
+            n += 1
+        return n
+    return 1
 
 
 def _window_for(arch: str, model_cfg, sample_rate: int, max_window_seconds: float) -> int:
@@ -160,7 +186,7 @@ def build_encoder(
     return Encoder(
         name=name, arch=arch, sample_rate=sample_rate, model=model, layer=layer,
         window=_window_for(arch, model_cfg, sample_rate, max_window_seconds), ident=ident,
-        crop_samples=crop_samples, meta=meta or {},
+        crop_samples=crop_samples, min_samples=min_input_samples(arch, model_cfg), meta=meta or {},
     )
 
 

@@ -81,22 +81,28 @@ class ClipBank:
     def labelled_rows(self) -> dict[str, int]:
         return {k: int(m.sum()) for k, m in self.mask_arrays.items()}
 
-    def batch(self, rng: np.random.Generator, batch_size: int, crop: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def batch(self, rng: np.random.Generator, batch_size: int, crop: int, min_samples: int = 1
+              ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Random crops of ``crop`` samples; shorter clips are taken whole and the batch is only as
+        wide as its longest clip (at least ``min_samples``), with ``lengths`` for the model's masks."""
         idx = rng.integers(0, len(self.clips), batch_size)
-        out = np.zeros((batch_size, crop), dtype=np.float32)
+        width = max(min_samples, min(crop, max(len(self.clips[i]) for i in idx)))
+        out = np.zeros((batch_size, width), dtype=np.float32)
+        lengths = np.empty(batch_size, dtype=np.int64)
         for j, i in enumerate(idx):
             c = self.clips[i]
-            if len(c) <= crop:
+            if len(c) <= width:
                 out[j, : len(c)] = c
             else:
-                s = int(rng.integers(0, len(c) - crop + 1))
-                out[j] = c[s : s + crop]
+                s = int(rng.integers(0, len(c) - width + 1))
+                out[j] = c[s : s + width]
+            lengths[j] = max(min_samples, min(len(c), width))
         labels = {}
         for k, arr in self.label_arrays.items():
             v = arr[idx]
             labels[k] = torch.as_tensor(v, dtype=torch.long if v.ndim == 1 else torch.float32)
             labels[k + "__mask"] = torch.as_tensor(self.mask_arrays[k][idx])
-        return torch.from_numpy(out), labels
+        return torch.from_numpy(out), torch.from_numpy(lengths), labels
 
 
 class Heads(nn.Module):
@@ -162,7 +168,7 @@ def finetune(enc: Encoder, ds: Dataset, tasks: list[Task], cfg: FinetuneConfig, 
     bank = ClipBank(ds, "train", enc.sample_rate, tasks, fraction=fraction, seed=cfg.seed)
     model.eval()
     with torch.no_grad():
-        dim = model.embed(torch.zeros(2, crop))["pooled"].shape[-1]
+        dim = model.embed(torch.zeros(2, max(enc.min_samples, 16)))["pooled"].shape[-1]
     heads = Heads(dim, tasks)
     groups = [{"params": heads.parameters(), "lr": cfg.head_lr}]
     if cfg.encoder_lr > 0:
@@ -178,8 +184,9 @@ def finetune(enc: Encoder, ds: Dataset, tasks: list[Task], cfg: FinetuneConfig, 
     while step < cfg.steps:
         model.train(cfg.encoder_lr > 0)
         heads.train()
-        x, y = bank.batch(rng, cfg.batch_size, crop)
-        loss = _loss(tasks, heads(model.embed(x)["pooled"]), y)
+        x, lengths, y = bank.batch(rng, cfg.batch_size, crop, enc.min_samples)
+        out = model.embed(x, lengths) if enc.arch != "clmr" else model.embed(x)  # CLMR crops are never padded past min_samples
+        loss = _loss(tasks, heads(out["pooled"]), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
