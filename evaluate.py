@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -30,7 +31,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pipeline.errors import UserError
+
 BASELINES = ("random", "supervised", "logmel")
+
+
+class OptionError(UserError, ValueError):
+    """A bad option value: one line naming the flag (``UserError``), still a ``ValueError`` for callers."""
 TITLES = {"instrument_family_str": "family", "instrument_family": "family", "instrument_source_str": "source"}
 
 
@@ -59,6 +66,11 @@ class EvalOptions:
     supervised_batch_size: int = 32
     supervised_lr: float = 1e-3
     cache: str | None = None  # embedding cache folder; None = <out>/cache; "" disables
+    device: str = "auto"  # auto | cuda | cuda:N | cpu (eval_tools/runtime.py)
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    embed_batch: int = 16  # clips per extraction pass
+    resample: bool = True  # False: refuse shards whose rate differs from the encoder's
+    dist_timeout: float = 7200.0  # seconds a rank waits for the others under torchrun
     seed: int = 0
     wandb_mode: str = field(default_factory=lambda: os.environ.get("WANDB_MODE", "disabled"))
     wandb_project: str = "musicssl-eval"
@@ -66,104 +78,158 @@ class EvalOptions:
 
     def __post_init__(self) -> None:
         if not self.data:
-            raise ValueError("--data: give at least one dataset folder (e.g. demo_shards/nsynth)")
+            raise OptionError("--data: give at least one dataset folder (e.g. demo_shards/nsynth)")
         bad = [b for b in self.baselines if b not in BASELINES]
         if bad:
-            raise ValueError(f"--baselines: unknown {bad}; choose from {', '.join(BASELINES)}")
+            raise OptionError(f"--baselines: unknown {bad}; choose from {', '.join(BASELINES)}")
         if self.checkpoint is None and self.preset is None and any(b in ("random", "supervised") for b in self.baselines):
-            raise ValueError("--baselines random/supervised need an architecture: pass --checkpoint or --preset (e.g. clmr_tiny)")
+            raise OptionError("--baselines random/supervised need an architecture: pass --checkpoint or --preset (e.g. clmr_tiny)")
         if any(not 0 < f <= 1 for f in self.fractions):
-            raise ValueError(f"--fractions/--label-fraction must be in (0, 1], got {self.fractions}")
+            raise OptionError(f"--fractions/--label-fraction must be in (0, 1], got {self.fractions}")
         if self.wandb_mode not in ("online", "offline", "disabled"):
-            raise ValueError(f"--wandb-mode must be online, offline or disabled, got {self.wandb_mode!r}")
+            raise OptionError(f"--wandb-mode must be online, offline or disabled, got {self.wandb_mode!r}")
+        if self.embed_batch < 1:
+            raise OptionError(f"--embed-batch must be >= 1, got {self.embed_batch}")
 
 
 def _log(msg: str) -> None:
     print(f"[evaluate] {msg}", flush=True)
 
 
-def run_evaluation(opts: EvalOptions) -> dict:
-    """Probe the checkpoint and the baselines on every dataset and fraction; write and return results."""
-    import torch
+def run_evaluation(opts: EvalOptions) -> dict | None:
+    """Probe the checkpoint and the baselines on every dataset and fraction; write and return results.
 
+    Under torchrun every rank embeds its share of each split; rank 0 probes, writes and returns the
+    results, the other ranks return None."""
+    from eval_tools import runtime
     from eval_tools.data import Dataset
-    from eval_tools.encoders import (checkpoint_config, encoder_from_checkpoint, logmel_encoder, preset_config,
-                                     random_encoder)
-    from eval_tools.finetune import FinetuneConfig, finetune
-    from eval_tools.probe import ProbeConfig
-    from eval_tools.runner import embed_splits, make_tasks, probe_encoder
+    from eval_tools.encoders import checkpoint_config, preset_config
 
     t_start = time.perf_counter()
-    probe_cfg = ProbeConfig(probe=opts.probe, max_epochs=opts.max_epochs, patience=opts.patience, seed=opts.seed)
-    cache = os.path.join(opts.out, "cache") if opts.cache is None else (opts.cache or None)
+    rt = runtime.setup(opts.device, opts.precision, timeout_s=opts.dist_timeout)
+    log = _log if rt.is_main else (lambda msg: None)
+    log(f"device {rt.device}, precision {rt.precision}" + (f", {rt.world_size} ranks" if rt.distributed else ""))
     arch_cfg = (checkpoint_config(opts.checkpoint) if opts.checkpoint
                 else preset_config(opts.preset, opts.overrides) if opts.preset else None)  # None: log-mel only
-    ckpt_step = None
+    datasets = [Dataset.from_dir(folder) for folder in opts.data]
+    _check_tasks(opts.tasks, datasets)
     results = {
         "format": "musicssl-eval/1", "datasets": {}, "tasks": {}, "rows": [], "encoders": {},
         "config": {k: v for k, v in dataclasses.asdict(opts).items() if k != "progress"},
     }
-    for folder in opts.data:
-        ds = Dataset.from_dir(folder)
-        requested = opts.tasks
-        if requested is not None:
-            requested = [t for t in requested if t in ds.spec]
-            if not requested:
-                _log(f"{folder}: none of --tasks {','.join(opts.tasks)} is a label field here; skipping")
-                continue
-        tasks = make_tasks(ds, requested, {k: f"{ds.name} {TITLES.get(k, k)}" for k in ds.spec})
-        sr = opts.sample_rate or (arch_cfg.data.sample_rate if arch_cfg is not None and arch_cfg.data.sample_rate else None) or ds.sample_rate
-        if sr is None:
-            raise ValueError(f"--data {folder}: its shards mix sample rates; pass --sample-rate")
-        results["datasets"][ds.name] = {"manifests": ds.manifests, "num_samples": ds.num_samples, "sample_rate": sr}
-        for t in tasks:
-            results["tasks"][f"{ds.name}/{t.name}"] = {"kind": t.kind, "names": t.names, "title": t.title, "dataset": ds.name, "field": t.name}
-        _log(f"{ds.name}: {ds.num_samples} clips, tasks {', '.join(t.name for t in tasks)}, {sr} Hz")
-
-        def add_rows(enc, fractions: list[float], *, label: str | None = None) -> None:
-            t0 = time.perf_counter()
-            embs = embed_splits(enc, ds, cache_dir=cache, recalibrate=opts.recalibrate_bn, progress=opts.progress,
-                                calib_crops=opts.calib_crops, seed=opts.seed)
-            t_embed = time.perf_counter() - t0
-            rows = probe_encoder(label or enc.name, embs, tasks, probe_cfg, fractions=fractions, seed=opts.seed)
-            for r in rows:
-                r["task"] = f"{ds.name}/{r['task']}"
-                r["embed_seconds"] = round(t_embed, 1)
-                r["dim"] = int(embs["train"].x.shape[-1])
-            results["rows"].extend(rows)
-            results["encoders"][label or enc.name] = {"arch": enc.arch, "ident": enc.ident, **enc.meta}
-            for r in rows:
-                _log(f"  {r['encoder']:<12} {r['task']:<32} frac {r['fraction']:<5g} "
-                     + " ".join(f"{k}={v:.3f}" for k, v in r["test"].items() if k != "n"))
-
-        if opts.checkpoint:
-            enc = encoder_from_checkpoint(opts.checkpoint, layer=opts.layer, sample_rate=sr, fallback_rate=ds.sample_rate)
-            ckpt_step = enc.meta.get("step")
-            add_rows(enc, opts.fractions)
-        if "random" in opts.baselines:
-            add_rows(random_encoder(arch_cfg, sample_rate=sr, seed=opts.seed, layer=opts.layer), opts.fractions)
-        if "supervised" in opts.baselines:
-            steps = opts.supervised_steps_per_dataset.get(ds.name) or opts.supervised_steps or ckpt_step or 500
-            for f in opts.fractions:
-                torch.manual_seed(opts.seed)
-                enc = random_encoder(arch_cfg, sample_rate=sr, seed=opts.seed, layer=opts.layer, name="supervised")
-                ft_cfg = FinetuneConfig(steps=steps, seconds=opts.supervised_seconds, batch_size=opts.supervised_batch_size,
-                                        head_lr=opts.supervised_lr, encoder_lr=opts.supervised_lr,
-                                        eval_every=max(1, steps // 5), seed=opts.seed)
-                _log(f"supervised baseline on {ds.name} train labels (fraction {f:g}): {steps} steps, batch {ft_cfg.batch_size}")
-                summary = finetune(enc, ds, tasks, ft_cfg, fraction=f, progress=opts.progress)
-                enc.ident += f"+supervised({ds.name},{ds.manifest_hash('train')},{f},{steps},{opts.supervised_seconds},{opts.seed})"
-                enc.meta.update({"supervised_steps": summary["steps"], "supervised_seconds": round(summary["train_seconds"], 1),
-                                 "supervised_best_step": summary["best_step"]})
-                add_rows(enc, [f])
-        if "logmel" in opts.baselines:
-            add_rows(logmel_encoder(sr), opts.fractions)
-
+    for ds in datasets:
+        requested = None if opts.tasks is None else [t for t in opts.tasks if t in ds.spec]
+        if requested == []:
+            log(f"{ds.name}: none of --tasks {','.join(opts.tasks)} is a label field here; skipping")
+            continue
+        _evaluate_dataset(ds, requested, arch_cfg, opts, rt, results, log)
+    if not rt.is_main:
+        return None
     if not results["rows"]:
-        raise ValueError("nothing was evaluated: check --data, --tasks and --baselines")
+        raise UserError("nothing was evaluated: check --data, --tasks and --baselines")
     results["seconds"] = round(time.perf_counter() - t_start, 1)
     write_outputs(results, opts)
     return results
+
+
+def _check_tasks(tasks: list[str] | None, datasets: list) -> None:
+    if tasks is None:
+        return
+    known = {t for ds in datasets for t in ds.spec}
+    unknown = [t for t in tasks if t not in known]
+    if unknown:
+        raise UserError(f"--tasks {','.join(unknown)}: no such label field in {', '.join(ds.name for ds in datasets)}; "
+                        f"known fields: {', '.join(sorted(known))}")
+
+
+def encoder_rate(ds, arch_cfg, opts: EvalOptions) -> int:
+    """The rate the encoders run at; shards at another rate are resampled on the fly, or refused
+    with ``--no-resample``."""
+    sr = opts.sample_rate or (arch_cfg.data.sample_rate if arch_cfg is not None and arch_cfg.data.sample_rate else None) or ds.sample_rate
+    if sr is None:
+        raise UserError(f"--data {ds.name}: its shards mix sample rates and the encoder names none; pass --sample-rate")
+    if ds.sample_rate is not None and ds.sample_rate != sr:
+        if not opts.resample:
+            raise UserError(f"--data {ds.name}: the shards are {ds.sample_rate} Hz but the encoder expects {sr} Hz; "
+                            "drop --no-resample to resample on the fly, or rebuild the shards with --sample-rate")
+        _log(f"{ds.name}: shards are {ds.sample_rate} Hz, the encoder expects {sr} Hz: resampling on the fly")
+    return int(sr)
+
+
+def _evaluate_dataset(ds, requested: list[str] | None, arch_cfg, opts: EvalOptions, rt, results: dict, log) -> None:
+    """Every encoder (checkpoint, baselines) on one dataset: extraction on all ranks, probes on rank 0."""
+    from eval_tools.encoders import encoder_from_checkpoint, logmel_encoder, random_encoder
+    from eval_tools.probe import ProbeConfig
+    from eval_tools.runner import check_labels, embed_splits, make_tasks, probe_encoder
+
+    tasks = make_tasks(ds, requested, {k: f"{ds.name} {TITLES.get(k, k)}" for k in ds.spec})
+    sr = encoder_rate(ds, arch_cfg, opts)
+    results["datasets"][ds.name] = {"manifests": ds.manifests, "num_samples": ds.num_samples, "sample_rate": sr}
+    for t in tasks:
+        results["tasks"][f"{ds.name}/{t.name}"] = {"kind": t.kind, "names": t.names, "title": t.title, "dataset": ds.name, "field": t.name}
+    log(f"{ds.name}: {ds.num_samples} clips, tasks {', '.join(t.name for t in tasks)}, {sr} Hz")
+    probe_cfg = ProbeConfig(probe=opts.probe, max_epochs=opts.max_epochs, patience=opts.patience, seed=opts.seed)
+    cache = os.path.join(opts.out, "cache") if opts.cache is None else (opts.cache or None)
+
+    def add_rows(enc, fractions: list[float]) -> None:
+        t0 = time.perf_counter()
+        enc.to(rt.device, rt.precision)
+        embs = embed_splits(enc, ds, cache_dir=cache, recalibrate=opts.recalibrate_bn, progress=opts.progress,
+                            calib_crops=opts.calib_crops, seed=opts.seed, batch=opts.embed_batch, rt=rt)
+        if embs is None:  # not rank 0: the probes are rank 0's
+            return
+        check_labels(ds, tasks, embs)
+        t_embed = time.perf_counter() - t0
+        rows = probe_encoder(enc.name, embs, tasks, probe_cfg, fractions=fractions, seed=opts.seed)
+        for r in rows:
+            r["task"] = f"{ds.name}/{r['task']}"
+            r["embed_seconds"] = round(t_embed, 1)
+            r["dim"] = int(embs["train"].x.shape[-1])
+        results["rows"].extend(rows)
+        results["encoders"][enc.name] = {"arch": enc.arch, "ident": enc.ident, **enc.meta}
+        for r in rows:
+            log(f"  {r['encoder']:<12} {r['task']:<32} frac {r['fraction']:<5g} "
+                + " ".join(f"{k}={v:.3f}" for k, v in r["test"].items() if k != "n"))
+
+    ckpt_step = None
+    if opts.checkpoint:
+        enc = encoder_from_checkpoint(opts.checkpoint, layer=opts.layer, sample_rate=sr, fallback_rate=ds.sample_rate)
+        ckpt_step = enc.meta.get("step")
+        add_rows(enc, opts.fractions)
+    if "random" in opts.baselines:
+        add_rows(random_encoder(arch_cfg, sample_rate=sr, seed=opts.seed, layer=opts.layer), opts.fractions)
+    if "supervised" in opts.baselines:
+        steps = opts.supervised_steps_per_dataset.get(ds.name) or opts.supervised_steps or ckpt_step or 500
+        for f in opts.fractions:
+            enc = _supervised_baseline(ds, tasks, arch_cfg, sr, steps, f, opts, rt, log)
+            add_rows(enc, [f])
+    if "logmel" in opts.baselines:
+        add_rows(logmel_encoder(sr), opts.fractions)
+
+
+def _supervised_baseline(ds, tasks, arch_cfg, sr: int, steps: int, fraction: float, opts: EvalOptions, rt, log):
+    """A random init of the architecture trained on the labels. Under torchrun rank 0 trains and
+    the weights are broadcast (the streaming, DDP fine-tune is eval_tools/finetune.py's job)."""
+    import torch
+
+    from eval_tools.encoders import random_encoder
+    from eval_tools.finetune import FinetuneConfig, finetune
+    from eval_tools.runtime import broadcast_from_main
+
+    torch.manual_seed(opts.seed)
+    enc = random_encoder(arch_cfg, sample_rate=sr, seed=opts.seed, layer=opts.layer, name="supervised").to(rt.device, rt.precision)
+    ft_cfg = FinetuneConfig(steps=steps, seconds=opts.supervised_seconds, batch_size=opts.supervised_batch_size,
+                            head_lr=opts.supervised_lr, encoder_lr=opts.supervised_lr, eval_every=max(1, steps // 5), seed=opts.seed)
+    log(f"supervised baseline on {ds.name} train labels (fraction {fraction:g}): {steps} steps, batch {ft_cfg.batch_size}")
+    summary = finetune(enc, ds, tasks, ft_cfg, fraction=fraction, progress=opts.progress) if rt.is_main else None
+    if rt.distributed:
+        state = broadcast_from_main({k: v.cpu() for k, v in enc.model.state_dict().items()} if rt.is_main else None, rt)
+        enc.model.load_state_dict(state)
+        summary = broadcast_from_main({k: summary[k] for k in ("steps", "train_seconds", "best_step")} if summary else None, rt)
+    enc.ident += f"+supervised({ds.name},{ds.manifest_hash('train')},{fraction},{steps},{opts.supervised_seconds},{opts.seed})"
+    enc.meta.update({"supervised_steps": summary["steps"], "supervised_seconds": round(summary["train_seconds"], 1),
+                     "supervised_best_step": summary["best_step"]})
+    return enc
 
 
 def write_outputs(results: dict, opts: EvalOptions) -> None:
@@ -226,6 +292,19 @@ def _add_encoder_args(p: argparse.ArgumentParser) -> None:
                    help="override a preset key, e.g. --set model.temperature=0.1 (repeatable)")
     p.add_argument("--layer", type=_layer, default=-1, help="wav2vec2: layer to probe (-1 = last, 0 = transformer input) or 'all'")
     p.add_argument("--sample-rate", type=int, help="resample clips to this rate (default: the encoder's training rate)")
+    p.add_argument("--no-resample", action="store_true",
+                   help="refuse shards whose sample rate differs from the encoder's instead of resampling them")
+    _add_device_args(p)
+
+
+def _add_device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cuda, cuda:N or cpu; under torchrun "
+                   "each rank takes cuda:LOCAL_RANK")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="autocast of the encoder's forward passes: auto = bf16 on CUDA, fp32 on the CPU")
+    p.add_argument("--embed-batch", type=int, default=16, help="clips per extraction pass (lower it on out-of-memory)")
+    p.add_argument("--dist-timeout", type=float, default=7200.0,
+                   help="under torchrun: seconds a rank waits for the others (rank 0 trains probes meanwhile)")
 
 
 def _add_eval_args(p: argparse.ArgumentParser, *, sweep: bool) -> None:
@@ -264,7 +343,8 @@ def _opts_from_args(a: argparse.Namespace, *, sweep: bool) -> EvalOptions:
         patience=a.patience, sample_rate=a.sample_rate, recalibrate_bn=not a.no_bn_recalibration, calib_crops=a.calib_crops,
         supervised_steps=a.supervised_steps, supervised_seconds=a.supervised_seconds,
         supervised_batch_size=a.supervised_batch_size, cache=a.cache, seed=a.seed, wandb_mode=a.wandb_mode,
-        wandb_project=a.wandb_project, progress=not a.no_progress,
+        wandb_project=a.wandb_project, progress=not a.no_progress, device=a.device, precision=a.precision,
+        embed_batch=a.embed_batch, resample=not a.no_resample, dist_timeout=a.dist_timeout,
     )
 
 
@@ -287,12 +367,13 @@ def cmd_probe(argv: list[str], *, sweep: bool) -> int:
     a = p.parse_args(argv)
     opts = _opts_from_args(a, sweep=sweep)
     results = run_evaluation(opts)
-    print_summary(results, opts.out)
+    if results is not None:  # rank 0 (or a single process)
+        print_summary(results, opts.out)
     return 0
 
 
 def cmd_finetune(argv: list[str]) -> int:
-    from eval_tools import report
+    from eval_tools import report, runtime
     from eval_tools.data import Dataset
     from eval_tools.encoders import encoder_from_checkpoint, preset_config, random_encoder
     from eval_tools.finetune import FinetuneConfig, finetune
@@ -320,6 +401,10 @@ def cmd_finetune(argv: list[str]) -> int:
     a = p.parse_args(argv)
     if not a.checkpoint and not a.preset:
         p.error("pass --checkpoint (fine-tune a pretrained encoder) or --preset (train that architecture from scratch)")
+    rt = runtime.setup(a.device, a.precision, timeout_s=a.dist_timeout)
+    if rt.distributed:
+        raise UserError("evaluate.py finetune runs in one process for now; start it without torchrun "
+                        "(probe, sweep and embed split their extraction across torchrun ranks)")
     ds = Dataset.from_dir(a.data)
     tasks = make_tasks(ds, a.tasks.split(",") if a.tasks else None, {k: f"{ds.name} {TITLES.get(k, k)}" for k in ds.spec})
     if a.checkpoint:
@@ -327,6 +412,7 @@ def cmd_finetune(argv: list[str]) -> int:
     else:
         cfg = preset_config(a.preset, a.overrides)
         enc = random_encoder(cfg, sample_rate=a.sample_rate or cfg.data.sample_rate or ds.sample_rate, seed=a.seed, name="from scratch")
+    enc.to(rt.device, rt.precision)
     ft = FinetuneConfig(steps=a.steps, seconds=a.seconds, batch_size=a.batch_size, head_lr=a.head_lr, encoder_lr=a.encoder_lr,
                         eval_every=a.eval_every, seed=a.seed)
     summary = finetune(enc, ds, tasks, ft, fraction=a.label_fraction, progress=not a.no_progress)
@@ -352,94 +438,111 @@ def cmd_finetune(argv: list[str]) -> int:
     return 0
 
 
-AUDIO_EXTS = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")
+AUDIO_EXTS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif")
 
 
 def _expand_inputs(inputs: list[str]) -> tuple[list[str], list[str]]:
-    """Split inputs into audio files (folders expanded, sorted) and shard manifests."""
+    """Split inputs into audio files (folders expanded, sorted) and shard manifests. Folder
+    entries are listed whatever they are (FIFOs, dangling links): the reader skips and reports them."""
     files, manifests = [], []
     for item in inputs:
         if item.endswith(".manifest.json"):
             manifests.append(item)
         elif os.path.isdir(item):
-            for root, _, names in sorted(os.walk(item)):
+            for root, dirs, names in os.walk(item):
+                dirs.sort()
                 files += [os.path.join(root, n) for n in sorted(names) if n.lower().endswith(AUDIO_EXTS)]
-        elif os.path.isfile(item):
+        elif os.path.lexists(item):
             files.append(item)
         else:
-            raise FileNotFoundError(f"embed: {item} is not an audio file, a folder or a *.manifest.json")
+            raise UserError(f"embed: {item} is not an audio file, a folder or a *.manifest.json")
     return files, manifests
+
+
+def _embed_encoder(a: argparse.Namespace, p: argparse.ArgumentParser):
+    from eval_tools.encoders import encoder_from_checkpoint, logmel_encoder, preset_config, random_encoder
+
+    if a.checkpoint:
+        return encoder_from_checkpoint(a.checkpoint, layer=a.layer, sample_rate=a.sample_rate, fallback_rate=16000)
+    if a.logmel:
+        return logmel_encoder(a.sample_rate or 16000)
+    if a.preset:
+        cfg = preset_config(a.preset, a.overrides)
+        return random_encoder(cfg, sample_rate=a.sample_rate or cfg.data.sample_rate or 16000, seed=a.seed, layer=a.layer)
+    p.error("pass --checkpoint, --preset (random init) or --logmel")
 
 
 def cmd_embed(argv: list[str]) -> int:
     from tqdm import tqdm
 
-    from eval_tools.encoders import encoder_from_checkpoint, logmel_encoder, preset_config, random_encoder
-    from pipeline.audio import AudioDecodeError, read_audio, resample, to_mono
-    from pipeline.loader import iter_samples
+    from eval_tools import runtime
+    from eval_tools.read import ReadReport, iter_files, iter_split, rank_range
 
     p = argparse.ArgumentParser(
         prog="evaluate.py embed",
         description="Audio files, folders or shard manifests -> one embedding per clip: OUT/embeddings.npy (N, D), "
-                    "OUT/keys.txt (one line per row) and OUT/embeddings.npz (keys + x).")
+                    "OUT/keys.txt (one line per row) and OUT/embeddings.npz (keys + x). Files that cannot be read "
+                    "(not audio, truncated, a FIFO or dangling link, a missing shard) are listed, not fatal.")
     p.add_argument("inputs", nargs="+", help="audio files, folders (searched recursively) or *.manifest.json")
     _add_encoder_args(p)
     p.add_argument("--logmel", action="store_true", help="log-mel statistics instead of a neural encoder")
     p.add_argument("--seed", type=int, default=0, help="seed of a random-init encoder (--preset without --checkpoint)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--batch", type=int, default=8, help="clips per forward pass")
+    p.add_argument("--batch", type=int, dest="embed_batch", help="alias of --embed-batch")
+    p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     files, manifests = _expand_inputs(a.inputs)
     if not files and not manifests:
         p.error("no audio files found in the inputs")
-    if a.checkpoint:
-        enc = encoder_from_checkpoint(a.checkpoint, layer=a.layer, sample_rate=a.sample_rate, fallback_rate=16000)
-    elif a.logmel:
-        enc = logmel_encoder(a.sample_rate or 16000)
-    elif a.preset:
-        cfg = preset_config(a.preset, a.overrides)
-        enc = random_encoder(cfg, sample_rate=a.sample_rate or cfg.data.sample_rate or 16000, seed=a.seed, layer=a.layer)
-    else:
-        p.error("pass --checkpoint, --preset (random init) or --logmel")
+    rt = runtime.setup(a.device, a.precision, timeout_s=a.dist_timeout)
+    enc = _embed_encoder(a, p).to(rt.device, rt.precision)
     sr = enc.sample_rate
-
-    skipped: list[tuple[str, str]] = []
+    lo, hi = rank_range(len(files), rt.rank, rt.world_size)
+    reports = [ReadReport(source="files")] + [ReadReport(source=m) for m in manifests]
 
     def clips():
-        for path in files:
-            try:
-                audio, file_sr = read_audio(path)
-            except AudioDecodeError as exc:  # reported in the summary, never dropped silently
-                skipped.append((path, str(exc)))
-                continue
-            yield path, to_mono(resample(audio, file_sr, sr))[0]
-        for m in manifests:
-            for s in iter_samples([m], sample_rate=sr, mono=True):
-                yield s["key"], s["audio"][0]
+        yield from iter_files(files[lo:hi], reports[0], sample_rate=sr)
+        for m, rep in zip(manifests, reports[1:]):
+            yield from iter_split(m, rep, sample_rate=sr, rank=rt.rank, world_size=rt.world_size)
 
     keys: list[str] = []
-    bar = tqdm(desc=f"embed ({enc.arch}, {sr} Hz)", unit="clip")
+    bar = tqdm(desc=f"embed ({enc.arch}, {sr} Hz)", unit="clip", disable=a.no_progress or not rt.is_main)
 
     def audio():
-        for key, clip in clips():
-            keys.append(key)
-            yield np.ascontiguousarray(clip, dtype=np.float32)
+        for clip in clips():
+            keys.append(clip.key)
+            yield clip.audio
 
-    vecs = list(enc.embed_stream(audio(), a.batch, bar.update))
+    vecs = list(enc.embed_stream(audio(), a.embed_batch or 16, bar.update))
     bar.close()
+    parts = runtime.gather_to_main((keys, np.concatenate(vecs) if vecs else None, [r.to_dict() for r in reports]), rt)
+    if parts is None:
+        return 0
+    keys = [k for part in parts for k in part[0]]
+    x_parts = [part[1] for part in parts if part[1] is not None]
+    merged = [ReadReport.from_dict(d) for d in parts[0][2]]
+    for part in parts[1:]:
+        merged = [m.merge(ReadReport.from_dict(d)) for m, d in zip(merged, part[2])]
+    skipped = [s for r in merged for s in r.skipped]
+    not_read = sum(r.not_read for r in merged)
     if not keys:
-        print("embed: no clip could be read", file=sys.stderr)
-        return 1
-    x = np.concatenate(vecs)
+        raise UserError(f"embed: no clip could be read ({not_read} not read, e.g. "
+                        f"{skipped[0]['where']}: {skipped[0]['reason']})" if skipped else "embed: no clip could be read")
+    x = np.concatenate(x_parts)
     os.makedirs(a.out, exist_ok=True)
     np.save(os.path.join(a.out, "embeddings.npy"), x)
     with open(os.path.join(a.out, "keys.txt"), "w") as f:
         f.write("\n".join(keys) + "\n")
     np.savez(os.path.join(a.out, "embeddings.npz"), keys=np.array(keys), x=x)
-    print(f"\n{len(keys)} clips -> {os.path.join(a.out, 'embeddings.npy')} {tuple(x.shape)} ({enc.arch}, {sr} Hz); "
-          f"keys in keys.txt; {len(skipped)} skipped")
-    for path, why in skipped[:10]:
-        print(f"  skipped {path}: {why}")
+    report = {"embedded": len(keys), "not_embedded": not_read, "sources": [r.to_dict() for r in merged]}
+    with open(os.path.join(a.out, "report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"\n{len(keys)} clips -> {os.path.join(a.out, 'embeddings.npy')} {tuple(x.shape)} ({enc.arch}, {sr} Hz, {rt.device}); "
+          f"keys in keys.txt; {not_read} not embedded (report.json)")
+    for s_ in skipped[:10]:
+        print(f"  skipped {s_['where']}: {s_['reason']}" + (f" ({s_['samples']} samples)" if s_["samples"] > 1 else ""))
+    if len(skipped) > 10:
+        print(f"  ... {len(skipped) - 10} more in report.json")
     return 0
 
 

@@ -29,6 +29,7 @@ from eval_tools.data import Dataset, iter_clips
 from eval_tools.encoders import Encoder
 from eval_tools.probe import Task, score, valid_rows
 from eval_tools.subset import label_fraction_subset
+from pipeline.errors import UserError
 
 
 @dataclass(kw_only=True)
@@ -128,6 +129,23 @@ def _loss(tasks: list[Task], logits: dict[str, torch.Tensor], labels: dict[str, 
     return total
 
 
+def _step(enc: Encoder, heads: Heads, tasks: list[Task], opt: torch.optim.Optimizer, x: torch.Tensor, lengths: torch.Tensor,
+          y: dict[str, torch.Tensor]) -> torch.Tensor:
+    dev = enc.device
+    pin = dev.type == "cuda"
+    x, lengths = x.to(dev, non_blocking=pin), lengths.to(dev, non_blocking=pin)
+    y = {k: v.to(dev, non_blocking=pin) for k, v in y.items()}
+    with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=enc.precision == "bf16"):
+        # CLMR crops are never padded past min_samples and its embed takes no lengths
+        out = enc.model.embed(x, lengths) if enc.arch != "clmr" else enc.model.embed(x)
+        logits = heads(out["pooled"])
+    loss = _loss(tasks, {k: v.float() for k, v in logits.items()}, y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
 def evaluate_heads(enc: Encoder, heads: Heads, ds: Dataset, split: str, tasks: list[Task]) -> dict[str, dict]:
     """Score the heads on whole clips (the clip embedding is the encoder's crop average)."""
     from eval_tools.extract import extract
@@ -138,10 +156,10 @@ def evaluate_heads(enc: Encoder, heads: Heads, ds: Dataset, split: str, tasks: l
     heads.eval()
     out = {}
     with torch.no_grad():
-        logits = heads(torch.as_tensor(emb.x, dtype=torch.float32))
+        logits = heads(torch.as_tensor(emb.x, dtype=torch.float32, device=enc.device))
     for t in tasks:
-        lg = logits[t.name]
-        probs = (lg.softmax(-1) if t.kind == "class" else lg.sigmoid()).numpy()
+        lg = logits[t.name].float()
+        probs = (lg.softmax(-1) if t.kind == "class" else lg.sigmoid()).cpu().numpy()
         out[t.name] = score(t, emb.labels[t.name], probs)
     return out
 
@@ -168,8 +186,8 @@ def finetune(enc: Encoder, ds: Dataset, tasks: list[Task], cfg: FinetuneConfig, 
     bank = ClipBank(ds, "train", enc.sample_rate, tasks, fraction=fraction, seed=cfg.seed)
     model.eval()
     with torch.no_grad():
-        dim = model.embed(torch.zeros(2, max(enc.min_samples, 16)))["pooled"].shape[-1]
-    heads = Heads(dim, tasks)
+        dim = model.embed(torch.zeros(2, max(enc.min_samples, 16), device=enc.device))["pooled"].shape[-1]
+    heads = Heads(dim, tasks).to(enc.device)
     groups = [{"params": heads.parameters(), "lr": cfg.head_lr}]
     if cfg.encoder_lr > 0:
         groups.append({"params": model.parameters(), "lr": cfg.encoder_lr})
@@ -185,11 +203,11 @@ def finetune(enc: Encoder, ds: Dataset, tasks: list[Task], cfg: FinetuneConfig, 
         model.train(cfg.encoder_lr > 0)
         heads.train()
         x, lengths, y = bank.batch(rng, cfg.batch_size, crop, enc.min_samples)
-        out = model.embed(x, lengths) if enc.arch != "clmr" else model.embed(x)  # CLMR crops are never padded past min_samples
-        loss = _loss(tasks, heads(out["pooled"]), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        try:
+            loss = _step(enc, heads, tasks, opt, x, lengths, y)
+        except torch.OutOfMemoryError:
+            raise UserError(f"out of memory on {enc.device} fine-tuning {cfg.batch_size} crops of up to {x.shape[1]} samples; "
+                            "lower --batch-size (or --supervised-batch-size)") from None
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}")

@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 
 from eval_tools import metrics
-from eval_tools.data import Dataset, Embeddings
+from eval_tools.data import SPLITS, Dataset, Embeddings
 from eval_tools.encoders import Encoder
-from eval_tools.extract import extract, prepare_encoder
+from eval_tools.extract import LOCAL, extract, prepare_encoder
+from eval_tools.runtime import Runtime
+from pipeline.errors import UserError
 from eval_tools.probe import ProbeConfig, Task, score, train_probe, valid_rows
 from eval_tools.subset import label_fraction_subset
 
@@ -18,7 +20,7 @@ def make_tasks(ds: Dataset, names: list[str] | None = None, titles: dict[str, st
         names = [k for k, s in ds.spec.items() if len(s.get("names") or []) >= 2]
     missing = [n for n in names if n not in ds.spec]
     if missing:
-        raise ValueError(f"--tasks {','.join(missing)}: not in the manifests' label spec; known fields: {', '.join(ds.spec)}")
+        raise UserError(f"--tasks {','.join(missing)}: not in the manifests' label spec; known fields: {', '.join(ds.spec)}")
     tasks = [Task(name=n, kind=ds.spec[n]["kind"], names=list(ds.spec[n]["names"])) for n in names]
     for t in tasks:
         t.title = (titles or {}).get(t.name, t.name)  # type: ignore[attr-defined]
@@ -68,9 +70,25 @@ def probe_task(task: Task, train: Embeddings, valid: Embeddings, test: Embedding
 
 
 def embed_splits(enc: Encoder, ds: Dataset, *, cache_dir: str | None, recalibrate: bool = True, progress: bool = True,
-                 calib_crops: int = 512, seed: int = 0) -> dict[str, Embeddings]:
+                 calib_crops: int = 512, seed: int = 0, batch: int = 16, rt: Runtime = LOCAL) -> dict[str, Embeddings] | None:
+    """Train/valid/test embeddings (rank 0's; None on the other ranks under torchrun)."""
     prepare_encoder(enc, ds, recalibrate=recalibrate, n_crops=calib_crops, seed=seed)
-    return {s: extract(enc, ds, s, cache_dir=cache_dir, progress=progress) for s in ("train", "valid", "test")}
+    out = {s: extract(enc, ds, s, cache_dir=cache_dir, progress=progress, batch=batch, rt=rt) for s in SPLITS}
+    return out if rt.is_main else None
+
+
+def check_labels(ds: Dataset, tasks: list[Task], embs: dict[str, Embeddings]) -> None:
+    """Every task needs labels in every split: a clear error naming the task and the split otherwise."""
+    for split, emb in embs.items():
+        if not emb.keys:
+            raise UserError(f"--data {ds.name}: no clip of the {split} split could be read ({ds.manifests[split]}); "
+                            "run `shard-tools verify` on it")
+        for t in tasks:
+            y = emb.labels[t.name]
+            labelled = (y >= 0).any() if t.kind == "class" else (y > 0.5).any()
+            if not labelled:
+                raise UserError(f"--tasks {t.name}: the {split} split of {ds.name} has no {t.name} labels "
+                                f"({len(emb.keys)} clips read from {ds.manifests[split]}); pick other --tasks or rebuild the split")
 
 
 def probe_encoder(enc_name: str, embs: dict[str, Embeddings], tasks: list[Task], cfg: ProbeConfig, *,
@@ -81,16 +99,3 @@ def probe_encoder(enc_name: str, embs: dict[str, Embeddings], tasks: list[Task],
             row = probe_task(t, embs["train"], embs["valid"], embs["test"], cfg, fraction=f, seed=seed)
             rows.append({"encoder": enc_name, **row})
     return rows
-
-
-def results_skeleton(ds: Dataset, tasks: list[Task], config: dict) -> dict:
-    return {
-        "format": "musicssl-eval/1",
-        "dataset": ds.name,
-        "manifests": ds.manifests,
-        "num_samples": ds.num_samples,
-        "tasks": {t.name: {"kind": t.kind, "names": t.names, "title": getattr(t, "title", t.name)} for t in tasks},
-        "rows": [],
-        "encoders": {},
-        "config": config,
-    }

@@ -12,37 +12,14 @@ import soundfile as sf
 import torch
 
 import evaluate
-from tests import shardgen
+from tests import evaldata
 
-SR = 16000
-PITCHES = [48, 55, 62, 69]  # four well-separated notes
-TAGS = ["bright", "noisy"]
-
-
-def _clip(rng: np.random.Generator, i: int, prefix: str) -> dict:
-    pitch = PITCHES[i % 4]
-    bright, noisy = bool((i // 4) % 2), bool((i // 8) % 2)
-    f0 = 440.0 * 2 ** ((pitch - 69) / 12)
-    t = np.arange(int(0.45 * SR)) / SR
-    n_harm = 8 if bright else 2
-    x = sum(rng.uniform(0.3, 1.0) / k * np.sin(2 * np.pi * k * f0 * t + rng.uniform(0, 6.28)) for k in range(1, n_harm + 1))
-    x = 0.3 * x / np.max(np.abs(x)) * np.exp(-t * rng.uniform(0.5, 3))
-    x = x + (0.05 if noisy else 0.002) * rng.standard_normal(len(t))
-    tags = [name for name, on in zip(TAGS, (bright, noisy)) if on]
-    return {"key": f"{prefix}-{i:04d}", "audio": x[None].astype(np.float32), "sample_rate": SR,
-            "labels": {"pitch": pitch, "tags": tags}}
+SR = evaldata.SR
 
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("evaldata")
-    folder = str(root / "toy")
-    rng = np.random.default_rng(0)
-    spec = {"pitch": {"kind": "class", "names": PITCHES}, "tags": {"kind": "multi_hot", "names": TAGS}}
-    for split, n in (("train", 48), ("valid", 24), ("test", 24)):
-        clips = [_clip(rng, i, split) for i in range(n)]
-        shardgen.write_split(folder, clips, [n // 2, n - n // 2], split=split, dataset="toy", labels=spec)
-    return folder
+    return evaldata.write_toy(str(tmp_path_factory.mktemp("evaldata") / "toy"))
 
 
 def _fake_checkpoint(path: str, preset: str = "clmr_tiny", seed: int = 5) -> None:
