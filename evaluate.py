@@ -9,14 +9,27 @@ On the demo shards (``shard-tools demo --out demo_shards``) after ``python train
     python evaluate.py finetune --data demo_shards/nsynth --checkpoint ... --encoder-lr 1e-4
     python evaluate.py embed --checkpoint ... --out emb/ song1.wav folder_of_audio/ shards/test.manifest.json
 
-Protocol (``probe``/``sweep``): each encoder embeds every clip of the train/valid/test split with its
-weights frozen (CLMR: non-overlapping crops of the model's input length, averaged per clip;
-wav2vec2: mean over time of one layer, or of each layer with ``--layer all``; CPC: context features
-mean-pooled), after its BatchNorm statistics are recomputed on clean training crops. A linear probe
-(or ``--probe mlp``: one hidden layer) is trained with Adam 1e-3 and early stopping on the valid
-split (MARBLE), then scored once on the test split: accuracy for single-label fields (NSynth pitch,
-instrument family), macro ROC-AUC and PR-AUC for multi-label tags. Writes ``results.json``,
-``results.md`` and PNG plots to ``--out`` and logs them to W&B (``--wandb-mode``).
+Protocols (``probe``/``sweep`` ``--protocol``, eval_tools/protocols.py cites each rule's source):
+
+- ``musicssl`` (default): every encoder embeds every clip with its weights frozen (CLMR:
+  non-overlapping crops of the model's input length, averaged per clip; wav2vec2: mean over valid
+  frames of one layer, or of each layer with ``--layer all``; CPC: context features mean-pooled),
+  after its BatchNorm statistics are recomputed on clean training crops; a linear probe (or
+  ``--probe mlp``) on standardised features, Adam 1e-3, early stopping on the valid split's primary
+  metric, the best epoch scored once on the test split. The default because it is defined for
+  every encoder and baseline here (log-mel statistics included) and puts them on one footing.
+- ``clmr``: Spijkervet/CLMR ``linear_evaluation.py`` (commit 423414d): one random 59,049-sample crop
+  per training clip, the checkpoint's BatchNorm statistics, raw features, Adam 1e-3 / wd 1e-6,
+  batch 48, plateau schedule and early stopping on the valid loss, test = mean of the per-crop
+  sigmoid outputs over each clip's non-overlapping crops.
+- ``marble``: the MARBLE benchmark's probe (a43992899/MARBLE-Benchmark, commit d9300e3): raw
+  whole-clip features, MLP (512, dropout 0.2), a learned layer mix for ``--layer all``, the
+  learning rate chosen on valid from 1e-2 ... 1e-4.
+
+Scores: accuracy for single-label fields (NSynth pitch, instrument family), macro ROC-AUC and
+PR-AUC for multi-label tags. Writes ``results.json``, ``results.md`` and PNG plots to ``--out`` and
+logs them to W&B (``--wandb-mode``). ``--device``/``--precision`` pick the hardware (bf16 autocast on
+CUDA by default); under ``torchrun`` every rank embeds its share of each split.
 """
 
 from __future__ import annotations
@@ -54,9 +67,11 @@ class EvalOptions:
     tasks: list[str] | None = None  # label fields; None = every field with >= 2 names
     fractions: list[float] = field(default_factory=lambda: [1.0])
     layer: int | str = -1
-    probe: str = "linear"
-    max_epochs: int = 200
-    patience: int = 20
+    protocol: str = "musicssl"  # eval_tools/protocols.py: musicssl | clmr | marble
+    probe: str | None = None  # linear | mlp; None = the protocol's (musicssl/clmr: linear, marble: mlp)
+    lr: float | None = None  # None = the protocol's (marble: chosen on valid from its grid)
+    max_epochs: int | None = None  # None = the protocol's (musicssl/clmr 200, marble 100)
+    patience: int | None = None  # None = the protocol's (musicssl 20, clmr/marble 10)
     sample_rate: int | None = None
     recalibrate_bn: bool = True
     calib_crops: int = 512
@@ -90,6 +105,14 @@ class EvalOptions:
             raise OptionError(f"--wandb-mode must be online, offline or disabled, got {self.wandb_mode!r}")
         if self.embed_batch < 1:
             raise OptionError(f"--embed-batch must be >= 1, got {self.embed_batch}")
+        from eval_tools import protocols
+
+        if self.protocol not in protocols.PROTOCOLS:
+            raise OptionError(f"--protocol {self.protocol!r}: choose from {', '.join(protocols.PROTOCOLS)}")
+        try:
+            protocols.check_layer(protocols.PROTOCOLS[self.protocol], self.layer)
+        except UserError as exc:
+            raise OptionError(str(exc)) from None
 
 
 def _log(msg: str) -> None:
@@ -158,8 +181,8 @@ def encoder_rate(ds, arch_cfg, opts: EvalOptions) -> int:
 
 def _evaluate_dataset(ds, requested: list[str] | None, arch_cfg, opts: EvalOptions, rt, results: dict, log) -> None:
     """Every encoder (checkpoint, baselines) on one dataset: extraction on all ranks, probes on rank 0."""
+    from eval_tools import protocols
     from eval_tools.encoders import encoder_from_checkpoint, logmel_encoder, random_encoder
-    from eval_tools.probe import ProbeConfig
     from eval_tools.runner import check_labels, embed_splits, make_tasks, probe_encoder
 
     tasks = make_tasks(ds, requested, {k: f"{ds.name} {TITLES.get(k, k)}" for k in ds.spec})
@@ -168,23 +191,32 @@ def _evaluate_dataset(ds, requested: list[str] | None, arch_cfg, opts: EvalOptio
     for t in tasks:
         results["tasks"][f"{ds.name}/{t.name}"] = {"kind": t.kind, "names": t.names, "title": t.title, "dataset": ds.name, "field": t.name}
     log(f"{ds.name}: {ds.num_samples} clips, tasks {', '.join(t.name for t in tasks)}, {sr} Hz")
-    probe_cfg = ProbeConfig(probe=opts.probe, max_epochs=opts.max_epochs, patience=opts.patience, seed=opts.seed)
+    protocol = protocols.get(opts.protocol)
+    probe_cfg, lrs = protocols.configure(protocol, probe=opts.probe, lr=opts.lr, max_epochs=opts.max_epochs,
+                                         patience=opts.patience, seed=opts.seed)
     cache = os.path.join(opts.out, "cache") if opts.cache is None else (opts.cache or None)
+    results.setdefault("protocol", {"name": protocol.name, "source": protocol.source, "probe": dataclasses.asdict(probe_cfg),
+                                    "lrs": list(lrs)})
 
     def add_rows(enc, fractions: list[float]) -> None:
         t0 = time.perf_counter()
         enc.to(rt.device, rt.precision)
-        embs = embed_splits(enc, ds, cache_dir=cache, recalibrate=opts.recalibrate_bn, progress=opts.progress,
-                            calib_crops=opts.calib_crops, seed=opts.seed, batch=opts.embed_batch, rt=rt)
+        embs = embed_splits(enc, ds, cache_dir=cache, recalibrate=opts.recalibrate_bn and protocol.recalibrate_bn,
+                            progress=opts.progress, calib_crops=opts.calib_crops, seed=opts.seed, batch=opts.embed_batch, rt=rt,
+                            views=protocol.views(protocol.crop_for(enc), opts.seed))
         if embs is None:  # not rank 0: the probes are rank 0's
             return
         check_labels(ds, tasks, embs)
         t_embed = time.perf_counter() - t0
-        rows = probe_encoder(enc.name, embs, tasks, probe_cfg, fractions=fractions, seed=opts.seed)
+        rows = probe_encoder(enc.name, embs, tasks, probe_cfg, fractions=fractions, seed=opts.seed, lrs=lrs,
+                             per_layer=protocol.per_layer)
         for r in rows:
             r["task"] = f"{ds.name}/{r['task']}"
+            r["protocol"] = protocol.name
             r["embed_seconds"] = round(t_embed, 1)
             r["dim"] = int(embs["train"].x.shape[-1])
+            if any(e.excluded for e in embs.values()):  # clips read but left out by the protocol (CLMR: shorter than a crop)
+                r["excluded"] = {s: e.excluded for s, e in embs.items()}
         results["rows"].extend(rows)
         results["encoders"][enc.name] = {"arch": enc.arch, "ident": enc.ident, **enc.meta}
         for r in rows:
@@ -319,10 +351,23 @@ def _add_eval_args(p: argparse.ArgumentParser, *, sweep: bool) -> None:
     else:
         p.add_argument("--label-fraction", type=float, default=1.0,
                        help="train probes (and the supervised baseline) on a stable, class-balanced fraction of the labels")
-    p.add_argument("--probe", choices=["linear", "mlp"], default="linear")
-    p.add_argument("--max-epochs", type=int, default=200)
-    p.add_argument("--patience", type=int, default=20, help="early stopping: epochs without a better valid score")
-    p.add_argument("--no-bn-recalibration", action="store_true", help="keep the checkpoint's BatchNorm statistics")
+    p.add_argument("--protocol", choices=["musicssl", "clmr", "marble"], default="musicssl",
+                   help="musicssl (default): whole-clip embeddings, BatchNorm recalibrated on clean crops, standardised "
+                   "features, Adam 1e-3, early stopping on the valid metric, best epoch (eval_tools/protocols.py). "
+                   "clmr: Spijkervet/CLMR linear_evaluation.py @ 423414d: one random 59049-sample crop per training "
+                   "clip, the checkpoint's BatchNorm statistics, raw features, Adam 1e-3 wd 1e-6, batch 48, "
+                   "ReduceLROnPlateau and early stopping on the valid loss, test = mean over non-overlapping crops of "
+                   "the per-crop sigmoid outputs. marble: a43992899/MARBLE-Benchmark probers.py @ d9300e3: raw "
+                   "whole-clip features, MLP 512 dropout 0.2 (a learned layer mix for --layer all), Adam batch 64, "
+                   "plateau/early stopping on the valid metric, best checkpoint, lr chosen on valid from "
+                   "1e-2,5e-3,1e-3,5e-4,1e-4")
+    p.add_argument("--probe", choices=["linear", "mlp"], help="probe head (default: the protocol's; marble: mlp)")
+    p.add_argument("--lr", type=float, help="probe learning rate (default: the protocol's; marble searches its grid)")
+    p.add_argument("--max-epochs", type=int, help="default: the protocol's (musicssl, clmr 200; marble 100)")
+    p.add_argument("--patience", type=int,
+                   help="early stopping: epochs without a better monitored valid value (default: musicssl 20, clmr/marble 10)")
+    p.add_argument("--no-bn-recalibration", action="store_true",
+                   help="keep the checkpoint's BatchNorm statistics (clmr and marble always do)")
     p.add_argument("--calib-crops", type=int, default=512, help="clean training crops for BatchNorm recalibration")
     p.add_argument("--supervised-steps", type=int, help="steps of the supervised baseline (default: the checkpoint's steps, else 500)")
     p.add_argument("--supervised-seconds", type=float, help="also stop the supervised baseline after this wall-clock budget")
@@ -339,7 +384,8 @@ def _opts_from_args(a: argparse.Namespace, *, sweep: bool) -> EvalOptions:
     return EvalOptions(
         data=a.data, out=a.out, checkpoint=a.checkpoint, preset=a.preset, overrides=a.overrides,
         baselines=[b for b in a.baselines.split(",") if b], tasks=a.tasks.split(",") if a.tasks else None,
-        fractions=a.fractions if sweep else [a.label_fraction], layer=a.layer, probe=a.probe, max_epochs=a.max_epochs,
+        fractions=a.fractions if sweep else [a.label_fraction], layer=a.layer, protocol=a.protocol, probe=a.probe, lr=a.lr,
+        max_epochs=a.max_epochs,
         patience=a.patience, sample_rate=a.sample_rate, recalibrate_bn=not a.no_bn_recalibration, calib_crops=a.calib_crops,
         supervised_steps=a.supervised_steps, supervised_seconds=a.supervised_seconds,
         supervised_batch_size=a.supervised_batch_size, cache=a.cache, seed=a.seed, wandb_mode=a.wandb_mode,
