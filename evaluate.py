@@ -85,6 +85,8 @@ class EvalOptions:
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
     embed_batch: int = 16  # clips per extraction pass
     resample: bool = True  # False: refuse shards whose rate differs from the encoder's
+    min_read: float = 0.99  # refuse a split that read less than this fraction of its manifest's samples
+    allow_incomplete: bool = False  # evaluate on what was read, however little (said at the top of the table)
     dist_timeout: float = 7200.0  # seconds a rank waits for the others under torchrun
     seed: int = 0
     wandb_mode: str = field(default_factory=lambda: os.environ.get("WANDB_MODE", "disabled"))
@@ -105,6 +107,8 @@ class EvalOptions:
             raise OptionError(f"--wandb-mode must be online, offline or disabled, got {self.wandb_mode!r}")
         if self.embed_batch < 1:
             raise OptionError(f"--embed-batch must be >= 1, got {self.embed_batch}")
+        if not 0 <= self.min_read <= 1:
+            raise OptionError(f"--min-read must be in [0, 1], got {self.min_read}")
         from eval_tools import protocols
 
         if self.protocol not in protocols.PROTOCOLS:
@@ -203,9 +207,11 @@ def _evaluate_dataset(ds, requested: list[str] | None, arch_cfg, opts: EvalOptio
         enc.to(rt.device, rt.precision)
         embs = embed_splits(enc, ds, cache_dir=cache, recalibrate=opts.recalibrate_bn and protocol.recalibrate_bn,
                             progress=opts.progress, calib_crops=opts.calib_crops, seed=opts.seed, batch=opts.embed_batch, rt=rt,
-                            views=protocol.views(protocol.crop_for(enc), opts.seed))
+                            views=protocol.views(protocol.crop_for(enc), opts.seed),
+                            min_read=0.0 if opts.allow_incomplete else opts.min_read)
         if embs is None:  # not rank 0: the probes are rank 0's
             return
+        note_incomplete(results, ds, embs, log)
         check_labels(ds, tasks, embs)
         t_embed = time.perf_counter() - t0
         rows = probe_encoder(enc.name, embs, tasks, probe_cfg, fractions=fractions, seed=opts.seed, lrs=lrs,
@@ -237,6 +243,28 @@ def _evaluate_dataset(ds, requested: list[str] | None, arch_cfg, opts: EvalOptio
             add_rows(enc, [f])
     if "logmel" in opts.baselines:
         add_rows(logmel_encoder(sr), opts.fractions)
+
+
+def note_incomplete(results: dict, ds, embs: dict, log) -> None:
+    """Record (once per split) every split that was not read whole: the table starts with it."""
+    for split, emb in embs.items():
+        rep = emb.report
+        key = f"{ds.name}/{split}"
+        if rep is not None and not rep.complete and key not in results.setdefault("incomplete", {}):
+            results["incomplete"][key] = {"listed": rep.listed, "read": rep.read, "not_read": rep.not_read,
+                                          "summary": rep.summary(), "skipped": rep.skipped}
+            log(f"WARNING {key}: {rep.summary()}")
+
+
+def incomplete_banner(results: dict) -> str:
+    """The lines that head the table when a split was evaluated on fewer samples than it lists."""
+    inc = results.get("incomplete") or {}
+    if not inc:
+        return ""
+    lines = [f"**INCOMPLETE DATA** - scores below are on fewer samples than the manifests list "
+             f"(--allow-incomplete or above --min-read):"]
+    lines += [f"- {k}: {v['summary']}" for k, v in inc.items()]
+    return "\n".join(lines) + "\n\n"
 
 
 def _supervised_baseline(ds, tasks, arch_cfg, sr: int, steps: int, fraction: float, opts: EvalOptions, rt, log):
@@ -284,7 +312,7 @@ def write_outputs(results: dict, opts: EvalOptions) -> None:
                                                         os.path.join(plots_dir, f"confusion-{safe}-{enc}.png")))
         if len(opts.fractions) > 1:
             images.append(report.plot_sweep(results, key, os.path.join(plots_dir, f"sweep-{safe}.png")))
-    md = report.markdown_table(results, fraction=max(opts.fractions))
+    md = incomplete_banner(results) + report.markdown_table(results, fraction=max(opts.fractions))
     if len(opts.fractions) > 1:
         md += "\n\n" + report.sweep_table(results)
     with open(os.path.join(opts.out, "results.md"), "w") as f:
@@ -372,6 +400,10 @@ def _add_eval_args(p: argparse.ArgumentParser, *, sweep: bool) -> None:
     p.add_argument("--supervised-steps", type=int, help="steps of the supervised baseline (default: the checkpoint's steps, else 500)")
     p.add_argument("--supervised-seconds", type=float, help="also stop the supervised baseline after this wall-clock budget")
     p.add_argument("--supervised-batch-size", type=int, default=32)
+    p.add_argument("--min-read", type=float, default=0.99,
+                   help="refuse a split that read less than this fraction of the samples its manifest lists (default 0.99)")
+    p.add_argument("--allow-incomplete", action="store_true",
+                   help="evaluate on whatever was read (the table and results.json still say what was missing)")
     p.add_argument("--out", default="runs/eval", help="output folder: results.json, results.md, plots/, cache/")
     p.add_argument("--cache", help="embedding cache folder (default OUT/cache; '' disables)")
     p.add_argument("--seed", type=int, default=0)
@@ -390,7 +422,8 @@ def _opts_from_args(a: argparse.Namespace, *, sweep: bool) -> EvalOptions:
         supervised_steps=a.supervised_steps, supervised_seconds=a.supervised_seconds,
         supervised_batch_size=a.supervised_batch_size, cache=a.cache, seed=a.seed, wandb_mode=a.wandb_mode,
         wandb_project=a.wandb_project, progress=not a.no_progress, device=a.device, precision=a.precision,
-        embed_batch=a.embed_batch, resample=not a.no_resample, dist_timeout=a.dist_timeout,
+        embed_batch=a.embed_batch, resample=not a.no_resample, dist_timeout=a.dist_timeout, min_read=a.min_read,
+        allow_incomplete=a.allow_incomplete,
     )
 
 
@@ -447,6 +480,8 @@ def cmd_finetune(argv: list[str]) -> int:
     a = p.parse_args(argv)
     if not a.checkpoint and not a.preset:
         p.error("pass --checkpoint (fine-tune a pretrained encoder) or --preset (train that architecture from scratch)")
+    if not 0 < a.label_fraction <= 1:
+        raise OptionError(f"--label-fraction must be in (0, 1], got {a.label_fraction}")
     rt = runtime.setup(a.device, a.precision, timeout_s=a.dist_timeout)
     if rt.distributed:
         raise UserError("evaluate.py finetune runs in one process for now; start it without torchrun "
@@ -459,8 +494,11 @@ def cmd_finetune(argv: list[str]) -> int:
         cfg = preset_config(a.preset, a.overrides)
         enc = random_encoder(cfg, sample_rate=a.sample_rate or cfg.data.sample_rate or ds.sample_rate, seed=a.seed, name="from scratch")
     enc.to(rt.device, rt.precision)
-    ft = FinetuneConfig(steps=a.steps, seconds=a.seconds, batch_size=a.batch_size, head_lr=a.head_lr, encoder_lr=a.encoder_lr,
-                        eval_every=a.eval_every, seed=a.seed)
+    try:
+        ft = FinetuneConfig(steps=a.steps, seconds=a.seconds, batch_size=a.batch_size, head_lr=a.head_lr, encoder_lr=a.encoder_lr,
+                            eval_every=a.eval_every, seed=a.seed)
+    except ValueError as exc:
+        raise OptionError(str(exc)) from None
     summary = finetune(enc, ds, tasks, ft, fraction=a.label_fraction, progress=not a.no_progress)
     results = {
         "format": "musicssl-eval/1", "datasets": {ds.name: {"manifests": ds.manifests, "num_samples": ds.num_samples}},

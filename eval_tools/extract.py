@@ -25,6 +25,7 @@ from eval_tools.data import Dataset, Embeddings
 from eval_tools.encoders import Encoder, has_batchnorm, recalibrate_batchnorm
 from eval_tools.read import ReadReport, iter_split
 from eval_tools.runtime import Runtime, broadcast_from_main, gather_to_main
+from pipeline.errors import UserError
 from pipeline.shards import LabelEncoder
 
 LOCAL = Runtime(device=torch.device("cpu"), precision="fp32")
@@ -118,29 +119,43 @@ def _cached(path: str | None, ds: Dataset, split: str) -> Embeddings | None:
     if not path or not os.path.exists(path):
         return None
     emb = Embeddings.load(path)
-    # only a complete pass is ever written; a count that disagrees with the manifest is stale
-    if emb.report is None or not emb.report.complete or emb.report.listed != ds.num_samples[split]:
+    # only a complete pass is ever written; an entry whose clips (embedded + left out by the view)
+    # do not add up to the manifest's count is stale or tampered with
+    n = ds.num_samples[split]
+    if emb.report is None or not emb.report.complete or emb.report.listed != n or len(emb.keys) + emb.excluded != n:
         return None
     return emb
 
 
 def extract(enc: Encoder, ds: Dataset, split: str, *, view: View = View(), cache_dir: str | None = None, batch: int = 16,
-            progress: bool = True, rt: Runtime = LOCAL) -> Embeddings | None:
+            progress: bool = True, rt: Runtime = LOCAL, min_read: float = 0.0) -> Embeddings | None:
     """Embeddings and labels of a split (rank 0's; None on other ranks), with ``.report``.
 
-    Read from / written to ``cache_dir`` when given (complete passes only)."""
+    Read from / written to ``cache_dir`` when given (complete passes only). A pass that read less
+    than ``min_read`` of the samples its manifest lists raises :class:`UserError` on every rank."""
     path = cache_path(cache_dir, enc, ds, split, view) if cache_dir else None
     cached = _cached(path, ds, split) if rt.is_main else None
     if broadcast_from_main(cached is not None, rt):
         return cached
     part = _extract_part(enc, ds, split, view, batch=batch, progress=progress and rt.is_main, rt=rt)
     parts = gather_to_main(part, rt)
-    if parts is None:
-        return None
-    out = _concat(parts)  # type: ignore[arg-type]
-    if path and out.report is not None and out.report.complete:
+    out = _concat(parts) if parts is not None else None  # type: ignore[arg-type]
+    refusal = broadcast_from_main(refusal_message(out.report, ds, split, min_read) if out is not None else None, rt)
+    if refusal:
+        raise UserError(refusal)
+    if out is not None and path and out.report is not None and out.report.complete:
         out.save(path)
     return out
+
+
+def refusal_message(report: ReadReport | None, ds: Dataset, split: str, min_read: float) -> str | None:
+    """Why a pass is too incomplete to evaluate on (None when it is not)."""
+    if report is None or report.fraction_read >= min_read:
+        return None
+    folder = ds.manifests[split].rsplit("/", 1)[0]
+    return (f"--data {ds.name}: the {split} split is incomplete: {report.summary()}. {report.fraction_read:.1%} read is "
+            f"under the {min_read:.0%} required (--min-read); repair the shards (`shard-tools verify {folder}`) or pass "
+            "--allow-incomplete to evaluate on what was read")
 
 
 def _extract_part(enc: Encoder, ds: Dataset, split: str, view: View, *, batch: int, progress: bool, rt: Runtime) -> Embeddings:

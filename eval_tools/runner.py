@@ -98,11 +98,13 @@ def _valid_key(valid: dict, task: Task, cfg: ProbeConfig) -> float:
 
 def embed_splits(enc: Encoder, ds: Dataset, *, cache_dir: str | None, recalibrate: bool = True, progress: bool = True,
                  calib_crops: int = 512, seed: int = 0, batch: int = 16, rt: Runtime = LOCAL,
-                 views: dict[str, View] | None = None) -> dict[str, Embeddings] | None:
-    """Train/valid/test embeddings (rank 0's; None on the other ranks under torchrun)."""
+                 views: dict[str, View] | None = None, min_read: float = 0.0) -> dict[str, Embeddings] | None:
+    """Train/valid/test embeddings (rank 0's; None on the other ranks under torchrun); a split that
+    read less than ``min_read`` of its samples is refused (eval_tools/extract.py)."""
     prepare_encoder(enc, ds, recalibrate=recalibrate, n_crops=calib_crops, seed=seed)
     views = views or {s: View() for s in SPLITS}
-    out = {s: extract(enc, ds, s, view=views[s], cache_dir=cache_dir, progress=progress, batch=batch, rt=rt) for s in SPLITS}
+    out = {s: extract(enc, ds, s, view=views[s], cache_dir=cache_dir, progress=progress, batch=batch, rt=rt, min_read=min_read)
+           for s in SPLITS}
     return out if rt.is_main else None
 
 
