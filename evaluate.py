@@ -8,6 +8,8 @@ On the demo shards (``shard-tools demo --out demo_shards``) after ``python train
     python evaluate.py sweep --data demo_shards/nsynth --checkpoint ... --fractions 0.01,0.1,1
     python evaluate.py finetune --data demo_shards/nsynth --checkpoint ... --encoder-lr 1e-4
     python evaluate.py embed --checkpoint ... --out emb/ song1.wav folder_of_audio/ shards/test.manifest.json
+    python evaluate.py probe --data demo_shards/mtat --checkpoint ... --save-models --out runs/eval
+    python evaluate.py predict --model runs/eval/models/mtat-pretrained song.mp3 folder_of_audio/
 
 Protocols (``probe``/``sweep`` ``--protocol``, eval_tools/protocols.py cites each rule's source):
 
@@ -87,6 +89,7 @@ class EvalOptions:
     resample: bool = True  # False: refuse shards whose rate differs from the encoder's
     min_read: float = 0.99  # refuse a split that read less than this fraction of its manifest's samples
     allow_incomplete: bool = False  # evaluate on what was read, however little (said at the top of the table)
+    save_models: bool = False  # write OUT/models/<dataset>-<encoder>/ (encoder + heads + vocabularies) for `predict`
     dist_timeout: float = 7200.0  # seconds a rank waits for the others under torchrun
     seed: int = 0
     wandb_mode: str = field(default_factory=lambda: os.environ.get("WANDB_MODE", "disabled"))
@@ -216,6 +219,9 @@ def _evaluate_dataset(ds, requested: list[str] | None, arch_cfg, opts: EvalOptio
         t_embed = time.perf_counter() - t0
         rows = probe_encoder(enc.name, embs, tasks, probe_cfg, fractions=fractions, seed=opts.seed, lrs=lrs,
                              per_layer=protocol.per_layer)
+        heads = [r.pop("_head") for r in rows]
+        if opts.save_models:
+            _save_heads(enc, ds, protocol, rows, heads, opts, log)
         for r in rows:
             r["task"] = f"{ds.name}/{r['task']}"
             r["protocol"] = protocol.name
@@ -243,6 +249,20 @@ def _evaluate_dataset(ds, requested: list[str] | None, arch_cfg, opts: EvalOptio
             add_rows(enc, [f])
     if "logmel" in opts.baselines:
         add_rows(logmel_encoder(sr), opts.fractions)
+
+
+def _save_heads(enc, ds, protocol, rows: list[dict], heads: list, opts: EvalOptions, log) -> None:
+    """The heads of the largest label fraction, with the encoder they were trained on (eval_tools/heads.py)."""
+    from eval_tools.heads import save_model
+
+    top = max(r["fraction"] for r in rows)
+    keep = [(r, h) for r, h in zip(rows, heads) if r["fraction"] == top]
+    folder = os.path.join(opts.out, "models", f"{ds.name}-{enc.name.replace(' ', '_')}")
+    view = protocol.views(protocol.crop_for(enc), opts.seed)["test"]
+    save_model(folder, enc, [h for _, h in keep], view=view,
+               meta={"dataset": ds.name, "protocol": protocol.name, "fraction": top, "encoder_meta": enc.meta},
+               scores={h.task.name: {"valid": r["valid"], "test": r["test"]} for r, h in keep})
+    log(f"  saved {enc.name} + {len(keep)} heads -> {folder} (evaluate.py predict --model {folder} ...)")
 
 
 def note_incomplete(results: dict, ds, embs: dict, log) -> None:
@@ -404,7 +424,10 @@ def _add_eval_args(p: argparse.ArgumentParser, *, sweep: bool) -> None:
                    help="refuse a split that read less than this fraction of the samples its manifest lists (default 0.99)")
     p.add_argument("--allow-incomplete", action="store_true",
                    help="evaluate on whatever was read (the table and results.json still say what was missing)")
-    p.add_argument("--out", default="runs/eval", help="output folder: results.json, results.md, plots/, cache/")
+    p.add_argument("--save-models", action="store_true",
+                   help="also write OUT/models/<dataset>-<encoder>/: the encoder, one trained head per task and the label "
+                   "vocabularies, for `evaluate.py predict --model`")
+    p.add_argument("--out", default="runs/eval", help="output folder: results.json, results.md, plots/, cache/, models/")
     p.add_argument("--cache", help="embedding cache folder (default OUT/cache; '' disables)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--wandb-mode", choices=["online", "offline", "disabled"], default=os.environ.get("WANDB_MODE", "disabled"))
@@ -423,7 +446,7 @@ def _opts_from_args(a: argparse.Namespace, *, sweep: bool) -> EvalOptions:
         supervised_batch_size=a.supervised_batch_size, cache=a.cache, seed=a.seed, wandb_mode=a.wandb_mode,
         wandb_project=a.wandb_project, progress=not a.no_progress, device=a.device, precision=a.precision,
         embed_batch=a.embed_batch, resample=not a.no_resample, dist_timeout=a.dist_timeout, min_read=a.min_read,
-        allow_incomplete=a.allow_incomplete,
+        allow_incomplete=a.allow_incomplete, save_models=a.save_models,
     )
 
 
@@ -517,7 +540,15 @@ def cmd_finetune(argv: list[str]) -> int:
     results["seconds"] = summary["train_seconds"]
     results["wandb_run_id"] = report.log_wandb(results, mode=a.wandb_mode, project=a.wandb_project, run_name="finetune", images=[], table_md=md)
     report.write_json(results, os.path.join(a.out, "results.json"))
-    print(f"\nfine-tuned {summary['steps']} steps ({summary['train_seconds']:.0f} s), best valid at step {summary['best_step']}")
+    from eval_tools.extract import View
+    from eval_tools.finetune import as_saved_heads
+    from eval_tools.heads import save_model
+
+    model_dir = save_model(os.path.join(a.out, "model"), enc, as_saved_heads(summary["heads"]), view=View(),
+                           meta={"dataset": ds.name, "finetune": results["finetune"]},
+                           scores={t.name: {"valid": summary["valid"][t.name], "test": summary["test"][t.name]} for t in tasks})
+    print(f"\nfine-tuned {summary['steps']} steps ({summary['train_seconds']:.0f} s), best valid at step {summary['best_step']}; "
+          f"model + heads in {model_dir} (evaluate.py predict --model {model_dir} song.wav)")
     print_summary(results, a.out)
     return 0
 
@@ -630,11 +661,69 @@ def cmd_embed(argv: list[str]) -> int:
     return 0
 
 
+def cmd_predict(argv: list[str]) -> int:
+    from tqdm import tqdm
+
+    from eval_tools import runtime
+    from eval_tools.heads import load_model
+    from eval_tools.read import ReadReport, iter_files
+
+    p = argparse.ArgumentParser(
+        prog="evaluate.py predict",
+        description="Tag your own audio with a saved model (a folder from `probe --save-models` or `finetune`): "
+                    "the top tags with their scores for multi-label tasks, the top classes (pitch, instrument family, "
+                    "...) with their probabilities for single-label ones.")
+    p.add_argument("inputs", nargs="+", help="audio files or folders (searched recursively)")
+    p.add_argument("--model", required=True, metavar="DIR", help="folder with model.json, encoder.pt, heads.pt")
+    p.add_argument("--top", type=int, default=5, help="labels shown per task (default 5)")
+    p.add_argument("--threshold", type=float, help="multi-label tasks: show only tags scoring at least this")
+    p.add_argument("--json", metavar="FILE", help="also write every score of every file to FILE")
+    _add_device_args(p)
+    a = p.parse_args(argv)
+    if a.top < 1:
+        raise OptionError(f"--top must be >= 1, got {a.top}")
+    files, manifests = _expand_inputs(a.inputs)
+    if manifests:
+        raise UserError(f"predict takes audio files and folders, not manifests ({manifests[0]}); use `embed` for shards")
+    if not files:
+        raise UserError("predict: no audio files found in the inputs")
+    rt = runtime.setup(a.device, a.precision)
+    model = load_model(a.model, device=rt.device, precision=rt.precision)
+    report = ReadReport(source="files")
+    out: dict[str, dict] = {}
+    bar = tqdm(total=len(files), desc="predict", unit="file", leave=False)
+    for clip in iter_files(files, report, sample_rate=model.encoder.sample_rate):
+        probs = model.predict([clip.audio])
+        out[clip.key] = {h.task.name: {str(n): float(v) for n, v in zip(h.task.names, probs[h.task.name][0])} for h in model.heads}
+        bar.update(1)
+        print(clip.key)
+        for h in model.heads:
+            ranked = sorted(out[clip.key][h.task.name].items(), key=lambda kv: -kv[1])
+            if h.task.kind == "multi_hot" and a.threshold is not None:
+                ranked = [kv for kv in ranked if kv[1] >= a.threshold]
+            shown = "  ".join(f"{n} {v:.2f}" for n, v in ranked[: a.top]) or "(none above the threshold)"
+            print(f"  {h.task.name}: {shown}")
+    bar.close()
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"model": a.model, "predictions": out, "skipped": report.skipped}, f, indent=2)
+    tasks = ", ".join(f"{h.task.name} ({h.task.kind}, {len(h.task.names)} labels)" for h in model.heads)
+    print(f"\n{len(out)} of {len(files)} files tagged with {model.encoder.name} ({model.encoder.arch}) heads: {tasks}; "
+          f"{report.not_read} skipped" + (f"; scores in {a.json}" if a.json else ""))
+    for s_ in report.skipped[:10]:
+        print(f"  skipped {s_['where']}: {s_['reason']}")
+    if not out:
+        first = report.skipped[0] if report.skipped else {"where": files[0], "reason": "unreadable"}
+        raise UserError(f"predict: no file could be read ({report.not_read} skipped, e.g. {first['where']}: {first['reason']})")
+    return 0
+
+
 COMMANDS = {
     "probe": lambda argv: cmd_probe(argv, sweep=False),
     "sweep": lambda argv: cmd_probe(argv, sweep=True),
     "finetune": cmd_finetune,
     "embed": cmd_embed,
+    "predict": cmd_predict,
 }
 
 

@@ -61,6 +61,7 @@ class Encoder:
     crop_samples: int | None = None  # the training crop length (BN recalibration, fine-tuning)
     min_samples: int = 1  # the shortest input giving one output frame; shorter clips are padded to it
     meta: dict = field(default_factory=dict)
+    train_config: dict | None = None  # the train.py config that rebuilds ``model`` (saved with heads, eval_tools/heads.py)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     precision: str = "fp32"  # "bf16": autocast the forward passes (CUDA default, see eval_tools/runtime.py)
     max_batch_pieces: int = 64  # pieces per forward pass (embed_clips)
@@ -263,6 +264,7 @@ def build_encoder(
     layer: int | str = -1,
     max_window_seconds: float = 30.0,
     meta: dict | None = None,
+    train_config: dict | None = None,
 ) -> Encoder:
     if arch != "wav2vec2" and layer != -1:
         raise UserError(f"--layer applies to wav2vec2 only; {arch} has one output (leave --layer at -1)")
@@ -275,7 +277,7 @@ def build_encoder(
     return cls(
         name=name, arch=arch, sample_rate=sample_rate, model=model, layer=layer,
         window=_window_for(arch, model_cfg, sample_rate, max_window_seconds), ident=ident,
-        crop_samples=crop_samples, min_samples=min_input_samples(arch, model_cfg), meta=meta or {},
+        crop_samples=crop_samples, min_samples=min_input_samples(arch, model_cfg), meta=meta or {}, train_config=train_config,
     )
 
 
@@ -333,7 +335,7 @@ def encoder_from_checkpoint(path: str, *, name: str = "pretrained", layer: int |
     return build_encoder(
         name=name, arch=cfg.arch, model=model, model_cfg=cfg.model, sample_rate=sr, crop_samples=cfg.crop_samples,
         ident=f"ckpt-{ckpt['_sha']}", layer=layer, max_window_seconds=max_window_seconds,
-        meta={"checkpoint": path, "step": int(ckpt.get("step", 0)), "preset": cfg.preset},
+        meta={"checkpoint": path, "step": int(ckpt.get("step", 0)), "preset": cfg.preset}, train_config=ckpt["config"],
     )
 
 
@@ -364,6 +366,7 @@ def random_encoder(cfg, *, sample_rate: int, seed: int = 0, name: str = "random 
     return build_encoder(
         name=name, arch=cfg.arch, model=model, model_cfg=cfg.model, sample_rate=sample_rate, crop_samples=cfg.crop_samples,
         ident=f"random-{ident}", layer=layer, max_window_seconds=max_window_seconds, meta={"preset": cfg.preset, "seed": seed},
+        train_config=train_config.to_dict(cfg),
     )
 
 

@@ -116,6 +116,21 @@ class Heads(nn.Module):
         return {name: head(pooled) for name, head in self.heads.items()}
 
 
+def as_saved_heads(heads: Heads) -> list:
+    """The fine-tuned linear heads as eval_tools/heads.py ``Head`` objects (no standardisation)."""
+    from eval_tools.heads import Head
+    from eval_tools.probe import Probe, ProbeConfig
+
+    out = []
+    for t in heads.tasks:
+        lin = heads.heads[t.name]
+        probe = Probe(dim=lin.in_features, n_out=lin.out_features, cfg=ProbeConfig(probe="linear"),
+                      mean=np.zeros(lin.in_features), std=np.ones(lin.in_features))
+        probe.net.load_state_dict({k: v.detach().cpu() for k, v in lin.state_dict().items()})
+        out.append(Head(task=t, probe=probe.eval()))
+    return out
+
+
 def _loss(tasks: list[Task], logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]) -> torch.Tensor:
     total = logits[tasks[0].name].sum() * 0.0  # keeps the graph when a batch has no usable label
     for t in tasks:
