@@ -115,11 +115,9 @@ class Encoder:
             for p in self.split(np.asarray(c, dtype=np.float32)):
                 pieces.append(p)
                 owner.append(i)
-        order = sorted(range(len(pieces)), key=lambda j: len(pieces[j]))
         vecs: list[torch.Tensor | None] = [None] * len(pieces)
         weights = torch.zeros(len(pieces), dtype=torch.float64)
-        for lo in range(0, len(order), self.max_batch_pieces):
-            chunk = order[lo : lo + self.max_batch_pieces]
+        for chunk in self._chunks([len(p) for p in pieces]):
             x, lengths = self._batch([pieces[j] for j in chunk])
             v, w = self._forward(x, lengths)
             for k, j in enumerate(chunk):
@@ -130,6 +128,24 @@ class Encoder:
         sums.index_add_(0, idx, emb * weights.view(-1, *([1] * (emb.dim() - 1))))
         total = torch.zeros(len(clips), dtype=torch.float64).index_add_(0, idx, weights).clamp_min(1e-12)
         return (sums / total.view(-1, *([1] * (emb.dim() - 1)))).float().numpy()
+
+    pad_slack = 0.15  # a batch may hold at most this fraction of padding beyond its valid samples
+
+    def _chunks(self, lengths: list[int]) -> list[list[int]]:
+        """Piece indices in batches: sorted by length, at most ``max_batch_pieces`` each, and cut
+        where padding to the batch's longest piece would exceed ``pad_slack`` of its samples."""
+        order = sorted(range(len(lengths)), key=lambda j: lengths[j])
+        chunks: list[list[int]] = []
+        cur: list[int] = []
+        total = 0
+        for j in order:
+            n = max(lengths[j], self.min_samples)
+            if cur and (len(cur) >= self.max_batch_pieces or (len(cur) + 1) * n > (1 + self.pad_slack) * (total + n)):
+                chunks.append(cur)
+                cur, total = [], 0
+            cur.append(j)
+            total += n
+        return chunks + [cur] if cur else chunks
 
     def _batch(self, pieces: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         """Pieces zero-padded into one ``(B, T)`` tensor on the device (at least ``min_samples`` wide)."""

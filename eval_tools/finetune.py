@@ -212,6 +212,7 @@ def finetune(enc: Encoder, ds: Dataset, tasks: list[Task], cfg: FinetuneConfig, 
     best = (-np.inf, None, None, 0)
     history = []
     t0 = time.perf_counter()
+    eval_seconds = 0.0
     step = 0
     bar = tqdm(total=cfg.steps, desc=f"train {enc.name}", unit="step", disable=not progress, leave=False)
     while step < cfg.steps:
@@ -228,8 +229,10 @@ def finetune(enc: Encoder, ds: Dataset, tasks: list[Task], cfg: FinetuneConfig, 
         bar.set_postfix(loss=f"{loss.item():.3f}")
         out_of_time = cfg.seconds is not None and time.perf_counter() - t0 >= cfg.seconds
         if step % cfg.eval_every == 0 or step == cfg.steps or out_of_time:
+            t_eval = time.perf_counter()
             model.eval()
             valid = evaluate_heads(enc, heads, ds, "valid", tasks)
+            eval_seconds += time.perf_counter() - t_eval
             m = _mean_primary(valid, tasks)
             history.append({"step": step, "loss": loss.item(), "valid": m})
             if m > best[0]:
@@ -243,7 +246,8 @@ def finetune(enc: Encoder, ds: Dataset, tasks: list[Task], cfg: FinetuneConfig, 
     model.eval()
     model.requires_grad_(True)
     return {
-        "heads": heads, "steps": step, "best_step": best[3], "train_seconds": train_seconds, "history": history,
+        "heads": heads, "steps": step, "best_step": best[3], "train_seconds": train_seconds,
+        "loop_seconds": train_seconds - eval_seconds, "history": history,
         "train_clips": len(bank.clips), "labelled_rows": bank.labelled_rows, "valid": evaluate_heads(enc, heads, ds, "valid", tasks),
         "test": evaluate_heads(enc, heads, ds, "test", tasks),
     }

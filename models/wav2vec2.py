@@ -361,12 +361,14 @@ def _masked_instance_norm(x: Tensor, valid: Tensor, norm: nn.GroupNorm) -> Tenso
     """Per-channel normalisation over the first ``valid[b]`` frames of each row (float32):
     ``GroupNorm(C, C)`` of each clip alone, applied to its padded row."""
     xf = x.float()  # (B, C, T)
-    mask = (torch.arange(x.shape[-1], device=x.device)[None, :] < valid[:, None]).to(xf.dtype)[:, None, :]
-    n = mask.sum(-1, keepdim=True).clamp_min(1)
-    mean = (xf * mask).sum(-1, keepdim=True) / n
-    var = ((xf - mean).pow(2) * mask).sum(-1, keepdim=True) / n  # biased, as GroupNorm
-    y = (xf - mean) * torch.rsqrt(var + norm.eps)
-    return y * norm.weight.float()[None, :, None] + norm.bias.float()[None, :, None]
+    # statistics from each row's valid slice (one fused reduction each), then one fused scale+shift
+    # pass: masks over (B, C, T) cost several full passes over the largest tensor of the model
+    stats = [torch.var_mean(xf[b, :, : max(1, int(n))], dim=-1, unbiased=False) for b, n in enumerate(valid.tolist())]
+    var = torch.stack([v for v, _ in stats])  # (B, C)
+    mean = torch.stack([m for _, m in stats])
+    scale = torch.rsqrt(var + norm.eps) * norm.weight.float()
+    shift = norm.bias.float() - mean * scale
+    return torch.addcmul(shift[..., None], xf, scale[..., None])
 
 
 class PositionalConv(nn.Module):
