@@ -82,6 +82,7 @@ class EvalOptions:
     supervised_seconds: float | None = None
     supervised_batch_size: int = 32
     supervised_lr: float = 1e-3
+    workers: int = 2  # loader worker processes of the supervised baseline's training stream
     cache: str | None = None  # embedding cache folder; None = <out>/cache; "" disables
     device: str = "auto"  # auto | cuda | cuda:N | cpu (eval_tools/runtime.py)
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
@@ -190,6 +191,7 @@ def _evaluate_dataset(ds, requested: list[str] | None, arch_cfg, opts: EvalOptio
     """Every encoder (checkpoint, baselines) on one dataset: extraction on all ranks, probes on rank 0."""
     from eval_tools import protocols
     from eval_tools.encoders import encoder_from_checkpoint, logmel_encoder, random_encoder
+    from eval_tools.finetune import FinetuneConfig
     from eval_tools.runner import check_labels, embed_splits, make_tasks, probe_encoder
 
     tasks = make_tasks(ds, requested, {k: f"{ds.name} {TITLES.get(k, k)}" for k in ds.spec})
@@ -243,7 +245,7 @@ def _evaluate_dataset(ds, requested: list[str] | None, arch_cfg, opts: EvalOptio
     if "random" in opts.baselines:
         add_rows(random_encoder(arch_cfg, sample_rate=sr, seed=opts.seed, layer=opts.layer), opts.fractions)
     if "supervised" in opts.baselines:
-        steps = opts.supervised_steps_per_dataset.get(ds.name) or opts.supervised_steps or ckpt_step or 500
+        steps = opts.supervised_steps_per_dataset.get(ds.name) or opts.supervised_steps or ckpt_step or FinetuneConfig().steps
         for f in opts.fractions:
             enc = _supervised_baseline(ds, tasks, arch_cfg, sr, steps, f, opts, rt, log)
             add_rows(enc, [f])
@@ -299,7 +301,8 @@ def _supervised_baseline(ds, tasks, arch_cfg, sr: int, steps: int, fraction: flo
     torch.manual_seed(opts.seed)
     enc = random_encoder(arch_cfg, sample_rate=sr, seed=opts.seed, layer=opts.layer, name="supervised").to(rt.device, rt.precision)
     ft_cfg = FinetuneConfig(steps=steps, seconds=opts.supervised_seconds, batch_size=opts.supervised_batch_size,
-                            head_lr=opts.supervised_lr, encoder_lr=opts.supervised_lr, eval_every=max(1, steps // 5), seed=opts.seed)
+                            head_lr=opts.supervised_lr, encoder_lr=opts.supervised_lr, eval_every=max(1, steps // 5), seed=opts.seed,
+                            num_workers=opts.workers, min_read=0.0 if opts.allow_incomplete else opts.min_read)
     log(f"supervised baseline on {ds.name} train labels (fraction {fraction:g}): {steps} steps, batch {ft_cfg.batch_size}")
     summary = finetune(enc, ds, tasks, ft_cfg, fraction=fraction, progress=opts.progress) if rt.is_main else None
     if rt.distributed:
@@ -417,9 +420,11 @@ def _add_eval_args(p: argparse.ArgumentParser, *, sweep: bool) -> None:
     p.add_argument("--no-bn-recalibration", action="store_true",
                    help="keep the checkpoint's BatchNorm statistics (clmr and marble always do)")
     p.add_argument("--calib-crops", type=int, default=512, help="clean training crops for BatchNorm recalibration")
-    p.add_argument("--supervised-steps", type=int, help="steps of the supervised baseline (default: the checkpoint's steps, else 500)")
+    p.add_argument("--supervised-steps", type=int,
+                   help="steps of the supervised baseline (default: the checkpoint's steps, else fine-tuning's 20,000)")
     p.add_argument("--supervised-seconds", type=float, help="also stop the supervised baseline after this wall-clock budget")
     p.add_argument("--supervised-batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=2, help="loader worker processes of the supervised baseline (default 2)")
     p.add_argument("--min-read", type=float, default=0.99,
                    help="refuse a split that read less than this fraction of the samples its manifest lists (default 0.99)")
     p.add_argument("--allow-incomplete", action="store_true",
@@ -446,7 +451,7 @@ def _opts_from_args(a: argparse.Namespace, *, sweep: bool) -> EvalOptions:
         supervised_batch_size=a.supervised_batch_size, cache=a.cache, seed=a.seed, wandb_mode=a.wandb_mode,
         wandb_project=a.wandb_project, progress=not a.no_progress, device=a.device, precision=a.precision,
         embed_batch=a.embed_batch, resample=not a.no_resample, dist_timeout=a.dist_timeout, min_read=a.min_read,
-        allow_incomplete=a.allow_incomplete, save_models=a.save_models,
+        allow_incomplete=a.allow_incomplete, save_models=a.save_models, workers=a.workers,
     )
 
 
@@ -477,26 +482,35 @@ def cmd_probe(argv: list[str], *, sweep: bool) -> int:
 def cmd_finetune(argv: list[str]) -> int:
     from eval_tools import report, runtime
     from eval_tools.data import Dataset
-    from eval_tools.encoders import encoder_from_checkpoint, preset_config, random_encoder
-    from eval_tools.finetune import FinetuneConfig, finetune
+    from eval_tools.finetune import FinetuneConfig
     from eval_tools.runner import make_tasks
 
+    d = FinetuneConfig()
     p = argparse.ArgumentParser(
         prog="evaluate.py finetune",
-        description="Fine-tune an encoder end to end: mean-pooled encoder output + one linear head per task, "
-                    "the encoder with its own learning rate; early stopping on valid, scored on test.")
+        description="Fine-tune an encoder end to end (or train one from scratch with --preset): the encoder's pooled "
+                    "output + a linear head per task (models/supervised.py), the encoder with its own learning rate, "
+                    "crops streamed from the training shards, the valid split scored every --eval-every steps with the "
+                    "best weights kept, the test split scored once at the end. One run per task by default (the "
+                    "wav2vec2-music paper reports NSynth pitch and instrument separately); --joint trains one model "
+                    "with every head. Defaults are sized for NSynth (289,205 training notes): 20,000 steps x 32 crops.")
     p.add_argument("--data", required=True, metavar="DIR", help="dataset folder with train/valid/test.manifest.json")
     _add_encoder_args(p)
     p.add_argument("--tasks", help="comma list of label fields (default: every field with >= 2 names)")
-    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--joint", action="store_true", help="one model with a head per task instead of one run per task")
+    p.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps per run (default {d.steps})")
     p.add_argument("--seconds", type=float, help="also stop after this wall-clock budget")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--encoder-lr", type=float, default=1e-4, help="encoder learning rate (0 freezes it: a linear probe on crops)")
-    p.add_argument("--head-lr", type=float, default=1e-3)
-    p.add_argument("--eval-every", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--encoder-lr", type=float, default=d.encoder_lr, help="encoder learning rate (0 freezes it: a linear probe on crops)")
+    p.add_argument("--head-lr", type=float, default=d.head_lr)
+    p.add_argument("--eval-every", type=int, default=d.eval_every, help=f"steps between valid scorings (default {d.eval_every})")
+    p.add_argument("--crop-samples", type=int, help="training crop (default: the encoder's own training crop)")
+    p.add_argument("--workers", type=int, default=d.num_workers, help=f"loader worker processes (default {d.num_workers})")
     p.add_argument("--label-fraction", type=float, default=1.0)
+    p.add_argument("--min-read", type=float, default=0.99, help="refuse a valid/test split read below this fraction")
+    p.add_argument("--allow-incomplete", action="store_true", help="score valid/test on whatever was read")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs/finetune")
+    p.add_argument("--out", default="runs/finetune", help="output folder: results.json, results.md, models/<task>/")
     p.add_argument("--wandb-mode", choices=["online", "offline", "disabled"], default=os.environ.get("WANDB_MODE", "disabled"))
     p.add_argument("--wandb-project", default="musicssl-eval")
     p.add_argument("--no-progress", action="store_true")
@@ -505,52 +519,68 @@ def cmd_finetune(argv: list[str]) -> int:
         p.error("pass --checkpoint (fine-tune a pretrained encoder) or --preset (train that architecture from scratch)")
     if not 0 < a.label_fraction <= 1:
         raise OptionError(f"--label-fraction must be in (0, 1], got {a.label_fraction}")
+    try:
+        ft = FinetuneConfig(steps=a.steps, seconds=a.seconds, batch_size=a.batch_size, head_lr=a.head_lr, encoder_lr=a.encoder_lr,
+                            eval_every=a.eval_every, crop_samples=a.crop_samples, num_workers=a.workers, seed=a.seed,
+                            min_read=0.0 if a.allow_incomplete else a.min_read)
+    except ValueError as exc:
+        raise OptionError(str(exc)) from None
     rt = runtime.setup(a.device, a.precision, timeout_s=a.dist_timeout)
     if rt.distributed:
         raise UserError("evaluate.py finetune runs in one process for now; start it without torchrun "
                         "(probe, sweep and embed split their extraction across torchrun ranks)")
     ds = Dataset.from_dir(a.data)
     tasks = make_tasks(ds, a.tasks.split(",") if a.tasks else None, {k: f"{ds.name} {TITLES.get(k, k)}" for k in ds.spec})
-    if a.checkpoint:
-        enc = encoder_from_checkpoint(a.checkpoint, layer=-1, sample_rate=a.sample_rate, fallback_rate=ds.sample_rate, name="fine-tuned")
-    else:
-        cfg = preset_config(a.preset, a.overrides)
-        enc = random_encoder(cfg, sample_rate=a.sample_rate or cfg.data.sample_rate or ds.sample_rate, seed=a.seed, name="from scratch")
-    enc.to(rt.device, rt.precision)
-    try:
-        ft = FinetuneConfig(steps=a.steps, seconds=a.seconds, batch_size=a.batch_size, head_lr=a.head_lr, encoder_lr=a.encoder_lr,
-                            eval_every=a.eval_every, seed=a.seed)
-    except ValueError as exc:
-        raise OptionError(str(exc)) from None
-    summary = finetune(enc, ds, tasks, ft, fraction=a.label_fraction, progress=not a.no_progress)
+    runs = [tasks] if a.joint or len(tasks) == 1 else [[t] for t in tasks]
     results = {
         "format": "musicssl-eval/1", "datasets": {ds.name: {"manifests": ds.manifests, "num_samples": ds.num_samples}},
         "tasks": {f"{ds.name}/{t.name}": {"kind": t.kind, "names": t.names, "title": t.title} for t in tasks},
-        "rows": [{"encoder": enc.name, "task": f"{ds.name}/{t.name}", "fraction": a.label_fraction, "valid": summary["valid"][t.name],
-                  "test": summary["test"][t.name]} for t in tasks],
-        "encoders": {enc.name: {"arch": enc.arch, **enc.meta}},
-        "finetune": {k: v for k, v in summary.items() if k not in ("heads", "valid", "test")} | {"config": dataclasses.asdict(ft)},
+        "rows": [], "encoders": {}, "finetune": {}, "models": {},
     }
+    t0 = time.perf_counter()
+    for group in runs:
+        name = "joint" if len(group) > 1 else group[0].name
+        enc, summary, folder = _finetune_run(a, ds, group, ft, rt, name)
+        results["rows"] += [{"encoder": enc.name, "task": f"{ds.name}/{t.name}", "fraction": a.label_fraction,
+                             "valid": summary["valid"][t.name], "test": summary["test"][t.name], "run": name} for t in group]
+        results["encoders"][enc.name] = {"arch": enc.arch, **enc.meta}
+        results["finetune"][name] = {k: v for k, v in summary.items() if k not in ("heads", "valid", "test")}
+        results["models"][name] = folder
+        print(f"[evaluate] {name}: {summary['steps']} steps ({summary['train_seconds']:.0f} s), best valid at step "
+              f"{summary['best_step']}; model + heads in {folder}", flush=True)
+    results["config"] = dataclasses.asdict(ft) | {"joint": a.joint, "label_fraction": a.label_fraction}
     os.makedirs(a.out, exist_ok=True)
     md = report.markdown_table(results)
     with open(os.path.join(a.out, "results.md"), "w") as f:
         f.write(md + "\n")
     results["table_markdown"] = md
     results["plots"] = []
-    results["seconds"] = summary["train_seconds"]
+    results["seconds"] = round(time.perf_counter() - t0, 1)
     results["wandb_run_id"] = report.log_wandb(results, mode=a.wandb_mode, project=a.wandb_project, run_name="finetune", images=[], table_md=md)
     report.write_json(results, os.path.join(a.out, "results.json"))
+    print_summary(results, a.out)
+    print("tag your own audio: " + "; ".join(f"evaluate.py predict --model {f} song.wav" for f in results["models"].values()))
+    return 0
+
+
+def _finetune_run(a: argparse.Namespace, ds, tasks: list, ft, rt, name: str):
+    """One fine-tune from a fresh encoder (the checkpoint's weights, or the preset's seeded init)."""
+    from eval_tools.encoders import encoder_from_checkpoint, preset_config, random_encoder
     from eval_tools.extract import View
-    from eval_tools.finetune import as_saved_heads
+    from eval_tools.finetune import as_saved_heads, finetune
     from eval_tools.heads import save_model
 
-    model_dir = save_model(os.path.join(a.out, "model"), enc, as_saved_heads(summary["heads"]), view=View(),
-                           meta={"dataset": ds.name, "finetune": results["finetune"]},
-                           scores={t.name: {"valid": summary["valid"][t.name], "test": summary["test"][t.name]} for t in tasks})
-    print(f"\nfine-tuned {summary['steps']} steps ({summary['train_seconds']:.0f} s), best valid at step {summary['best_step']}; "
-          f"model + heads in {model_dir} (evaluate.py predict --model {model_dir} song.wav)")
-    print_summary(results, a.out)
-    return 0
+    if a.checkpoint:
+        enc = encoder_from_checkpoint(a.checkpoint, layer=-1, sample_rate=a.sample_rate, fallback_rate=ds.sample_rate, name="fine-tuned")
+    else:
+        cfg = preset_config(a.preset, a.overrides)
+        enc = random_encoder(cfg, sample_rate=a.sample_rate or cfg.data.sample_rate or ds.sample_rate, seed=a.seed, name="from scratch")
+    enc.to(rt.device, rt.precision)
+    summary = finetune(enc, ds, tasks, ft, fraction=a.label_fraction, progress=not a.no_progress)
+    folder = save_model(os.path.join(a.out, "models", name), enc, as_saved_heads(summary["heads"], tasks), view=View(),
+                        meta={"dataset": ds.name, "run": name, "steps": summary["steps"], "best_step": summary["best_step"]},
+                        scores={t.name: {"valid": summary["valid"][t.name], "test": summary["test"][t.name]} for t in tasks})
+    return enc, summary, folder
 
 
 AUDIO_EXTS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,7 +16,7 @@ import numpy as np
 from eval_tools.read import ReadReport
 from pipeline import fsio
 from pipeline.errors import UserError
-from pipeline.shards import LabelEncoder, load_manifest, merge_label_specs
+from pipeline.shards import load_manifest, merge_label_specs
 
 SPLITS = ("train", "valid", "test")
 
@@ -56,18 +55,6 @@ class Dataset:
 
     def manifest_hash(self, split: str) -> str:
         return hashlib.sha256(fsio.read_bytes(self.manifests[split])).hexdigest()[:12]
-
-
-def iter_clips(ds: Dataset, split: str, sample_rate: int, report: ReadReport | None = None, *, rank: int = 0,
-               world_size: int = 1) -> Iterator[tuple[str, np.ndarray, dict]]:
-    """``(key, mono float32 (T,), encoded labels)`` for every clip of a split, in shard order;
-    samples not read are counted in ``report`` (eval_tools/read.py)."""
-    from eval_tools.read import iter_split
-
-    enc = LabelEncoder(ds.spec)
-    report = report if report is not None else ReadReport(source=ds.manifests[split])
-    for clip in iter_split(ds.manifests[split], report, sample_rate=sample_rate, rank=rank, world_size=world_size):
-        yield clip.key, clip.audio, enc.encode(clip.meta)
 
 
 @dataclass

@@ -255,8 +255,13 @@ def min_input_samples(arch: str, model_cfg) -> int:
     if arch == "wav2vec2":
         return int(model_cfg.receptive_field)
     if arch == "cpc":
+        def frames(n: int) -> int:  # every layer needs an output frame (num_frames lets an empty one through)
+            for st, k, p in zip(model_cfg.strides, model_cfg.kernels, model_cfg.padding):
+                n = (n + 2 * p - k) // st + 1 if n > 0 and n + 2 * p >= k else 0
+            return n
+
         n = 1
-        while model_cfg.num_frames(n) < 1:
+        while frames(n) < 1:
             n += 1
         return n
     return 1

@@ -80,7 +80,7 @@ class ReadReport:
 class Clip:
     index: int  # position in the split (manifest order), the same whatever the rank layout
     key: str
-    audio: np.ndarray  # mono float32 (T,) at the requested rate
+    audio: np.ndarray | None  # mono float32 (T,) at the requested rate (None: decode=False)
     meta: dict
 
 
@@ -89,12 +89,19 @@ def rank_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
     return rank * n // world_size, (rank + 1) * n // world_size
 
 
-def _decode(raw, name: str, sample_rate: int | None) -> tuple[np.ndarray, dict, bool]:
-    if raw.audio is None or raw.meta is None:
-        raise audio_io.AudioDecodeError(f"{name}: missing audio or json member")
+def _meta(raw, name: str) -> dict:
+    if raw.meta is None:
+        raise audio_io.AudioDecodeError(f"{name}: missing json member")
     meta = json.loads(raw.meta)
     if not isinstance(meta, dict):
         raise ValueError(f"{name}: sample JSON is not an object")
+    return meta
+
+
+def _decode(raw, name: str, sample_rate: int | None) -> tuple[np.ndarray, dict, bool]:
+    if raw.audio is None:
+        raise audio_io.AudioDecodeError(f"{name}: missing audio member")
+    meta = _meta(raw, name)
     audio, sr = audio_io.decode_bytes(raw.audio, name=name)
     resampled = sample_rate is not None and sr != sample_rate
     if resampled:
@@ -103,10 +110,11 @@ def _decode(raw, name: str, sample_rate: int | None) -> tuple[np.ndarray, dict, 
 
 
 def iter_split(manifest_url: str, report: ReadReport, *, sample_rate: int | None, rank: int = 0, world_size: int = 1,
-               select: Callable[[int], bool] | None = None) -> Iterator[Clip]:
+               select: Callable[[int], bool] | None = None, decode: bool = True) -> Iterator[Clip]:
     """Every sample of this rank's range of the split, in manifest/shard/tar order, as mono clips
     resampled to ``sample_rate``. ``select(index)`` False passes a sample by without reading its
-    audio (and without counting it as listed). Every sample listed but not yielded is in ``report``."""
+    audio (and without counting it as listed); ``decode=False`` yields the sample JSON only (``audio``
+    None). Every sample listed but not yielded is in ``report``."""
     m = load_manifest(manifest_url)
     lo, hi = rank_range(m.num_samples, rank, world_size)
     base = 0
@@ -131,7 +139,7 @@ def iter_split(manifest_url: str, report: ReadReport, *, sample_rate: int | None
                     break
                 name = f"{shard.url}:{raw.key}"
                 try:
-                    audio, meta, resampled = _decode(raw, name, sample_rate)
+                    audio, meta, resampled = _decode(raw, name, sample_rate) if decode else (None, _meta(raw, name), False)
                 except (audio_io.AudioDecodeError, ValueError, RecursionError, UnicodeDecodeError) as exc:
                     report.skip(name, str(exc).replace(f"{name}: ", "")[:200])
                     continue

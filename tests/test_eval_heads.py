@@ -92,8 +92,8 @@ def test_clmr_protocol_model_averages_crop_outputs(toy, notes, tmp_path) -> None
 def test_finetune_saves_a_model_predict_can_use(toy, notes, tmp_path, capsys) -> None:
     out = str(tmp_path / "ft")
     assert evaluate.main(["finetune", "--data", toy, "--preset", "cpc_tiny", "--tasks", "pitch", "--steps", "6",
-                          "--eval-every", "3", "--batch-size", "8", "--out", out, "--no-progress"]) == 0
-    folder = os.path.join(out, "model")
+                          "--eval-every", "3", "--batch-size", "8", "--workers", "0", "--out", out, "--no-progress"]) == 0
+    folder = os.path.join(out, "models", "pitch")
     assert "predict --model" in capsys.readouterr().out
     assert evaluate.main(["predict", "--model", folder, os.path.join(notes[0], "note1.wav")]) == 0
     printed = capsys.readouterr().out
