@@ -459,8 +459,9 @@ def print_summary(results: dict, out: str) -> None:
     print()
     print(results["table_markdown"])
     print()
-    print(f"results: {os.path.join(out, 'results.json')}  table: {os.path.join(out, 'results.md')}  "
-          f"plots: {len(results['plots'])} PNG in {os.path.join(out, 'plots')}  ({results['seconds']:.0f} s)")
+    plots = f"plots: {len(results['plots'])} PNG in {os.path.join(out, 'plots')}  " if results["plots"] else ""
+    print(f"results: {os.path.join(out, 'results.json')}  table: {os.path.join(out, 'results.md')}  {plots}"
+          f"({results['seconds']:.0f} s)")
     if results.get("wandb_run_id"):
         print(f"W&B run: {results['wandb_run_id']}")
 
@@ -725,14 +726,15 @@ def cmd_predict(argv: list[str]) -> int:
     for clip in iter_files(files, report, sample_rate=model.encoder.sample_rate):
         probs = model.predict([clip.audio])
         out[clip.key] = {h.task.name: {str(n): float(v) for n, v in zip(h.task.names, probs[h.task.name][0])} for h in model.heads}
-        bar.update(1)
-        print(clip.key)
+        lines = [clip.key]
         for h in model.heads:
             ranked = sorted(out[clip.key][h.task.name].items(), key=lambda kv: -kv[1])
             if h.task.kind == "multi_hot" and a.threshold is not None:
                 ranked = [kv for kv in ranked if kv[1] >= a.threshold]
             shown = "  ".join(f"{n} {v:.2f}" for n, v in ranked[: a.top]) or "(none above the threshold)"
-            print(f"  {h.task.name}: {shown}")
+            lines.append(f"  {h.task.name}: {shown}")
+        bar.write("\n".join(lines), file=sys.stdout)  # above the progress bar, not through it
+        bar.update(1)
     bar.close()
     if a.json:
         with open(a.json, "w") as f:
