@@ -20,6 +20,15 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
+def _padded(notes: tuple) -> tuple[list[np.ndarray], torch.Tensor, torch.Tensor]:
+    """Rendered notes ``(program, pitch, seconds)``, zero-padded into one batch with their lengths."""
+    clips = [rendered_note(p, k, seconds=s, sample_rate=SR) for p, k, s in notes]
+    batch = torch.zeros(len(clips), max(len(c) for c in clips))
+    for i, c in enumerate(clips):
+        batch[i, : len(c)] = torch.from_numpy(c)
+    return clips, batch, torch.tensor([len(c) for c in clips])
+
+
 def _encoder(preset: str, *, crop: int | None = None, layer: int | str = -1):
     from eval_tools.encoders import preset_config, random_encoder
 
@@ -46,12 +55,7 @@ def test_wav2vec2_embed_padded_rows_equal_clips_alone() -> None:
     frames and the pooled output (group norm statistics, attention keys and pooling ignore padding)."""
     enc = _encoder("wav2vec2_tiny")
     model = enc.model.eval()
-    clips = [rendered_note(p, k, seconds=s, sample_rate=SR) for p, k, s in ((0, 60, 1.0), (40, 67, 0.45), (73, 48, 0.7))]
-    width = max(len(c) for c in clips)
-    batch = torch.zeros(len(clips), width)
-    for i, c in enumerate(clips):
-        batch[i, : len(c)] = torch.from_numpy(c)
-    lengths = torch.tensor([len(c) for c in clips])
+    clips, batch, lengths = _padded(((0, 60, 1.0), (40, 67, 0.45), (73, 48, 0.7)))
     with torch.no_grad():
         out = model.embed(batch, lengths)
         for i, c in enumerate(clips):
@@ -69,13 +73,9 @@ def test_wav2vec2_embed_padded_rows_equal_clips_alone() -> None:
 def test_cpc_embed_padded_rows_equal_clips_alone() -> None:
     enc = _encoder("cpc_tiny")
     model = enc.model.eval()
-    clips = [rendered_note(p, k, seconds=s, sample_rate=SR) for p, k, s in ((0, 60, 0.5), (40, 67, 0.21), (73, 48, 0.33))]
-    width = max(len(c) for c in clips)
-    batch = torch.zeros(len(clips), width)
-    for i, c in enumerate(clips):
-        batch[i, : len(c)] = torch.from_numpy(c)
+    clips, batch, lengths = _padded(((0, 60, 0.5), (40, 67, 0.21), (73, 48, 0.33)))
     with torch.no_grad():
-        out = model.embed(batch, torch.tensor([len(c) for c in clips]))
+        out = model.embed(batch, lengths)
         for i, c in enumerate(clips):
             alone = model.embed(torch.from_numpy(c)[None])
             assert int(out["frame_lengths"][i]) == alone["frames"].shape[1]
