@@ -774,7 +774,11 @@ def _main(argv: list[str]) -> int:
             print(f"\nunknown command {argv[0]!r}", file=sys.stderr)
             return 2
         return 0 if argv else 2
-    return COMMANDS[argv[0]](argv[1:])
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    finally:
+        if "eval_tools.runtime" in sys.modules:  # a torchrun process group, if this run made one
+            sys.modules["eval_tools.runtime"].shutdown()
 
 
 if __name__ == "__main__":
