@@ -587,7 +587,7 @@ def _finetune_run(a: argparse.Namespace, ds, tasks: list, ft, rt, name: str):
 AUDIO_EXTS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif")
 
 
-def _expand_inputs(inputs: list[str]) -> tuple[list[str], list[str]]:
+def _expand_inputs(inputs: list[str], command: str = "embed") -> tuple[list[str], list[str]]:
     """Split inputs into audio files (folders expanded, sorted) and shard manifests. Folder
     entries are listed whatever they are (FIFOs, dangling links): the reader skips and reports them."""
     files, manifests = [], []
@@ -601,7 +601,7 @@ def _expand_inputs(inputs: list[str]) -> tuple[list[str], list[str]]:
         elif os.path.lexists(item):
             files.append(item)
         else:
-            raise UserError(f"embed: {item} is not an audio file, a folder or a *.manifest.json")
+            raise UserError(f"{command}: {item} is not an audio file, a folder or a *.manifest.json")
     return files, manifests
 
 
@@ -713,7 +713,7 @@ def cmd_predict(argv: list[str]) -> int:
     a = p.parse_args(argv)
     if a.top < 1:
         raise OptionError(f"--top must be >= 1, got {a.top}")
-    files, manifests = _expand_inputs(a.inputs)
+    files, manifests = _expand_inputs(a.inputs, "predict")
     if manifests:
         raise UserError(f"predict takes audio files and folders, not manifests ({manifests[0]}); use `embed` for shards")
     if not files:
