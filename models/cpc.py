@@ -305,13 +305,34 @@ class CPC(nn.Module):
             metrics[f"acc_step{k}"] = acc[k - 1]
         return out["loss"], {k: v.detach() for k, v in metrics.items()}
 
-    def embed(self, audio: Tensor) -> dict[str, Tensor]:
+    def embed(self, audio: Tensor, lengths: Tensor | None = None) -> dict[str, Tensor]:
         """Context (the probe features, as in CPC) and encoder features of ``audio`` (B, T).
 
-        Returns ``pooled`` (B, H) and ``frames`` (B, T', H) from the GRU context, and
-        ``encoder_pooled`` (B, C) and ``encoder_frames`` (B, T', C) from the convolutions.
+        Returns ``pooled`` (B, H) and ``frames`` (B, T', H) from the GRU context,
+        ``encoder_pooled`` (B, C) and ``encoder_frames`` (B, T', C) from the convolutions, and
+        ``frame_lengths`` (B,). With ``lengths`` (valid samples per clip, zero padding after) each
+        conv layer's output is zeroed beyond the clip's own output length, which is exactly the
+        zero padding the clip alone would meet, and the GRU is causal: a padded clip's valid
+        frames and means equal the clip's alone (up to float rounding).
         """
         if audio.dim() != 2:
             raise ValueError(f"CPC.embed expects mono audio (B, T), got shape {tuple(audio.shape)}")
-        z, c = self.encode(audio)
-        return {"pooled": c.mean(dim=1), "frames": c, "encoder_pooled": z.mean(dim=1), "encoder_frames": z}
+        if lengths is None:
+            z, c = self.encode(audio)
+            n = torch.full((audio.shape[0],), z.shape[1], dtype=torch.long, device=z.device)
+        else:
+            n = lengths.to(audio.device).long()
+            x = audio.unsqueeze(1)
+            convs = [m for m in self.encoder.layers if isinstance(m, nn.Conv1d)]
+            for conv in convs:
+                x = torch.relu(conv(x))
+                (k,), (s,), (p,) = conv.kernel_size, conv.stride, conv.padding
+                n = (torch.div(n + 2 * p - k, s, rounding_mode="floor") + 1).clamp_min(0)
+                x = x * (torch.arange(x.shape[-1], device=x.device)[None, :] < n[:, None]).to(x.dtype)[:, None, :]
+            z = x.transpose(1, 2)  # (B, L, C)
+            with torch.autocast(device_type=z.device.type, enabled=False):
+                c, _ = self.context(z.float())
+        valid = (torch.arange(z.shape[1], device=z.device)[None, :] < n[:, None])[..., None]
+        count = valid.sum(1).clamp_min(1)
+        return {"pooled": (c * valid).sum(1) / count, "frames": c, "encoder_pooled": (z * valid).sum(1) / count,
+                "encoder_frames": z, "frame_lengths": n}
