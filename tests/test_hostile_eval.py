@@ -208,10 +208,10 @@ def test_bad_flags_and_files_are_one_line_each(case, toy, tmp_path, capsys) -> N
     elif case == "not-a-checkpoint":
         with open(str(tmp_path / "fake.pt"), "w") as f:
             f.write("123")
-        argv, want = [*base, "--checkpoint", str(tmp_path / "fake.pt")], "not a readable checkpoint"
+        argv, want = [*base, "--checkpoint", str(tmp_path / "fake.pt")], "truncated or not a checkpoint"
     elif case == "pickle-checkpoint":
         torch.save({"format": "musicssl-ckpt/1", "obj": shutil.copyfile}, str(tmp_path / "evil.pt"))  # a non-tensor object
-        argv, want = [*base, "--checkpoint", str(tmp_path / "evil.pt")], "holds objects other than tensors"
+        argv, want = [*base, "--checkpoint", str(tmp_path / "evil.pt")], "holds non-tensor Python objects"
     elif case == "finetune-label-fraction":
         argv = ["finetune", "--data", toy, "--preset", "clmr_tiny", "--label-fraction", "0", "--out", out]
         want = "--label-fraction must be in (0, 1]"

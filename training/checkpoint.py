@@ -74,17 +74,19 @@ def read(url: str, *, flag: str = "--resume") -> tuple[dict[str, Any], str]:
         raise CheckpointError(f"{flag} {url}: the file is empty (a checkpoint cut off while it was written?)")
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        # torch's own text suggests weights_only=False, which would run whatever the file holds
+    except Exception as exc:  # noqa: BLE001 - hostile pickle, truncated zip, bad magic number, EOF, ...
+        # torch's own text suggests weights_only=False, which would run whatever the file holds:
+        # never repeat it. A refused GLOBAL means the file asks to build Python objects.
         found = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        what = f" ({found.group(1)})" if found else ""
-        raise CheckpointError(
-            f"{flag} {url}: the file holds non-tensor Python objects{what}; a musicssl checkpoint holds "
-            "only tensors and plain values, so this file will not be loaded"
-        ) from None
-    except Exception as exc:  # noqa: BLE001 - truncated zip, bad magic number, EOF, ...
-        first = str(exc).split(". ")[0].strip() or type(exc).__name__
-        raise CheckpointError(f"{flag} {url}: truncated or not a checkpoint ({len(data)} bytes; {first})") from None
+        if isinstance(exc, pickle.UnpicklingError) and found:
+            raise CheckpointError(
+                f"{flag} {url}: the file holds non-tensor Python objects ({found.group(1)}); a musicssl checkpoint "
+                "holds only tensors and plain values, so this file will not be loaded"
+            ) from None
+        why = re.search(r"WeightsUnpickler error: (.*)", str(exc))
+        first = (why.group(1) if why else str(exc).split(". ")[0]).strip() or type(exc).__name__
+        raise CheckpointError(f"{flag} {url}: truncated or not a checkpoint ({len(data)} bytes; {first}); "
+                              "pass a ckpt-<step>.pt written by train.py") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{flag} {url} is not a {FORMAT} checkpoint (see docs/architecture.md §5)")
     return state, hashlib.sha256(data).hexdigest()
