@@ -56,31 +56,27 @@ def tiny_plan(model: str) -> Plan:
                 probe_epochs=20, probe_patience=5, calib_crops=32, clmr_blocks=6)
 
 
-def pretrain_overrides(plan: Plan, demo: str, out: str) -> list[str]:
-    """``--section.key=value`` overrides on the ``<model>_tiny`` preset for the quickstart run."""
-    ov = [
-        f"data.manifests={demo}/nsynth/train.manifest.json,{demo}/mtat/train.manifest.json",
-        f"data.num_workers={max(0, plan.workers - 1)}",
-        f"train.steps={plan.steps}",
-        f"train.global_batch_size={plan.batch_size}",
-        "train.device=cpu",
-        f"train.out_dir={out}",
-        f"checkpoint.every={plan.steps}",
-        "checkpoint.keep=1",
-        f"logging.every={max(1, plan.steps // 20)}",
-        "logging.wandb_mode=disabled",
-        "logging.audio_every=0",
-    ]
+def pretrain_config(plan: Plan, demo: str, out: str):
+    """The ``<model>_tiny`` preset with the quickstart's pretraining settings (all of them are here
+    and in :class:`Plan`)."""
+    import train_config
+
+    cfg = train_config.preset(f"{plan.model}_tiny")
+    r = dataclasses.replace
+    cfg = r(
+        cfg,
+        data=r(cfg.data, manifests=[f"{demo}/nsynth/train.manifest.json", f"{demo}/mtat/train.manifest.json"],
+               num_workers=max(0, plan.workers - 1)),
+        train=r(cfg.train, steps=plan.steps, global_batch_size=plan.batch_size, device="cpu", out_dir=out),
+        checkpoint=r(cfg.checkpoint, every=plan.steps, keep=1),
+        logging=r(cfg.logging, every=max(1, plan.steps // 20), wandb_mode="disabled", audio_every=0),
+    )
     if plan.model == "clmr":
         widths = (16, 16, 32, 32, 32, 64, 64, 64, 64)[: plan.clmr_blocks]
-        ov += [
-            f"model.temperature={plan.temperature}",
-            "model.channels=" + ",".join(map(str, widths)),
-            # pitch is probed: keep it (the issue's calibration: pitch/speed changes taught invariance)
-            "augment.pitch_p=0",
-            "augment.speed_p=0",
-        ]
-    return ov
+        cfg = r(cfg, model=r(cfg.model, temperature=plan.temperature, channels=widths),
+                # pitch is probed: keep it (the issue's calibration: pitch/speed changes taught invariance)
+                augment=r(cfg.augment, pitch_p=0.0, speed_p=0.0))
+    return cfg
 
 
 def ensure_demo(demo: str, plan: Plan) -> dict:
@@ -109,7 +105,6 @@ def run(plan: Plan, *, out: str, demo: str) -> dict:
 
     import evaluate
     import train
-    import train_config
 
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
@@ -120,7 +115,7 @@ def run(plan: Plan, *, out: str, demo: str) -> dict:
     timings["demo"] = time.perf_counter() - t0
 
     print(f"[quickstart] 2/3 pretraining {plan.model} ({plan.model}_tiny preset, {plan.steps} steps, batch {plan.batch_size})", flush=True)
-    cfg = train_config.apply_overrides(train_config.preset(f"{plan.model}_tiny"), pretrain_overrides(plan, demo, os.path.join(out, "pretrain")))
+    cfg = pretrain_config(plan, demo, os.path.join(out, "pretrain"))
     t1 = time.perf_counter()
     summary = train.train(cfg)
     timings["pretrain"] = time.perf_counter() - t1

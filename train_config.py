@@ -12,26 +12,41 @@ A run is described by one :class:`Config`::
       logging    LoggingConfig       console / W&B cadence and mode
       checkpoint CheckpointConfig    where, how often, how many, resume
 
-Presets are small functions (``PRESETS``); ``--section.key=value`` overrides are parsed against the
-field's type hint and rebuilt through ``dataclasses.replace`` so that every ``__post_init__`` check
-runs again. Unknown keys are an error that names the key and the keys that do exist.
+Presets are small functions (``PRESETS``). Code builds configs in Python (a preset, then
+``dataclasses.replace``); the command line and config files go through one converter,
+:func:`convert`, which reads each value by its field's type hint (a bool is never taken for a
+number, nor a number for a bool): ``--section.key=value`` overrides (:func:`apply_overrides`),
+JSON/YAML/TOML files (:func:`load_file`, written by :func:`dumps`) and a checkpoint's stored config
+(:func:`from_dict`). The whole config is then rebuilt, so every ``__post_init__`` check runs on the
+final values. Unknown keys are an error that names the key, the nearest existing one and the keys
+that do exist.
 
-Only the standard library is imported at module import time; the model and augmentation configs are
-imported when a preset or a checkpoint's config is built.
+Only the standard library is imported at module import time; the model, augmentation and loader
+configs are imported when a preset or a checkpoint's config is built.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import importlib
 import json
-import sys
+import math
+import os
+import re
 import types
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:  # the section types; imported for real only when a preset or config is built
+    from models.clmr import CLMRConfig
+    from models.cpc import CPCConfig
+    from models.wav2vec2 import Wav2Vec2Config
+    from pipeline.augment import AugmentConfig
+    from pipeline.loader import LoaderConfig
 
 # arch -> (module, config class, model class). Imported lazily: a preset only needs its own model.
 MODELS: dict[str, tuple[str, str, str]] = {
@@ -63,9 +78,20 @@ def _augment_config_class() -> type:
 # The sections
 
 
+def _require(ok: bool, flag: str, need: str, value: Any) -> None:
+    """A section's check: ``ValueError("<flag> must be <need>, got <value>")`` unless ``ok``."""
+    if not ok:
+        raise ValueError(f"{flag} must be {need}, got {value!r}")
+
+
 @dataclass(kw_only=True)
 class DataConfig:
-    """Shards and the streaming loader (pipeline/loader.py)."""
+    """Shards and the streaming loader: the keys a user sets, with the trainer's defaults.
+
+    ``pipeline.loader.LoaderConfig`` owns what these mean and checks them (:class:`Config` builds
+    one at validation); :meth:`loader_config` is the one mapping from here to there, adding what
+    the run decides (per-rank batch, views, crop, rate, seed).
+    """
 
     manifests: list[str]  # split manifest URLs (local path, file://, s3://, gs://)
     weights: list[float] | None = None  # mixing weights per manifest; None = proportional to size
@@ -86,27 +112,20 @@ class DataConfig:
         if isinstance(self.manifests, str):
             self.manifests = [self.manifests]
         self.manifests = list(self.manifests)
-        if not self.manifests:
-            raise ValueError("--data.manifests is empty: give at least one <split>.manifest.json URL")
-        if self.weights is not None:
-            self.weights = [float(w) for w in self.weights]
-            if len(self.weights) != len(self.manifests):
-                raise ValueError(
-                    f"--data.weights has {len(self.weights)} values but --data.manifests has "
-                    f"{len(self.manifests)}: give one weight per manifest"
-                )
-            if any(w < 0 for w in self.weights) or sum(self.weights) <= 0:
-                raise ValueError(f"--data.weights must be non-negative with a positive sum, got {self.weights}")
-        if self.crop_samples is not None and self.crop_samples < 1:
-            raise ValueError(f"--data.crop_samples must be positive, got {self.crop_samples}")
-        if self.sample_rate is not None and self.sample_rate < 1:
-            raise ValueError(f"--data.sample_rate must be positive, got {self.sample_rate}")
-        if self.num_workers < 0:
-            raise ValueError(f"--data.num_workers must be >= 0, got {self.num_workers}")
-        if self.shuffle_buffer < 1:
-            raise ValueError(f"--data.shuffle_buffer must be >= 1 (1 = no shuffling), got {self.shuffle_buffer}")
-        if self.prefetch_factor < 1:
-            raise ValueError(f"--data.prefetch_factor must be >= 1, got {self.prefetch_factor}")
+
+    def loader_config(self, *, batch_size: int, views: int, crop_samples: int, sample_rate: int | None, seed: int,
+                      cuda: bool) -> LoaderConfig:
+        """The ``LoaderConfig`` of one rank; ``ValueError`` messages name the ``--data.*`` flag."""
+        from pipeline.loader import LoaderConfig
+
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                  if f.name not in ("crop_samples", "sample_rate", "pin_memory")}
+        try:
+            return LoaderConfig(**shared, batch_size=batch_size, mode="pairs" if views == 2 else "single",
+                                crop_samples=crop_samples, sample_rate=sample_rate, mono=True, seed=seed,
+                                pin_memory=self.pin_memory and cuda)
+        except ValueError as exc:
+            raise ValueError(re.sub(r"(?<![-\w])data\.", "--data.", str(exc))) from None
 
 
 @dataclass(kw_only=True)
@@ -127,20 +146,14 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
-        if not self.lr > 0:
-            raise ValueError(f"--optim.lr must be > 0, got {self.lr}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"--optim.betas must be two values in [0, 1), got {self.betas}")
-        if not self.eps > 0:
-            raise ValueError(f"--optim.eps must be > 0, got {self.eps}")
-        if self.weight_decay < 0:
-            raise ValueError(f"--optim.weight_decay must be >= 0, got {self.weight_decay}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"--optim.warmup_steps must be >= 0, got {self.warmup_steps}")
-        if not 0 <= self.final_lr_ratio <= 1:
-            raise ValueError(f"--optim.final_lr_ratio must be in [0, 1], got {self.final_lr_ratio}")
-        if self.grad_clip < 0:
-            raise ValueError(f"--optim.grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
+        _require(self.lr > 0, "--optim.lr", "> 0", self.lr)
+        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "--optim.betas", "two values in [0, 1)",
+                 self.betas)
+        _require(self.eps > 0, "--optim.eps", "> 0", self.eps)
+        _require(self.weight_decay >= 0, "--optim.weight_decay", ">= 0", self.weight_decay)
+        _require(self.warmup_steps >= 0, "--optim.warmup_steps", ">= 0", self.warmup_steps)
+        _require(0 <= self.final_lr_ratio <= 1, "--optim.final_lr_ratio", "in [0, 1]", self.final_lr_ratio)
+        _require(self.grad_clip >= 0, "--optim.grad_clip", ">= 0 (0 = off)", self.grad_clip)
 
 
 @dataclass(kw_only=True)
@@ -160,16 +173,12 @@ class TrainConfig:
     out_dir: str = ""  # local run folder (metrics.jsonl, summary.json, wandb/); "" = runs/<preset>
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ValueError(f"--train.steps must be >= 1, got {self.steps}")
-        if self.global_batch_size < 1:
-            raise ValueError(f"--train.global_batch_size must be >= 1, got {self.global_batch_size}")
-        if self.grad_accum < 1:
-            raise ValueError(f"--train.grad_accum must be >= 1, got {self.grad_accum}")
-        if self.max_nonfinite < 1:
-            raise ValueError(f"--train.max_nonfinite must be >= 1, got {self.max_nonfinite}")
-        if self.device != "auto" and not self.device.startswith(("cpu", "cuda")):
-            raise ValueError(f"--train.device must be auto, cpu or cuda[:N], got {self.device!r}")
+        _require(self.steps >= 1, "--train.steps", ">= 1", self.steps)
+        _require(self.global_batch_size >= 1, "--train.global_batch_size", ">= 1", self.global_batch_size)
+        _require(self.grad_accum >= 1, "--train.grad_accum", ">= 1", self.grad_accum)
+        _require(self.max_nonfinite >= 1, "--train.max_nonfinite", ">= 1", self.max_nonfinite)
+        _require(self.device == "auto" or self.device.startswith(("cpu", "cuda")), "--train.device", "auto, cpu or cuda[:N]",
+                 self.device)
 
 
 @dataclass(kw_only=True)
@@ -185,12 +194,9 @@ class LoggingConfig:
     audio_examples: int = 4  # clips per audio log (each with all its views, clean and augmented)
 
     def __post_init__(self) -> None:
-        if self.every < 1:
-            raise ValueError(f"--logging.every must be >= 1, got {self.every}")
-        if self.audio_every < 0:
-            raise ValueError(f"--logging.audio_every must be >= 0 (0 = never), got {self.audio_every}")
-        if self.audio_examples < 1:
-            raise ValueError(f"--logging.audio_examples must be >= 1, got {self.audio_examples}")
+        _require(self.every >= 1, "--logging.every", ">= 1", self.every)
+        _require(self.audio_every >= 0, "--logging.audio_every", ">= 0 (0 = never)", self.audio_every)
+        _require(self.audio_examples >= 1, "--logging.audio_examples", ">= 1", self.audio_examples)
 
 
 @dataclass(kw_only=True)
@@ -203,10 +209,8 @@ class CheckpointConfig:
     resume: str = "none"  # none | auto (latest in dir, if any) | a checkpoint URL
 
     def __post_init__(self) -> None:
-        if self.every < 1:
-            raise ValueError(f"--checkpoint.every must be >= 1, got {self.every}")
-        if self.keep < 1:
-            raise ValueError(f"--checkpoint.keep must be >= 1, got {self.keep}")
+        _require(self.every >= 1, "--checkpoint.every", ">= 1", self.every)
+        _require(self.keep >= 1, "--checkpoint.keep", ">= 1", self.keep)
 
 
 @dataclass(kw_only=True)
@@ -216,8 +220,8 @@ class Config:
     preset: str
     arch: Literal["clmr", "wav2vec2", "cpc"]
     data: DataConfig
-    augment: Any  # pipeline.augment.AugmentConfig
-    model: Any  # the arch's config class (models/<arch>.py)
+    augment: AugmentConfig
+    model: CLMRConfig | Wav2Vec2Config | CPCConfig  # the arch's config class (models/<arch>.py)
     optim: OptimConfig
     train: TrainConfig
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -236,6 +240,9 @@ class Config:
                 f"--model.layerdrop={self.model.layerdrop} needs --train.find_unused_parameters=true "
                 "(DDP fails on steps that skip a layer); or set --model.layerdrop=0"
             )
+        crop = self.data.crop_samples if self.data.crop_samples is not None else 1
+        self.data.loader_config(batch_size=1, views=self.views, crop_samples=crop, sample_rate=self.data.sample_rate,
+                                seed=self.train.seed, cuda=False)  # the loader's own checks, at start
 
     @property
     def out_dir(self) -> str:
@@ -407,128 +414,136 @@ def preset(name: str) -> Config:
 
 
 # --------------------------------------------------------------------------------------------
-# Overrides, dicts
-
-
-def _field_type(cls: type, name: str) -> Any:
-    """The resolved type hint of one field (string annotations evaluated in the class's module)."""
-    f = {f.name: f for f in dataclasses.fields(cls)}[name]
-    hint = f.type
-    if isinstance(hint, str):
-        namespace = dict(vars(typing))
-        namespace.update(vars(sys.modules[cls.__module__]))
-        hint = eval(hint, namespace)  # noqa: S307 - annotations of our own dataclasses
-    return hint
+# Values: one converter for command-line strings, config files and checkpoints
 
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
-def parse_value(raw: str, hint: Any, flag: str) -> Any:
-    """Parse a command-line string into ``hint`` (bool, int, float, str, Literal, Optional, list, tuple)."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    """A dataclass's resolved field types (``typing.get_type_hints``: its module's names)."""
+    return typing.get_type_hints(cls)
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def convert(value: Any, hint: Any, flag: str) -> Any:
+    """``value`` as type ``hint``: a command-line string (``"3e-4"``, ``"a,b"``, ``"[[1,2]]"``,
+    ``"none"``) or a value read from JSON/YAML/TOML. A bool is never taken for a number nor a
+    number for a bool; errors name ``flag``."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+
+    def bad(expected: str) -> ValueError:
+        return ValueError(f"{flag}={_text(value)}: expected {expected}")
+
     if origin in (typing.Union, types.UnionType):
-        if type(None) in args and raw.strip().lower() in ("none", "null"):
+        if type(None) in args and (value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null"))):
             return None
         errors = []
-        for a in args:
-            if a is type(None):
-                continue
+        for a in (a for a in args if a is not type(None)):
             try:
-                return parse_value(raw, a, flag)
+                return convert(value, a, flag)
             except ValueError as exc:
-                errors.append(str(exc))
-        raise ValueError(errors[0] if errors else f"{flag}: cannot parse {raw!r}")
+                errors.append(exc)
+        raise errors[0]
     if origin is Literal:
         for a in args:
-            if str(a) == raw:
+            if a == value or (isinstance(value, str) and str(a) == value):
                 return a
-        raise ValueError(f"{flag}={raw}: must be one of {', '.join(map(str, args))}")
-    if origin in (list, tuple, Sequence) or hint in (list, tuple):
-        text = raw.strip()
-        items: list[Any]
-        if text.startswith("["):
-            items = json.loads(text)
-        else:
-            items = [s for s in (p.strip() for p in text.split(",")) if s] if text else []
-        inner = args[0] if args else str
+        raise ValueError(f"{flag}={_text(value)}: must be one of {', '.join(map(str, args))}")
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            text = value.strip()
+            value = json.loads(text) if text.startswith("[") else [s.strip() for s in text.split(",") if s.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise bad("a list (comma-separated or JSON)")
         if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(args) != len(items):
-                raise ValueError(f"{flag}={raw}: expected {len(args)} comma-separated values")
-            return tuple(parse_value(str(v), a, flag) for v, a in zip(items, args))
-        values = [parse_value(str(v) if not isinstance(v, str) else v, inner, flag) for v in items]
-        return tuple(values) if origin is tuple else values
+            if len(value) != len(args):
+                raise bad(f"{len(args)} comma-separated values")
+            return tuple(convert(v, a, flag) for v, a in zip(value, args))
+        items = [convert(v, args[0] if args else str, flag) for v in value]
+        return tuple(items) if origin is tuple else items
+    if hint in (bool, int, float, str):
+        return _scalar(value, hint, bad)
+    if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+        return build(hint, value, flag[2:])
+    raise ValueError(f"{flag}: fields of type {hint!r} cannot be set from text")
+
+
+def _scalar(value: Any, hint: type, bad: Callable[[str], ValueError]) -> Any:
+    """A bool, int, float or str from a command-line string or a parsed file's value."""
     if hint is bool:
-        low = raw.strip().lower()
-        if low in _TRUE:
-            return True
-        if low in _FALSE:
-            return False
-        raise ValueError(f"{flag}={raw}: expected true or false")
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        raise bad("true or false")
     if hint is int:
-        try:
-            return int(raw.replace("_", ""))
-        except ValueError:
+        if isinstance(value, str):
             try:
-                as_float = float(raw)
+                value = float(value.replace("_", "")) if any(c in value for c in ".eE") else int(value.replace("_", ""))
             except ValueError:
-                raise ValueError(f"{flag}={raw}: expected an integer") from None
-            if not as_float.is_integer():
-                raise ValueError(f"{flag}={raw}: expected an integer") from None
-            return int(as_float)
+                raise bad("an integer") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
+            raise bad("an integer")
+        return int(value)
     if hint is float:
-        try:
-            return float(raw)
-        except ValueError:
-            raise ValueError(f"{flag}={raw}: expected a number") from None
-    if hint is str or hint is Any:
-        return raw
-    raise ValueError(f"{flag}: fields of type {hint!r} cannot be set from the command line")
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise bad("a number") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        return float(value)
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):  # hint is str
+        raise bad("a string")
+    return str(value)
 
 
-def _unknown_key(path: str, name: str, obj: Any) -> ValueError:
-    known = [f.name for f in dataclasses.fields(obj)]
+def _unknown_key(path: str, name: str, known: list[str]) -> ValueError:
+    dotted = f"{path}.{name}" if path else name
     close = difflib.get_close_matches(name, known, n=1)
     hint = f" (did you mean --{path + '.' if path else ''}{close[0]}?)" if close else ""
     where = f"section {path!r}" if path else "the top level"
-    return ValueError(f"unknown config key --{path + '.' if path else ''}{name}{hint}; keys in {where}: {', '.join(known)}")
+    return ValueError(f"unknown config key --{dotted}{hint}; keys in {where}: {', '.join(known)}")
 
 
-def _set_path(obj: Any, parts: list[str], raw: str, done: list[str]) -> Any:
-    """A copy of dataclass ``obj`` with the dotted field set; ``dataclasses.replace`` re-validates."""
-    name = parts[0]
-    path = ".".join(done)
-    if not dataclasses.is_dataclass(obj):
-        raise ValueError(f"--{path} is a value, not a section: --{path}.{'.'.join(parts)} does not exist")
-    if name not in {f.name for f in dataclasses.fields(obj)}:
-        raise _unknown_key(path, name, obj)
-    flag = "--" + ".".join([*done, name])
-    if len(parts) == 1:
-        current = getattr(obj, name)
-        if dataclasses.is_dataclass(current):
-            raise ValueError(f"{flag} is a section: set one of its keys, e.g. {flag}.{dataclasses.fields(current)[0].name}=...")
-        value = parse_value(raw, _field_type(type(obj), name), flag)
-    else:
-        value = _set_path(getattr(obj, name), parts[1:], raw, [*done, name])
+def build(cls: type, d: dict[str, Any], path: str) -> Any:
+    """Dataclass ``cls`` from a dict of its fields (values converted by :func:`convert`)."""
+    if not isinstance(d, dict):
+        raise ValueError(f"--{path} is a section: give a table of its keys, not {_text(d)}")
+    known = [f.name for f in dataclasses.fields(cls) if f.init]
+    for key in d:
+        if key not in known:
+            raise _unknown_key(path, key, known)
+    hints = _hints(cls)
+    kwargs = {k: convert(v, hints[k], f"--{path}.{k}") for k, v in d.items()}
     try:
-        return dataclasses.replace(obj, **{name: value})
-    except TypeError as exc:
-        raise ValueError(f"{flag}={raw}: {exc}") from exc
+        return cls(**kwargs)
+    except TypeError as exc:  # a required key missing
+        raise ValueError(f"section {path!r}: {exc}") from None
 
 
-def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
-    """Apply ``section.key=value`` strings (with or without the leading ``--``) in order."""
-    for item in overrides:
-        text = item[2:] if item.startswith("--") else item
-        if "=" not in text:
-            raise ValueError(f"override {item!r} must look like --section.key=value")
-        key, raw = text.split("=", 1)
-        if key in ("arch", "preset"):
-            raise ValueError(f"--{key} cannot be overridden: pick another --config preset instead")
-        cfg = _set_path(cfg, key.split("."), raw, [])
-    return cfg
+def _sections(arch: str) -> dict[str, type]:
+    if arch not in MODELS:
+        raise ValueError(f"arch must be one of {sorted(MODELS)}, got {arch!r}")
+    return {"data": DataConfig, "augment": _augment_config_class(), "model": model_classes(arch)[0],
+            "optim": OptimConfig, "train": TrainConfig, "logging": LoggingConfig, "checkpoint": CheckpointConfig}
+
+
+def from_dict(d: dict[str, Any]) -> Config:
+    """A :class:`Config` from :func:`to_dict`'s output (a checkpoint's ``config``, a config file)."""
+    sections = _sections(d.get("arch", ""))
+    for key in d:
+        if key not in ("preset", "arch", *sections):
+            raise _unknown_key("", key, ["preset", "arch", *sections])
+    return Config(preset=str(d["preset"]), arch=d["arch"],
+                  **{name: build(cls, d.get(name, {}), name) for name, cls in sections.items()})
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -546,44 +561,113 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return plain(cfg)
 
 
-def _from_dict(cls: type, d: dict[str, Any], path: str) -> Any:
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key in d:
-        if key not in names:
-            raise ValueError(f"config key {path}{key} is unknown to {cls.__name__} (written by another version?)")
-    kwargs: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in d or not f.init:
-            continue
-        v = d[f.name]
-        hint = _field_type(cls, f.name)
-        if isinstance(hint, type) and dataclasses.is_dataclass(hint) and isinstance(v, dict):
-            v = _from_dict(hint, v, f"{path}{f.name}.")
-        elif typing.get_origin(hint) is tuple and isinstance(v, list):
-            v = tuple(v)
-        elif typing.get_origin(hint) in (typing.Union, types.UnionType) and isinstance(v, list):
-            if any(typing.get_origin(a) is tuple for a in typing.get_args(hint)):
-                v = tuple(v)
-        kwargs[f.name] = v
-    return cls(**kwargs)
+def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
+    """Apply ``section.key=value`` strings (with or without the leading ``--``); the whole config
+    is then rebuilt once, so every section's ``__post_init__`` checks the final values."""
+    d = to_dict(cfg)
+    for item in overrides:
+        text = item[2:] if item.startswith("--") else item
+        if "=" not in text:
+            raise ValueError(f"override {item!r} must look like --section.key=value")
+        key, raw = text.split("=", 1)
+        if key in ("arch", "preset"):
+            raise ValueError(f"--{key} cannot be overridden: pick another --config preset instead")
+        node, parts = d, key.split(".")
+        for i, name in enumerate(parts):
+            here = ".".join(parts[:i])
+            if not isinstance(node, dict):
+                raise ValueError(f"--{here} is a value, not a section: --{key} does not exist")
+            if name not in node:
+                raise _unknown_key(here, name, list(node))
+            if i < len(parts) - 1:
+                node = node[name]
+            elif isinstance(node[name], dict):
+                raise ValueError(f"--{key} is a section: set one of its keys, e.g. --{key}.{next(iter(node[name]))}=...")
+            else:
+                node[name] = raw  # converted by the field's type when the config is rebuilt
+    return from_dict(d)
 
 
-def from_dict(d: dict[str, Any]) -> Config:
-    """Rebuild a :class:`Config` from :func:`to_dict`'s output (e.g. a checkpoint's ``config``)."""
-    d = dict(d)
-    arch = d["arch"]
-    model_cfg_cls, _ = model_classes(arch)
-    return Config(
-        preset=d["preset"],
-        arch=arch,
-        data=_from_dict(DataConfig, d["data"], "data."),
-        augment=_from_dict(_augment_config_class(), d["augment"], "augment."),
-        model=_from_dict(model_cfg_cls, d["model"], "model."),
-        optim=_from_dict(OptimConfig, d["optim"], "optim."),
-        train=_from_dict(TrainConfig, d["train"], "train."),
-        logging=_from_dict(LoggingConfig, d.get("logging", {}), "logging."),
-        checkpoint=_from_dict(CheckpointConfig, d.get("checkpoint", {}), "checkpoint."),
-    )
+# --------------------------------------------------------------------------------------------
+# Config files: what --print-config FILE writes, --config FILE reads
+
+FILE_FORMATS = {".json": "json", ".yaml": "yaml", ".yml": "yaml", ".toml": "toml"}
+
+
+def file_format(path: str) -> str | None:
+    """``json`` | ``yaml`` | ``toml`` from a file name's extension, else None."""
+    return FILE_FORMATS.get(os.path.splitext(path)[1].lower())
+
+
+def dumps(cfg: Config, fmt: str) -> str:
+    """The resolved config as ``flags`` (``--section.key=value`` lines), JSON, YAML or TOML."""
+    if fmt == "flags":
+        return "\n".join(describe(cfg)) + "\n"
+    d = to_dict(cfg)
+    if fmt == "json":
+        return json.dumps(d, indent=2) + "\n"
+    if fmt == "yaml":
+        import yaml
+
+        return yaml.safe_dump(d, sort_keys=False)
+    if fmt == "toml":  # TOML has no null: None is written as "none", which every optional key reads as None
+        lines = [f"{k} = {_toml(v)}" for k, v in d.items() if not isinstance(v, dict)]
+        for name, section in d.items():
+            if isinstance(section, dict):
+                lines += ["", f"[{name}]", *(f"{k} = {_toml(v)}" for k, v in section.items())]
+        return "\n".join(lines) + "\n"
+    raise ValueError(f"--format: unknown format {fmt!r}; use flags, json, yaml or toml")
+
+
+def _toml(v: Any) -> str:
+    if v is None:
+        return '"none"'
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float) and not math.isfinite(v):
+        return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml(x) for x in v) + "]"
+    return json.dumps(str(v))  # a TOML basic string
+
+
+def load_file(path: str) -> Config:
+    """A config file (JSON/YAML/TOML): ``preset`` names the base, every other key overrides it,
+    so a whole file from ``--print-config FILE`` and a three-line file both work."""
+    fmt = file_format(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        if fmt == "json":
+            d = json.loads(data)
+        elif fmt == "yaml":
+            import yaml
+
+            d = yaml.safe_load(data)
+        else:
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10
+                import tomli as tomllib
+            d = tomllib.loads(data.decode())
+    except OSError as exc:
+        raise ValueError(f"--config {path}: cannot read it ({exc.strerror or exc})") from None
+    except Exception as exc:  # noqa: BLE001 - each parser has its own error type
+        raise ValueError(f"--config {path}: not valid {fmt.upper()} ({exc})") from None
+    if not isinstance(d, dict) or "preset" not in d:
+        raise ValueError(f"--config {path}: needs a top-level `preset` key naming the base preset ({', '.join(PRESETS)})")
+    base = preset(str(d["preset"]))
+    if d.get("arch", base.arch) != base.arch:
+        raise ValueError(f"--config {path}: arch {d['arch']!r} does not match preset {base.preset!r} ({base.arch})")
+    merged = to_dict(base)
+    for key, value in d.items():
+        merged[key] = {**merged[key], **value} if isinstance(merged.get(key), dict) and isinstance(value, dict) else value
+    try:
+        return from_dict(merged)
+    except ValueError as exc:
+        raise ValueError(f"--config {path}: {exc}") from None
 
 
 def describe(cfg: Any, prefix: str = "") -> list[str]:

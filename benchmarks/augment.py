@@ -7,12 +7,17 @@
 Contenders, each on the CLMR chain (polarity 0.8, noise 0.01, gain 0.3, high/low-pass 0.8,
 delay 0.3, pitch 0.6, reverb 0.6) and on pitch shift alone (p=1):
 
-- ``ours``                 pipeline.augment, batched, ``--threads`` torch threads (or ``--device cuda``).
-- ``audiomentations``      the same chain in audiomentations, one clip at a time, in ``--workers``
+- ``ours``                 pipeline.augment's default chain (CLMR's transforms: std-ratio noise, julius
+                           FIR filters, halved delay, sox/freeverb reverb rendered per example),
+                           batched, ``--threads`` torch threads (or ``--device cuda``).
+- ``ours_variants``        the same chain with our faster variants by name (Butterworth filters,
+                           ``reverb_method=ir`` with generated IRs): what fidelity costs.
+- ``audiomentations``      the closest chain audiomentations has, one clip at a time, in ``--workers``
                            processes (one thread each), clips sent to and returned from the workers
-                           as a loader's workers would. Delay (absent from audiomentations) is a
-                           NumPy ``Lambda``; reverb is ``ApplyImpulseResponse`` over a folder of IRs
-                           like ours (decaying noise, RT60 0.2-1.0 s).
+                           as a loader's workers would: Gaussian noise at 0-60 dB SNR (CLMR's std
+                           ratio 0.001-1), Butterworth filters (it has no FIR), delay as a NumPy
+                           ``Lambda`` with CLMR's /2, reverb by ``ApplyImpulseResponse`` over a folder
+                           of freeverb impulse responses (dry + wet, rendered from random controls).
 - ``torch_audiomentations`` torch-audiomentations in ``mode="per_example"``, ``--threads`` threads. It has
                            no delay transform, and its ApplyImpulseResponse reads files with
                            ``torchaudio.info``, which torchaudio 2.11 removed, so its chain does
@@ -60,14 +65,19 @@ def make_clips(n: int, samples: int, sr: int, seed: int = 0) -> np.ndarray:
 
 
 def write_irs(folder: str, sr: int, n: int = 8, seed: int = 1) -> None:
+    """``n`` one-second freeverb impulse responses (dry impulse + mono wet) for the peers' reverb."""
     import soundfile as sf
+    import torch
 
-    rng = np.random.default_rng(seed)
-    t = np.arange(sr) / sr
+    from pipeline.dsp import freeverb_irs
+
+    g = torch.Generator().manual_seed(seed)
+    controls = [torch.randint(0, 100, (n,), generator=g) for _ in range(3)]
+    wet = freeverb_irs(*controls, sample_rate=sr, length=sr).mean(dim=1).numpy()  # (n, sr): both arrays' mean
     for k in range(n):
-        rt60 = rng.uniform(0.2, 1.0)
-        ir = rng.standard_normal(sr) * np.exp(-np.log(1000) * t / rt60)
-        sf.write(os.path.join(folder, f"ir{k}.wav"), (0.9 * ir / np.abs(ir).max()).astype(np.float32), sr)
+        ir = wet[k].copy()
+        ir[0] += 1.0
+        sf.write(os.path.join(folder, f"ir{k}.wav"), (ir / np.abs(ir).max()).astype(np.float32), sr, subtype="FLOAT")
 
 
 # ---------------------------------------------------------------- audiomentations, in workers
@@ -76,10 +86,10 @@ _W: dict = {}
 
 
 def _am_delay(samples: np.ndarray, sample_rate: int) -> np.ndarray:
-    lag = int(round(np.random.choice(np.arange(200, 451, 50)) * sample_rate / 1000))
+    lag = int(np.random.choice(np.arange(200, 451, 50)) * sample_rate / 1000)
     y = samples.copy()
     y[lag:] += 0.5 * samples[:-lag]
-    return y
+    return 0.5 * y
 
 
 def _am_init(kind: str, sr: int, ir_dir: str, pitch_only: bool) -> None:
@@ -92,7 +102,7 @@ def _am_init(kind: str, sr: int, ir_dir: str, pitch_only: bool) -> None:
         else:
             _W["chain"] = A.Compose([
                 A.PolarityInversion(p=CLMR["polarity"]),
-                A.AddGaussianSNR(min_snr_db=46, max_snr_db=60, p=CLMR["noise"]),
+                A.AddGaussianSNR(min_snr_db=0, max_snr_db=60, p=CLMR["noise"]),
                 A.Gain(min_gain_db=-20, max_gain_db=-1, p=CLMR["gain"]),
                 A.OneOf([A.HighPassFilter(200, 1200, 24, 24), A.LowPassFilter(2200, 4000, 24, 24)], p=CLMR["filter"]),
                 A.Lambda(transform=_am_delay, p=CLMR["delay"]),
@@ -138,7 +148,10 @@ def run_workers(kind: str, clips: np.ndarray, batches: int, args, ir_dir: str, p
 # ---------------------------------------------------------------- in-process contenders
 
 
-def run_ours(clips: np.ndarray, batches: int, args, pitch_only: bool) -> float:
+VARIANTS = dict(filter_type="butterworth", reverb_method="ir")  # our faster variants, by name
+
+
+def run_ours(clips: np.ndarray, batches: int, args, pitch_only: bool, overrides: dict | None = None) -> float:
     import torch
 
     from pipeline.augment import AugmentConfig, PitchShift, build_augment
@@ -148,7 +161,8 @@ def run_ours(clips: np.ndarray, batches: int, args, pitch_only: bool) -> float:
     if pitch_only:
         chain = PitchShift(sample_rate=args.sr, p=1.0).to(device)
     else:
-        chain = build_augment(AugmentConfig(**{f"{n}_p": p for n, p in CLMR.items()}), sample_rate=args.sr, seed=0)
+        cfg = AugmentConfig(**{f"{n}_p": p for n, p in CLMR.items()}, **(overrides or {}))
+        chain = build_augment(cfg, sample_rate=args.sr, seed=0)
     chain(x)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
@@ -259,6 +273,9 @@ def main() -> None:
             what = "pitch shift" if pitch_only else "CLMR chain"
             print(f"[{what}] ours ({args.device}, {args.threads} threads) ...", flush=True)
             results[prefix + "ours"] = run_ours(clips, args.batches, args, pitch_only)
+            if not pitch_only:
+                print(f"[{what}] ours with our variants {VARIANTS} ...", flush=True)
+                results["ours_variants"] = run_ours(clips, args.batches, args, False, VARIANTS)
             if not args.skip_torch_audiomentations:
                 print(f"[{what}] torch-audiomentations per example ({args.threads} threads) ...", flush=True)
                 results[prefix + "torch_audiomentations"] = run_torch_audiomentations(
@@ -271,6 +288,7 @@ def main() -> None:
             if prefix + peer in results:
                 ratios[f"{prefix}ours_vs_{peer}"] = round(results[prefix + "ours"] / results[prefix + peer], 2)
     ratios["cpu_path_vs_audiomentations"] = round(results["cpu_path"] / results["audiomentations"], 2)
+    ratios["ours_variants_vs_audiomentations"] = round(results["ours_variants"] / results["audiomentations"], 2)
 
     print()
     print(f"clips/s  (batch {args.batch}, {args.samples} samples, {args.sr} Hz, ours on {args.device})")

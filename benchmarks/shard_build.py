@@ -37,7 +37,9 @@ import soundfile as sf
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from shard_tools import folder  # noqa: E402
-from shard_tools.build import _Convert, build_dataset, pool_context, process_item  # noqa: E402
+from shard_tools.build import build_dataset  # noqa: E402
+from shard_tools.convert import Convert as _Convert, process_item  # noqa: E402
+from shard_tools.workers import pool_context  # noqa: E402
 
 
 def render_phrases(n: int, seconds: float, seed: int) -> list[np.ndarray]:

@@ -7,15 +7,17 @@ indices agree across splits even when a split lacks some classes, e.g. held-out 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from eval_tools.read import ReadReport
 from pipeline import fsio
+from pipeline.errors import UserError
 from pipeline.manifest import load_manifest
-from pipeline.shards import LabelEncoder, merge_label_specs
+from pipeline.shards import merge_label_specs
 
 SPLITS = ("train", "valid", "test")
 
@@ -36,7 +38,7 @@ class Dataset:
         manifests = {s: fsio.join_url(folder, f"{s}.manifest.json") for s in SPLITS}
         missing = [u for u in manifests.values() if not fsio.exists(u)]
         if missing:
-            raise FileNotFoundError(
+            raise UserError(
                 f"--data {folder}: missing {', '.join(missing)}; a dataset folder needs train/valid/test manifests "
                 "(build them with `shard-tools build ...`, or `shard-tools demo --out DIR` for the demo)"
             )
@@ -56,33 +58,49 @@ class Dataset:
         return hashlib.sha256(fsio.read_bytes(self.manifests[split])).hexdigest()[:12]
 
 
-def iter_clips(ds: Dataset, split: str, sample_rate: int) -> Iterator[tuple[str, np.ndarray, dict]]:
-    """``(key, mono float32 (T,), encoded labels)`` for every clip of a split, in shard order."""
-    from pipeline.loader import iter_samples
-
-    enc = LabelEncoder(ds.spec)
-    for s in iter_samples([ds.manifests[split]], sample_rate=sample_rate, mono=True):
-        meta = s.get("meta") or {}
-        yield s["key"], np.ascontiguousarray(s["audio"][0], dtype=np.float32), enc.encode(meta)
-
-
 @dataclass
 class Embeddings:
+    """Rows of embeddings with their clips' keys and labels.
+
+    One row per clip, unless ``owner`` is set: then ``x`` has one row per crop and ``owner[r]`` is
+    the index (into ``keys``/``labels``) of row ``r``'s clip (``--protocol clmr``'s test crops).
+    ``report`` is what the pass read (eval_tools/read.py); ``excluded`` counts clips read but left
+    out by the view (e.g. shorter than CLMR's crop)."""
+
     keys: list[str]
-    x: np.ndarray  # (N, D) or (N, L, D)
-    labels: dict[str, np.ndarray]  # task -> (N,) int64 or (N, K) float32
+    x: np.ndarray  # (N, D) or (N, L, D); N = rows
+    labels: dict[str, np.ndarray]  # task -> (clips,) int64 or (clips, K) float32
+    owner: np.ndarray | None = None  # (N,) int64 clip index per row
+    report: ReadReport | None = None
+    excluded: int = 0
 
     def save(self, path: str) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         tmp = path + ".tmp.npz"
-        np.savez(tmp, keys=np.array(self.keys), x=self.x, **{f"label__{k}": v for k, v in self.labels.items()})
+        extra = {} if self.owner is None else {"owner": self.owner}
+        info = json.dumps({"report": self.report.to_dict() if self.report else None, "excluded": self.excluded})
+        np.savez(tmp, keys=np.array(self.keys), x=self.x, info=np.array(info), **extra,
+                 **{f"label__{k}": v for k, v in self.labels.items()})
         os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str) -> Embeddings:
         with np.load(path, allow_pickle=False) as z:
             labels = {k[len("label__"):]: z[k] for k in z.files if k.startswith("label__")}
-            return cls(keys=[str(k) for k in z["keys"]], x=z["x"], labels=labels)
+            info = json.loads(str(z["info"])) if "info" in z.files else {}
+            rep = info.get("report")
+            return cls(keys=[str(k) for k in z["keys"]], x=z["x"], labels=labels,
+                       owner=z["owner"] if "owner" in z.files else None,
+                       report=ReadReport.from_dict(rep) if rep else None, excluded=int(info.get("excluded", 0)))
 
     def subset(self, idx: np.ndarray) -> Embeddings:
-        return Embeddings(keys=[self.keys[i] for i in idx], x=self.x[idx], labels={k: v[idx] for k, v in self.labels.items()})
+        """The clips ``idx`` (and, with ``owner``, their rows)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        labels = {k: v[idx] for k, v in self.labels.items()}
+        keys = [self.keys[i] for i in idx]
+        if self.owner is None:
+            return Embeddings(keys=keys, x=self.x[idx], labels=labels)
+        remap = np.full(len(self.keys), -1, dtype=np.int64)
+        remap[idx] = np.arange(len(idx))
+        rows = np.flatnonzero(remap[self.owner] >= 0)
+        return Embeddings(keys=keys, x=self.x[rows], labels=labels, owner=remap[self.owner[rows]])

@@ -1,9 +1,8 @@
-"""Probes on frozen embeddings, MARBLE's protocol: a linear layer or a one-hidden-layer MLP trained
-with Adam (lr 1e-3) and early stopping on the valid split; the test split is scored once, with the
-weights of the best valid epoch.
-
-Features are standardised with the training split's mean and std first, so one learning rate suits
-encoders whose embeddings live on very different scales (log-mel statistics vs a SampleCNN).
+"""Probes on frozen embeddings: a linear layer or a one-hidden-layer MLP trained with Adam, early
+stopping on the valid split, the test split scored once. What varies between the evaluation
+protocols (standardisation, widths, optimiser, schedule, what early stopping follows, best or last
+weights, a learned layer mix) is a :class:`ProbeConfig`; eval_tools/protocols.py sets it per
+protocol and cites where each value comes from.
 """
 
 from __future__ import annotations
@@ -40,14 +39,23 @@ class Task:
 
 @dataclass(kw_only=True)
 class ProbeConfig:
+    """How one probe is trained; eval_tools/protocols.py holds each protocol's values and sources."""
+
     probe: str = "linear"  # "linear" or "mlp" (one hidden layer)
-    hidden: int = 512
-    dropout: float = 0.2  # MLP only
+    hidden: int | None = 512  # MLP width; None = the feature dimension (CLMR's finetuner_mlp)
+    dropout: float = 0.2  # MLP only, after the ReLU
+    standardize: bool = True  # features minus the training mean, over the training std
     lr: float = 1e-3
     weight_decay: float = 0.0
     batch_size: int = 64
     max_epochs: int = 200
-    patience: int = 20  # epochs without a better valid score before stopping
+    patience: int = 20  # epochs without a better monitored value before stopping
+    # what early stopping (and the best weights, and a plateau schedule) follow: "metric" = the valid
+    # primary metric, "metric+loss" = the same with ties going to the lower valid loss, "loss" = valid loss
+    monitor: str = "metric+loss"
+    plateau: tuple[float, int] | None = None  # ReduceLROnPlateau (factor, patience) on the monitor, threshold 1e-4 rel
+    restore_best: bool = True  # False: test with the last epoch's weights (a Lightning fit without a checkpoint)
+    layer_mix: bool = False  # (N, L, D) features: a learned softmax-weighted sum over layers (MARBLE)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -55,6 +63,8 @@ class ProbeConfig:
             raise ValueError(f"--probe must be 'linear' or 'mlp', got {self.probe!r}")
         if self.lr <= 0 or self.batch_size < 1 or self.max_epochs < 1 or self.patience < 1:
             raise ValueError("--lr, --batch-size, --max-epochs and --patience must be positive")
+        if self.monitor not in ("metric", "metric+loss", "loss"):
+            raise ValueError(f"probe monitor must be metric, metric+loss or loss, got {self.monitor!r}")
 
 
 def valid_rows(task: Task, y: np.ndarray) -> np.ndarray:
@@ -75,18 +85,25 @@ def score(task: Task, y: np.ndarray, probs: np.ndarray) -> dict[str, float]:
 
 
 class Probe(nn.Module):
-    """Standardisation + linear layer or MLP; ``forward`` returns logits."""
+    """(Layer mix) -> (standardisation) -> linear layer or MLP; ``forward`` returns logits."""
 
-    def __init__(self, *, dim: int, n_out: int, cfg: ProbeConfig, mean: np.ndarray, std: np.ndarray) -> None:
+    def __init__(self, *, dim: int, n_out: int, cfg: ProbeConfig, mean: np.ndarray, std: np.ndarray,
+                 layers: int | None = None) -> None:
         super().__init__()
         self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
         self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32))
+        # MARBLE's aggregator: nn.Parameter(torch.randn((1, n_layers, 1))), softmax over layers
+        self.mix = nn.Parameter(torch.randn(1, layers, 1)) if layers else None
         if cfg.probe == "linear":
             self.net = nn.Linear(dim, n_out)
         else:
-            self.net = nn.Sequential(nn.Linear(dim, cfg.hidden), nn.ReLU(), nn.Dropout(cfg.dropout), nn.Linear(cfg.hidden, n_out))
+            hidden = cfg.hidden or dim
+            drop = [nn.Dropout(cfg.dropout)] if cfg.dropout > 0 else []
+            self.net = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), *drop, nn.Linear(hidden, n_out))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, D) -> (B, K)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, D) or (B, L, D) with a layer mix -> (B, K)
+        if self.mix is not None:
+            x = (x * self.mix.softmax(dim=1)).sum(dim=1)
         return self.net((x - self.mean) / self.std)
 
     @torch.no_grad()
@@ -97,13 +114,30 @@ class Probe(nn.Module):
         return (logits.softmax(-1) if kind == "class" else logits.sigmoid()).numpy()
 
 
+def clip_probabilities(probe: Probe, x: np.ndarray, kind: str, owner: np.ndarray | None = None,
+                       n_clips: int | None = None) -> np.ndarray:
+    """Per-clip probabilities ``(clips, K)``. With ``owner`` (rows are crops, ``owner[r]`` the clip
+    of row ``r``) each clip's are the mean over its crops of the per-crop softmax/sigmoid outputs,
+    as CLMR's ``evaluate`` does (``output.mean(dim=0)`` after ``torch.sigmoid``): not the outputs
+    of the mean embedding, nor of the mean logits."""
+    probs = probe.predict(x, kind)
+    if owner is None:
+        return probs
+    n = int(n_clips if n_clips is not None else owner.max() + 1)
+    sums = np.zeros((n, probs.shape[1]), dtype=np.float64)
+    np.add.at(sums, owner, probs)
+    return (sums / np.bincount(owner, minlength=n)[:, None]).astype(np.float32)
+
+
 @dataclass
 class ProbeFit:
     probe: Probe
     best_epoch: int
     epochs_run: int
-    valid: dict[str, float]
+    valid: dict[str, float]  # the valid scores of the weights kept (best or last epoch)
     history: list[float]  # valid primary metric per epoch
+    lr: float = 0.0  # the learning rate it started with
+    final_lr: float = 0.0  # after any plateau reductions
 
 
 def _loss_fn(task: Task) -> nn.Module:
@@ -111,7 +145,7 @@ def _loss_fn(task: Task) -> nn.Module:
 
 
 def train_probe(task: Task, x_train: np.ndarray, y_train: np.ndarray, x_valid: np.ndarray, y_valid: np.ndarray, cfg: ProbeConfig) -> ProbeFit:
-    """Fit a probe on ``(x_train, y_train)``; keep the epoch with the best valid primary metric."""
+    """Fit a probe on ``(x_train, y_train)``, early-stopped on the valid split per ``cfg.monitor``."""
     # A probe's matmuls are tiny: one thread avoids OpenMP sync overhead that otherwise costs
     # more than the arithmetic (measured 10x slower with 2 threads on a busy 2-core machine).
     threads = torch.get_num_threads()
@@ -120,6 +154,35 @@ def train_probe(task: Task, x_train: np.ndarray, y_train: np.ndarray, x_valid: n
         return _train_probe(task, x_train, y_train, x_valid, y_valid, cfg)
     finally:
         torch.set_num_threads(threads)
+
+
+class _Monitor:
+    """Early stopping and best-weights bookkeeping, PyTorch Lightning's rules: an epoch improves
+    when its monitored value is strictly better than the best so far; stop after ``patience``
+    epochs in a row without one. ``metric+loss`` keeps the best weights by (metric, -loss) but
+    counts patience on the metric alone (a saturated accuracy with a falling loss must stop)."""
+
+    def __init__(self, mode: str, patience: int) -> None:
+        self.mode, self.patience = mode, patience
+        self.best_key: tuple[float, ...] | None = None
+        self.best_value, self.best_value_epoch = None, 0
+
+    def value(self, valid: dict, primary: str) -> float:
+        if self.mode == "loss":
+            return -valid["loss"]
+        v = valid[primary]
+        return -1.0 if not np.isfinite(v) else v  # higher is better in both cases
+
+    def update(self, epoch: int, valid: dict, primary: str) -> tuple[bool, bool]:
+        """(keep these weights, stop now)."""
+        v = self.value(valid, primary)
+        key = (v, -valid["loss"]) if self.mode == "metric+loss" else (v,)
+        keep = self.best_key is None or key > self.best_key
+        if keep:
+            self.best_key = key
+        if self.best_value is None or v > self.best_value:
+            self.best_value, self.best_value_epoch = v, epoch
+        return keep, epoch - self.best_value_epoch >= self.patience
 
 
 def _train_probe(task: Task, x_train: np.ndarray, y_train: np.ndarray, x_valid: np.ndarray, y_valid: np.ndarray, cfg: ProbeConfig) -> ProbeFit:
@@ -131,18 +194,27 @@ def _train_probe(task: Task, x_train: np.ndarray, y_train: np.ndarray, x_valid: 
         raise ValueError(f"task {task.name!r}: the valid split has no labelled rows; early stopping needs some")
     x = np.asarray(x_train, dtype=np.float32)[rows]
     y = np.asarray(y_train)[rows]
-    mean = x.mean(axis=0)
-    std = x.std(axis=0) + 1e-6
+    layered = cfg.layer_mix and x.ndim == 3
+    dim = x.shape[-1]
+    if cfg.standardize:
+        flat = x.reshape(-1, dim) if layered else x
+        mean, std = flat.mean(axis=0), flat.std(axis=0) + 1e-6
+    else:
+        mean, std = np.zeros(dim, dtype=np.float32), np.ones(dim, dtype=np.float32)
     torch.manual_seed(cfg.seed)
-    probe = Probe(dim=x.shape[1], n_out=len(task.names), cfg=cfg, mean=mean, std=std)
+    probe = Probe(dim=dim, n_out=len(task.names), cfg=cfg, mean=mean, std=std, layers=x.shape[1] if layered else None)
     opt = torch.optim.Adam(probe.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    plateau = None
+    if cfg.plateau is not None:
+        factor, patience = cfg.plateau
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min" if cfg.monitor == "loss" else "max", factor=factor,
+                                                             patience=patience, threshold=1e-4, threshold_mode="rel")
     loss_fn = _loss_fn(task)
     xt = torch.from_numpy(x)
     yt = torch.as_tensor(y, dtype=torch.long if task.kind == "class" else torch.float32)
     gen = torch.Generator().manual_seed(cfg.seed)
-    best_key: tuple[float, float] | None = None
-    best_metric, best_metric_epoch = -np.inf, 0
-    best_state, best_epoch, best_valid = None, 0, {}
+    monitor = _Monitor(cfg.monitor, cfg.patience)
+    best_state, best_epoch, best_valid, last_valid = None, 0, {}, {}
     history: list[float] = []
     xv = torch.as_tensor(np.asarray(x_valid, dtype=np.float32)[vrows])
     yv_np = np.asarray(y_valid)[vrows]
@@ -162,20 +234,18 @@ def _train_probe(task: Task, x_train: np.ndarray, y_train: np.ndarray, x_valid: 
             logits = probe(xv)
             vloss = float(loss_fn(logits, yv))
             probs = (logits.softmax(-1) if task.kind == "class" else logits.sigmoid()).numpy()
-        valid = score(task, yv_np, probs)
-        valid["loss"] = vloss
-        prim = valid[task.primary]
-        prim = -1.0 if not np.isfinite(prim) else prim
-        history.append(prim)
-        key = (prim, -vloss)  # ties in the metric go to the lower valid loss
-        if best_key is None or key > best_key:
-            best_key, best_epoch, best_valid = key, epoch, valid
+        last_valid = score(task, yv_np, probs) | {"loss": vloss}
+        history.append(monitor.value(last_valid, task.primary) if cfg.monitor != "loss" else last_valid[task.primary])
+        keep, stop = monitor.update(epoch, last_valid, task.primary)
+        if keep:
+            best_epoch, best_valid = epoch, last_valid
             best_state = copy.deepcopy(probe.state_dict())
-        # patience counts epochs without a better metric: a saturated accuracy with a still
-        # falling loss must not keep training forever
-        if prim > best_metric:
-            best_metric, best_metric_epoch = prim, epoch
-        elif epoch - best_metric_epoch >= cfg.patience:
+        if stop:
             break
-    probe.load_state_dict(best_state)
-    return ProbeFit(probe=probe, best_epoch=best_epoch, epochs_run=epoch, valid=best_valid, history=history)
+        if plateau is not None:
+            plateau.step(monitor.value(last_valid, task.primary) * (-1 if cfg.monitor == "loss" else 1))
+    final_lr = float(opt.param_groups[0]["lr"])
+    if cfg.restore_best:
+        probe.load_state_dict(best_state)
+    return ProbeFit(probe=probe, best_epoch=best_epoch, epochs_run=epoch, valid=best_valid if cfg.restore_best else last_valid,
+                    history=history, lr=cfg.lr, final_lr=final_lr)

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from eval_tools import metrics
-from eval_tools.data import Dataset, Embeddings
+from eval_tools.data import SPLITS, Dataset, Embeddings
 from eval_tools.encoders import Encoder
-from eval_tools.extract import extract, prepare_encoder
-from eval_tools.probe import ProbeConfig, Task, score, train_probe, valid_rows
+from eval_tools.extract import LOCAL, View, extract, prepare_encoder
+from eval_tools.heads import Head
+from eval_tools.probe import ProbeConfig, Task, clip_probabilities, score, train_probe, valid_rows
+from eval_tools.runtime import Runtime
 from eval_tools.subset import label_fraction_subset
+from pipeline.errors import UserError
 
 
 def make_tasks(ds: Dataset, names: list[str] | None = None, titles: dict[str, str] | None = None) -> list[Task]:
@@ -18,7 +23,7 @@ def make_tasks(ds: Dataset, names: list[str] | None = None, titles: dict[str, st
         names = [k for k, s in ds.spec.items() if len(s.get("names") or []) >= 2]
     missing = [n for n in names if n not in ds.spec]
     if missing:
-        raise ValueError(f"--tasks {','.join(missing)}: not in the manifests' label spec; known fields: {', '.join(ds.spec)}")
+        raise UserError(f"--tasks {','.join(missing)}: not in the manifests' label spec; known fields: {', '.join(ds.spec)}")
     tasks = [Task(name=n, kind=ds.spec[n]["kind"], names=list(ds.spec[n]["names"])) for n in names]
     for t in tasks:
         t.title = (titles or {}).get(t.name, t.name)  # type: ignore[attr-defined]
@@ -35,27 +40,46 @@ def train_subset(emb: Embeddings, task: Task, fraction: float, seed: int) -> np.
     return rows[sub]
 
 
+def _layer_options(x: np.ndarray, per_layer: bool) -> list[tuple[int | None, object]]:
+    """``(layer, select)`` pairs: one per layer (per_layer), MARBLE's mix over layers 1.. (not
+    per_layer), or the features as they are (no layer axis)."""
+    if x.ndim != 3:
+        return [(None, lambda a: a)]
+    if per_layer:
+        return [(layer, (lambda a, l=layer: a[:, l])) for layer in range(x.shape[1])]
+    return [(None, lambda a: a[:, 1:] if a.shape[1] > 1 else a)]
+
+
 def probe_task(task: Task, train: Embeddings, valid: Embeddings, test: Embeddings, cfg: ProbeConfig, *, fraction: float = 1.0,
-               seed: int = 0) -> dict:
-    """One probe (per layer when embeddings are ``(N, L, D)``); the test score at the best valid epoch/layer."""
+               seed: int = 0, lrs: tuple[float, ...] | None = None, per_layer: bool = True) -> dict:
+    """Probes for every (layer, learning rate) candidate; the test score of the one best on valid.
+
+    Candidates: one per layer for ``(N, L, D)`` embeddings when ``per_layer`` (else one learned layer
+    mix), times every learning rate in ``lrs``. The test split may hold crops (``test.owner``):
+    scored per clip from the mean of its crops' outputs (eval_tools/probe.py ``clip_probabilities``)."""
     idx = train_subset(train, task, fraction, seed)
     xs = train.x[idx]
     ys = train.labels[task.name][idx]
-    layered = train.x.ndim == 3
-    per_layer = []
-    for layer in range(train.x.shape[1] if layered else 1):
-        sel = (lambda a: a[:, layer]) if layered else (lambda a: a)
-        fit = train_probe(task, sel(xs), ys, sel(valid.x), valid.labels[task.name], cfg)
-        probs = fit.probe.predict(sel(test.x), task.kind)
-        per_layer.append({"layer": layer, "valid": fit.valid, "test": score(task, test.labels[task.name], probs),
-                          "best_epoch": fit.best_epoch, "epochs": fit.epochs_run, "_probs": probs})
-    best = max(per_layer, key=lambda r: (r["valid"][task.primary], -r["layer"]))
+    fits = []
+    for layer, sel in _layer_options(train.x, per_layer):
+        for lr in lrs or (cfg.lr,):
+            run_cfg = dataclasses.replace(cfg, lr=lr, layer_mix=train.x.ndim == 3 and not per_layer)
+            fit = train_probe(task, sel(xs), ys, sel(valid.x), valid.labels[task.name], run_cfg)
+            probs = clip_probabilities(fit.probe, sel(test.x), task.kind, test.owner, len(test.keys))
+            fits.append({"layer": layer, "lr": lr, "valid": fit.valid, "test": score(task, test.labels[task.name], probs),
+                         "best_epoch": fit.best_epoch, "epochs": fit.epochs_run, "_probs": probs,
+                         "_head": Head(task=task, probe=fit.probe, layer=layer, layer_mix=run_cfg.layer_mix)})
+    # the candidate whose kept weights score best on valid (ties: the lower layer, the larger lr, first in order)
+    best = max(enumerate(fits), key=lambda e: (_valid_key(e[1]["valid"], task, cfg), -(e[1]["layer"] or 0), -e[0]))[1]
     probs = best.pop("_probs")
-    row = {"task": task.name, "fraction": fraction, "n_train": int(len(idx)), "valid": best["valid"], "test": best["test"],
-           "best_epoch": best["best_epoch"], "epochs": best["epochs"]}
-    if layered:
+    head = best.pop("_head")
+    row = {"task": task.name, "_head": head, "fraction": fraction, "n_train": int(len(idx)), "valid": best["valid"], "test": best["test"],
+           "best_epoch": best["best_epoch"], "epochs": best["epochs"], "lr": best["lr"]}
+    if len(lrs or ()) > 1:
+        row["lr_candidates"] = [{"lr": f["lr"], "layer": f["layer"], "valid": f["valid"]} for f in fits]
+    if best["layer"] is not None:
         row["layer"] = best["layer"]
-        row["per_layer"] = [{k: v for k, v in r.items() if k != "_probs"} for r in per_layer]
+        row["per_layer"] = [{k: v for k, v in f.items() if not k.startswith("_")} for f in fits]
     y = test.labels[task.name]
     rows = valid_rows(task, y)
     if task.kind == "multi_hot":
@@ -67,30 +91,49 @@ def probe_task(task: Task, train: Embeddings, valid: Embeddings, test: Embedding
     return row
 
 
+def _valid_key(valid: dict, task: Task, cfg: ProbeConfig) -> float:
+    """What candidates are compared on: the protocol's monitor (valid loss or primary metric)."""
+    if cfg.monitor == "loss":
+        return -valid["loss"]
+    v = valid[task.primary]
+    return v if np.isfinite(v) else -1.0
+
+
 def embed_splits(enc: Encoder, ds: Dataset, *, cache_dir: str | None, recalibrate: bool = True, progress: bool = True,
-                 calib_crops: int = 512, seed: int = 0) -> dict[str, Embeddings]:
+                 calib_crops: int = 512, seed: int = 0, batch: int = 16, rt: Runtime = LOCAL,
+                 views: dict[str, View] | None = None, min_read: float = 0.0) -> dict[str, Embeddings] | None:
+    """Train/valid/test embeddings (rank 0's; None on the other ranks under torchrun); a split that
+    read less than ``min_read`` of its samples is refused (eval_tools/extract.py)."""
     prepare_encoder(enc, ds, recalibrate=recalibrate, n_crops=calib_crops, seed=seed)
-    return {s: extract(enc, ds, s, cache_dir=cache_dir, progress=progress) for s in ("train", "valid", "test")}
+    views = views or {s: View() for s in SPLITS}
+    out = {s: extract(enc, ds, s, view=views[s], cache_dir=cache_dir, progress=progress, batch=batch, rt=rt, min_read=min_read)
+           for s in SPLITS}
+    return out if rt.is_main else None
+
+
+def check_labels(ds: Dataset, tasks: list[Task], embs: dict[str, Embeddings]) -> None:
+    """Every task needs labels in every split: a clear error naming the task and the split otherwise."""
+    for split, emb in embs.items():
+        if not emb.keys and emb.excluded:
+            raise UserError(f"--data {ds.name}: all {emb.excluded} clips of the {split} split are shorter than the "
+                            "protocol's crop (--protocol clmr: 59049 samples, or the SampleCNN's input); use another --protocol")
+        if not emb.keys:
+            raise UserError(f"--data {ds.name}: no clip of the {split} split could be read ({ds.manifests[split]}); "
+                            "run `shard-tools verify` on it")
+        for t in tasks:
+            y = emb.labels[t.name]
+            labelled = (y >= 0).any() if t.kind == "class" else (y > 0.5).any()
+            if not labelled:
+                raise UserError(f"--tasks {t.name}: the {split} split of {ds.name} has no {t.name} labels "
+                                f"({len(emb.keys)} clips read from {ds.manifests[split]}); pick other --tasks or rebuild the split")
 
 
 def probe_encoder(enc_name: str, embs: dict[str, Embeddings], tasks: list[Task], cfg: ProbeConfig, *,
-                  fractions: list[float] = (1.0,), seed: int = 0) -> list[dict]:
+                  fractions: list[float] = (1.0,), seed: int = 0, lrs: tuple[float, ...] | None = None,
+                  per_layer: bool = True) -> list[dict]:
     rows = []
     for f in fractions:
         for t in tasks:
-            row = probe_task(t, embs["train"], embs["valid"], embs["test"], cfg, fraction=f, seed=seed)
+            row = probe_task(t, embs["train"], embs["valid"], embs["test"], cfg, fraction=f, seed=seed, lrs=lrs, per_layer=per_layer)
             rows.append({"encoder": enc_name, **row})
     return rows
-
-
-def results_skeleton(ds: Dataset, tasks: list[Task], config: dict) -> dict:
-    return {
-        "format": "musicssl-eval/1",
-        "dataset": ds.name,
-        "manifests": ds.manifests,
-        "num_samples": ds.num_samples,
-        "tasks": {t.name: {"kind": t.kind, "names": t.names, "title": getattr(t, "title", t.name)} for t in tasks},
-        "rows": [],
-        "encoders": {},
-        "config": config,
-    }

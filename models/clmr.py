@@ -1,23 +1,39 @@
 """CLMR: SampleCNN on raw waveforms + NT-Xent (Spijkervet & Burgoyne, 2021).
 
-The encoder follows the original ``SampleCNN`` of the CLMR code: a strided first convolution, blocks
-of Conv1d(kernel 3, padding 1) + BatchNorm + ReLU + MaxPool(3), then a 512→512 convolution, so a
+The encoder follows CLMR's ``SampleCNN`` (Spijkervet/CLMR ``clmr/models/sample_cnn.py`` at
+423414d, built by ``main.py`` with strides 3 x 9): a strided first convolution, blocks of
+Conv1d(kernel 3, padding 1) + BatchNorm + ReLU + MaxPool(3), then a 512→512 convolution, so a
 ``3 ** (blocks + 1)``-sample input (59049 = 2.68 s at 22.05 kHz for 9 blocks) ends as one 512-d
-frame. The default encoder has the original's 2,368,512 parameters (convolution weights and biases
-plus BatchNorm weights and biases; the BatchNorm running statistics are buffers, not parameters).
+frame. The default encoder has that model's 2,368,512 parameters without its ``fc`` head, which
+SimCLR replaces by an identity (convolution weights and biases plus BatchNorm weights and biases;
+the BatchNorm running statistics are buffers, not parameters). Initialisation is PyTorch's
+default, as CLMR v2 trains it (its ``Model.initialize``, kaiming-uniform, is never called there;
+the v1 branch, c6f4490 ``main.py``, did apply it).
 
-The projection head is Linear(512, 512, no bias)–ReLU–Linear(512, d, no bias) as in the original.
+The projection head is SimCLR's (Spijkervet/SimCLR ``simclr/simclr.py`` at 2738efa, the ``simclr``
+package CLMR imports): Linear(512, 512, no bias)–ReLU–Linear(512, d, no bias), with d = 64 in CLMR
+v2's ``config/config.yaml`` (423414d; v1 used 128).
 
-The loss is NT-Xent (SimCLR) at temperature 0.5. With ``gather_negatives=True`` every rank's
+Encoder calls and BatchNorm: SimCLR's ``forward(x_i, x_j)`` runs the encoder once per view, so each
+view is its own BatchNorm batch, and CLMR trains with ``Trainer(sync_batchnorm=True)`` (``main.py``
+at 423414d), so with several GPUs the statistics are over the global per-view batch.
+``encoder_calls="per_view"`` (default) does the same; ``"shared"`` (ours, a departure) runs both
+views in one call, one BatchNorm batch of 2B crops, which halves the kernel launches but lets each
+view's normalisation see the other view. Global statistics need the trainer's
+``--train.sync_batchnorm=true`` (``nn.SyncBatchNorm``, CUDA + DDP), which the paper presets set.
+
+The loss is NT-Xent (SimCLR) at temperature 0.5. With ``gather_negatives=True`` (ours) every rank's
 embeddings are all-gathered *with gradients*, so each anchor is contrasted with the 2N−2 negatives
-of the global batch; the original code contrasts only within a GPU's batch (``False``).
+of the global batch; CLMR contrasts only within a GPU's batch (``NT_Xent(batch_size, temperature,
+world_size=1)`` in ``clmr/modules/contrastive_learning.py`` at 423414d): ``False``. On one GPU the
+two are identical.
 
 Scaling across ranks: each rank's loss is the mean over its own 2n anchors, and the all-gather's
 backward sums the gradient of every rank's loss into the rank that owns an embedding. DDP then
 averages parameter gradients over the W ranks, which gives exactly the gradient of the mean over
 all 2N anchors, i.e. the single-process loss on the concatenated batch (tests/test_clmr.py checks
-values and gradients over two gloo processes). BatchNorm statistics remain per rank, as in the
-original; convert to ``nn.SyncBatchNorm`` in the trainer (CUDA only) for global statistics.
+values and gradients over two gloo processes). BatchNorm statistics are per rank unless the trainer
+converts the model to ``nn.SyncBatchNorm`` (CLMR's setting, see above).
 
 Usage::
 
@@ -53,9 +69,12 @@ class CLMRConfig:
     channels: tuple[int, ...] = (128, 128, 256, 256, 256, 256, 256, 256, 512)
     first_channels: int = 128  # the strided (kernel 3, stride 3) first convolution
     last_channels: int = 512  # the final 3-tap convolution = the embedding size
-    projection_dim: int = 128  # 128 in CLMR v1, 64 in v2
+    projection_dim: int = 64  # CLMR v2 config/config.yaml (423414d); 128 in v1
     temperature: float = 0.5
-    gather_negatives: bool = True  # all-gather with grads across ranks; False = per-GPU negatives (original)
+    gather_negatives: bool = True  # all-gather with grads across ranks; False = per-GPU negatives (CLMR's)
+    # "per_view": one encoder call (one BatchNorm batch) per view, as SimCLR/CLMR; "shared": both views
+    # in one call (ours).
+    encoder_calls: str = "per_view"
 
     def __post_init__(self) -> None:
         self.channels = tuple(int(c) for c in self.channels)
@@ -71,6 +90,8 @@ class CLMRConfig:
                 raise ValueError(f"{name} must be positive, got {value}")
         if not self.temperature > 0:
             raise ValueError(f"model.temperature must be > 0, got {self.temperature}")
+        if self.encoder_calls not in ("per_view", "shared"):
+            raise ValueError(f"model.encoder_calls must be 'per_view' or 'shared', got {self.encoder_calls!r}")
 
     @property
     def input_samples(self) -> int:
@@ -79,7 +100,7 @@ class CLMRConfig:
 
     @classmethod
     def default(cls) -> CLMRConfig:
-        """The CLMR paper's SampleCNN (59049 samples, 2,368,512 encoder parameters), d = 128."""
+        """CLMR v2's model: SampleCNN (59049 samples, 2,368,512 encoder parameters), d = 64, per-view calls."""
         return cls()
 
     @classmethod
@@ -96,8 +117,8 @@ class CLMRConfig:
 class SampleCNN(nn.Module):
     """The CLMR encoder: ``(B, 1, T) -> (B, last_channels)``.
 
-    For ``T == config.input_samples`` the last map has one frame, which is the embedding (as in the
-    original); longer inputs give several frames, averaged.
+    For ``T == config.input_samples`` the last map has one frame, which is the embedding (CLMR
+    flattens it); longer inputs give several frames, averaged.
     """
 
     def __init__(self, config: CLMRConfig) -> None:
@@ -252,9 +273,11 @@ class CLMR(nn.Module):
                 "run the loader in CLMR (two-view) mode with mono audio"
             )
         b = audio.shape[0]
-        # Both views through the encoder in one call: one BatchNorm statistic over 2B crops, as in the original.
-        x = torch.cat([audio[:, 0], audio[:, 1]])  # (2B, 1, T)
-        h = self.encoder(x)  # (2B, C)
+        if self.config.encoder_calls == "per_view":
+            # SimCLR's two calls: each view is its own BatchNorm batch of B crops.
+            h = torch.cat([self.encoder(audio[:, 0]), self.encoder(audio[:, 1])])  # (2B, C)
+        else:
+            h = self.encoder(torch.cat([audio[:, 0], audio[:, 1]]))  # (2B, C): one BatchNorm batch of 2B
         z = self.projector(h)  # (2B, d)
         stats = nt_xent_stats(z[:b], z[b:], self.config.temperature, gather=self.config.gather_negatives)
         with torch.no_grad():

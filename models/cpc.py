@@ -7,11 +7,22 @@ then a one-layer GRU (256 units) as the autoregressive context network.
 Loss: InfoNCE over future steps. From the context ``c_t`` a linear map per step ``W_k`` predicts the
 encoded frame ``z_{t+k}``, k = 1..K (K = 20); the score of a candidate ``z`` is ``W_k c_t · z``. Each
 anchor ``t`` draws M negatives (15) uniformly from all valid frames of the batch (other positions and
-other clips); as in the CLMR/Greedy InfoMax code they are shared across the K steps, and a negative
-that *is* the step's positive frame is masked out of that step's softmax. Step k's loss is the mean
-cross-entropy over the anchors whose target exists (``t + k`` inside the clip's valid frames); the
-total is the mean over steps. ``window`` restricts the anchors to a random contiguous window (CLMR's
-``subsample``) to bound the cost; negatives still come from every frame.
+other clips), shared across the K steps, and a negative that *is* the step's positive frame is masked
+out of that step's softmax. Step k's loss is the mean cross-entropy over the anchors whose target
+exists (``t + k`` inside the clip's valid frames); the total is the mean over steps. ``window``
+restricts the anchors to a random contiguous window (CLMR's ``subsample``) to bound the cost;
+negatives still come from every frame.
+
+Source: CLMR's CPC (Spijkervet/CLMR 4f984b2 "Added CPC model": ``model.py`` ``cpc_model``,
+``modules/cpc/{encoder,autoregressor,infonce}.py``; hyper-parameters of the v1 branch's
+``config/config_cpc.yaml`` at c6f4490: K = 20, 15 negatives, ``subsample`` on with an 81-frame
+window, Adam 3e-4, batch 48). Departures: CLMR draws the negatives once per batch (M random
+permutations of all frames) and gives step k a shifted slice of that draw, keeping a negative that
+happens to be the positive (its comment: under 0.1 %); we draw per anchor with replacement, reuse
+the draw for every step and mask such negatives. Conv init: ``init="kaiming_uniform"`` (``default()``)
+is CLMR's (``model.apply(model.initialize)`` in its ``main.py``: ``kaiming_uniform_(fan_in, relu)``
+on conv weights, biases at PyTorch's default); ``"kaiming"`` (He-normal, zero biases; the dataclass
+and ``tiny()`` default) and ``"pytorch"`` are the alternatives.
 
 Usage::
 
@@ -44,11 +55,14 @@ class CPCConfig:
     negatives: int = 15  # M per anchor, shared across the K steps
     window: int | None = None  # anchors per clip (random contiguous window); None = all positions
     input_samples: int = 59049  # crop length the loader should give (same 2.68 s crops as CLMR)
-    # "kaiming": He-normal conv weights, zero biases, which keep the ReLU stack's activation scale;
-    # "pytorch": PyTorch's default (as the CLMR code), which shrinks it ~2.4x per layer, so the
-    # untrained frames barely differ between clips and InfoNCE sits at chance for many steps
-    # (tests/test_cpc.py: held-out loss 2.20 -> 0.14 in 50 tiny steps with kaiming, -> 2.10 without).
-    init: Literal["kaiming", "pytorch"] = "kaiming"
+    # Conv weight init. "kaiming_uniform" (CLMR's CPC, the default() preset): kaiming_uniform_(fan_in,
+    # relu) on every conv weight, biases left at PyTorch's default (Spijkervet/CLMR 4f984b2 "Added CPC
+    # model": main.py runs model.apply(model.initialize), modules/model.py). "kaiming" (ours, the
+    # dataclass and tiny() default): He-normal weights, zero biases; the same weight variance, and
+    # untrained features that already separate notes (tests/test_eval_e2e.py probes one). "pytorch":
+    # PyTorch's default, which shrinks the ReLU stack's scale ~2.4x per layer, so untrained frames
+    # barely differ and InfoNCE sits at chance for many steps (tests/test_cpc.py measures all three).
+    init: Literal["kaiming_uniform", "kaiming", "pytorch"] = "kaiming"
 
     def __post_init__(self) -> None:
         self.strides, self.kernels, self.padding = (tuple(int(v) for v in t) for t in (self.strides, self.kernels, self.padding))
@@ -69,8 +83,8 @@ class CPCConfig:
                 raise ValueError(f"{name} must be positive, got {value}")
         if min(self.padding) < 0:
             raise ValueError(f"model.padding must be >= 0, got {self.padding}")
-        if self.init not in ("kaiming", "pytorch"):
-            raise ValueError(f"model.init must be 'kaiming' or 'pytorch', got {self.init!r}")
+        if self.init not in ("kaiming_uniform", "kaiming", "pytorch"):
+            raise ValueError(f"model.init must be 'kaiming_uniform', 'kaiming' or 'pytorch', got {self.init!r}")
         if self.window is not None and self.window < 1:
             raise ValueError(f"model.window must be positive or None (all positions), got {self.window}")
         frames = self.num_frames(self.input_samples)
@@ -97,8 +111,9 @@ class CPCConfig:
 
     @classmethod
     def default(cls) -> CPCConfig:
-        """CLMR's CPC for 22.05 kHz: 7 conv layers of 512, GRU 256, K = 20, 15 negatives, 59049-sample crops."""
-        return cls()
+        """CLMR's CPC for 22.05 kHz: 7 conv layers of 512, GRU 256, K = 20, 15 negatives, 59049-sample
+        crops, CLMR's kaiming-uniform conv init."""
+        return cls(init="kaiming_uniform")
 
     @classmethod
     def tiny(cls) -> CPCConfig:
@@ -124,7 +139,9 @@ class CPCEncoder(nn.Module):
         c_in = 1
         for s, k, p in zip(config.strides, config.kernels, config.padding):
             conv = nn.Conv1d(c_in, config.channels, kernel_size=k, stride=s, padding=p)
-            if config.init == "kaiming":
+            if config.init == "kaiming_uniform":
+                nn.init.kaiming_uniform_(conv.weight, mode="fan_in", nonlinearity="relu")
+            elif config.init == "kaiming":
                 nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
                 nn.init.zeros_(conv.bias)
             layers += [conv, nn.ReLU()]
@@ -288,13 +305,34 @@ class CPC(nn.Module):
             metrics[f"acc_step{k}"] = acc[k - 1]
         return out["loss"], {k: v.detach() for k, v in metrics.items()}
 
-    def embed(self, audio: Tensor) -> dict[str, Tensor]:
+    def embed(self, audio: Tensor, lengths: Tensor | None = None) -> dict[str, Tensor]:
         """Context (the probe features, as in CPC) and encoder features of ``audio`` (B, T).
 
-        Returns ``pooled`` (B, H) and ``frames`` (B, T', H) from the GRU context, and
-        ``encoder_pooled`` (B, C) and ``encoder_frames`` (B, T', C) from the convolutions.
+        Returns ``pooled`` (B, H) and ``frames`` (B, T', H) from the GRU context,
+        ``encoder_pooled`` (B, C) and ``encoder_frames`` (B, T', C) from the convolutions, and
+        ``frame_lengths`` (B,). With ``lengths`` (valid samples per clip, zero padding after) each
+        conv layer's output is zeroed beyond the clip's own output length, which is exactly the
+        zero padding the clip alone would meet, and the GRU is causal: a padded clip's valid
+        frames and means equal the clip's alone (up to float rounding).
         """
         if audio.dim() != 2:
             raise ValueError(f"CPC.embed expects mono audio (B, T), got shape {tuple(audio.shape)}")
-        z, c = self.encode(audio)
-        return {"pooled": c.mean(dim=1), "frames": c, "encoder_pooled": z.mean(dim=1), "encoder_frames": z}
+        if lengths is None:
+            z, c = self.encode(audio)
+            n = torch.full((audio.shape[0],), z.shape[1], dtype=torch.long, device=z.device)
+        else:
+            n = lengths.to(audio.device).long()
+            x = audio.unsqueeze(1)
+            convs = [m for m in self.encoder.layers if isinstance(m, nn.Conv1d)]
+            for conv in convs:
+                x = torch.relu(conv(x))
+                (k,), (s,), (p,) = conv.kernel_size, conv.stride, conv.padding
+                n = (torch.div(n + 2 * p - k, s, rounding_mode="floor") + 1).clamp_min(0)
+                x = x * (torch.arange(x.shape[-1], device=x.device)[None, :] < n[:, None]).to(x.dtype)[:, None, :]
+            z = x.transpose(1, 2)  # (B, L, C)
+            with torch.autocast(device_type=z.device.type, enabled=False):
+                c, _ = self.context(z.float())
+        valid = (torch.arange(z.shape[1], device=z.device)[None, :] < n[:, None])[..., None]
+        count = valid.sum(1).clamp_min(1)
+        return {"pooled": (c * valid).sum(1) / count, "frames": c, "encoder_pooled": (z * valid).sum(1) / count,
+                "encoder_frames": z, "frame_lengths": n}

@@ -318,6 +318,7 @@ class FeatureEncoder(nn.Module):
     def __init__(self, config: Wav2Vec2Config) -> None:
         super().__init__()
         self.mode = config.extractor_mode
+        self.conv_layers = config.conv_layers
         self.convs = nn.ModuleList()
         self.norms = nn.ModuleList()
         in_ch = 1
@@ -331,7 +332,11 @@ class FeatureEncoder(nn.Module):
         for conv in self.convs:
             nn.init.kaiming_normal_(conv.weight)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
+        """``x`` (B, T) -> (B, C, T'). With ``lengths`` (valid samples per clip) the first layer's
+        group norm takes its statistics over each clip's valid frames only, so a zero-padded clip
+        gets exactly the features of the clip alone (see ``Wav2Vec2Pretrain.embed``); without it
+        the statistics span the whole padded row, as fairseq's (pre-training keeps that)."""
         x = x[:, None]  # (B, 1, T)
         for i, conv in enumerate(self.convs):
             x = conv(x)
@@ -342,9 +347,28 @@ class FeatureEncoder(nn.Module):
                                  norm.bias, norm.eps).transpose(1, 2).type_as(x)
             elif i == 0:
                 norm = self.norms[0]
-                x = F.group_norm(x.float(), norm.num_groups, norm.weight, norm.bias, norm.eps).type_as(x)
+                if lengths is None:
+                    x = F.group_norm(x.float(), norm.num_groups, norm.weight, norm.bias, norm.eps).type_as(x)
+                else:
+                    _, k, s = self.conv_layers[0]
+                    valid = torch.div(lengths.to(x.device) - k, s, rounding_mode="floor") + 1
+                    x = _masked_instance_norm(x, valid, norm).type_as(x)
             x = F.gelu(x)
         return x  # (B, C, T')
+
+
+def _masked_instance_norm(x: Tensor, valid: Tensor, norm: nn.GroupNorm) -> Tensor:
+    """Per-channel normalisation over the first ``valid[b]`` frames of each row (float32):
+    ``GroupNorm(C, C)`` of each clip alone, applied to its padded row."""
+    xf = x.float()  # (B, C, T)
+    # statistics from each row's valid slice (one fused reduction each), then one fused scale+shift
+    # pass: masks over (B, C, T) cost several full passes over the largest tensor of the model
+    stats = [torch.var_mean(xf[b, :, : max(1, int(n))], dim=-1, unbiased=False) for b, n in enumerate(valid.tolist())]
+    var = torch.stack([v for v, _ in stats])  # (B, C)
+    mean = torch.stack([m for _, m in stats])
+    scale = torch.rsqrt(var + norm.eps) * norm.weight.float()
+    shift = norm.bias.float() - mean * scale
+    return torch.addcmul(shift[..., None], xf, scale[..., None])
 
 
 class PositionalConv(nn.Module):
@@ -509,11 +533,14 @@ class Wav2Vec2Pretrain(nn.Module):
         self.temperature = gumbel_temperature(self.config, step)
 
     # -- shared front end ------------------------------------------------------------------
-    def _features(self, audio: Tensor, lengths: Tensor | None
+    def _features(self, audio: Tensor, lengths: Tensor | None, *, exact_padding: bool = False
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor]:
-        """Return (projected (B,T',D), layer-normed features (B,T',C), penalty, padding, frames)."""
+        """Return (projected (B,T',D), layer-normed features (B,T',C), penalty, padding, frames).
+
+        ``exact_padding``: the group norm ignores padded samples (``embed``); pre-training keeps
+        fairseq's statistics over the whole row."""
         c = self.config
-        feats = self.feature_extractor(audio)  # (B, C, T')
+        feats = self.feature_extractor(audio, lengths if exact_padding else None)  # (B, C, T')
         if c.feature_grad_mult != 1.0 and feats.requires_grad:  # in any mode, as fairseq
             feats = _GradMultiply.apply(feats, c.feature_grad_mult)
         pen = feats.float().pow(2).mean()
@@ -652,16 +679,24 @@ class Wav2Vec2Pretrain(nn.Module):
 
     # -- representations -----------------------------------------------------------------------
     def embed(self, audio: Tensor, lengths: Tensor | None = None) -> dict[str, Any]:
-        """Unmasked context features of ``audio`` (B, T).
+        """Unmasked context features of ``audio`` (B, T), zero-padded after ``lengths`` (B,) valid samples.
 
         Returns ``frames`` (B, T', D) (the context network's output), ``pooled`` (B, D) (mean over
         valid frames), ``layers`` (list of (B, T', D): the transformer input after the positional
         conv, then each layer's output), ``features`` (B, T', C) (the layer-normed conv features)
-        and ``frame_lengths`` (B,). Dropout follows the module's mode: call ``eval()`` for probes.
+        and ``frame_lengths`` (B,) (valid frames; pool ``layers`` over these). Dropout follows the
+        module's mode: call ``eval()`` for probes.
+
+        With ``lengths`` a padded clip's valid frames equal those of the clip alone (up to float
+        rounding): the conv frames counted by ``frame_lengths`` read no padded sample, the first
+        group norm takes statistics over valid frames only, padded frames are zeroed before the
+        positional conv and masked out of every attention's keys, and pooling skips them.
+        fairseq and HF instead let the group norm see the padding (HF advises not to pad
+        group-norm models at all); pre-training (``forward``) keeps that behaviour.
         """
         if audio.dim() != 2:
             raise ValueError(f"embed takes mono audio (B, T), got {tuple(audio.shape)}")
-        x, feats, _, padding, frames = self._features(audio, lengths)
+        x, feats, _, padding, frames = self._features(audio, lengths, exact_padding=True)
         x, layers = self.encoder(x, padding, keep_layers=True)
         valid = (torch.arange(x.shape[1], device=x.device)[None, :] < frames[:, None]).to(x.dtype)
         pooled = (x * valid[..., None]).sum(1) / valid.sum(1, keepdim=True).clamp_min(1)

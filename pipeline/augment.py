@@ -10,10 +10,15 @@ output on a given device (CPU and CUDA noise streams differ; the drawn parameter
 Transforms split ``forward`` into ``draw(n)`` (parameters, CPU tensors) and ``apply(x, params)``
 (deterministic given the parameters), so tests and listening tools can set parameters explicitly.
 
-Default chain (CLMR, Spijkervet & Burgoyne 2021): polarity p=0.8; noise p=0.01 (CLMR's noise std is
-0.001-0.005 of the signal's, i.e. 46-60 dB SNR); gain p=0.3, -20..-1 dB; high-pass 200-1200 Hz or
-low-pass 2200-4000 Hz, p=0.8; delay p=0.3, 200-450 ms in 50 ms steps, volume 0.5; pitch p=0.6,
-+-7 semitones; reverb p=0.6. Speed is off by default (CLMR has none).
+Default chain: CLMR's (Spijkervet & Burgoyne 2021), as its master branch runs it (Spijkervet/CLMR
+``main.py`` and ``config/config.yaml`` at 423414d, with torchaudio-augmentations 0.2.2, f152b78, the release current then):
+polarity p=0.8; noise p=0.01, std uniform in 0.001-1.0 x the clip's; gain p=0.3, -20..-1 dB;
+windowed-sinc FIR high-pass 200-1200 Hz or low-pass 2200-4000 Hz, p=0.8; delay p=0.3, 200-450 ms
+in 50 ms steps, volume 0.5, halved; pitch p=0.6, +-7 semitones; sox/freeverb reverb p=0.6,
+reverberance, damping and room scale each 0-99. Speed is off (CLMR has none). Each transform's
+docstring names the original file and commit it follows and how it differs; our variants
+(SNR-in-dB and coloured noise, Butterworth filters, un-halved delay, convolution reverb with a
+drawn RT60 or IR files) are selected by name in ``AugmentConfig``.
 
 The CPU path for loader workers (audiomentations, per example) lives in ``pipeline.augment_cpu``.
 """
@@ -27,11 +32,15 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from functools import lru_cache
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from pipeline.dsp import (
+    butterworth_mag, causal_filter, fast_fft_len, fir_filter, fir_lowpass_kernels, first_order_kernels,
+    freeverb_apply, freeverb_irs,
+)
 
 NOISE_COLORS = {"white": 0.0, "pink": -0.5, "brown": -1.0, "blue": 0.5, "violet": 1.0}
 """Noise colour -> exponent of the amplitude spectrum, |N(f)| ~ f**exponent (pink: -3 dB/octave)."""
@@ -60,7 +69,11 @@ class AugmentConfig:
     polarity_p: float = 0.8
 
     noise_p: float = 0.01
-    noise_snr_db: tuple[float, float] = (46.0, 60.0)
+    # "std_ratio" (CLMR): noise std drawn uniformly in [lo, hi] x the example's std, white Gaussian;
+    # "snr_db" (ours): SNR drawn uniformly in dB, noise scaled to its exact RMS.
+    noise_mode: str = "std_ratio"
+    noise_std_ratio: tuple[float, float] = (0.001, 1.0)  # torchaudio-augmentations <= 0.2.2; 0.2.3 on: (1e-4, 1e-2)
+    noise_snr_db: tuple[float, float] = (46.0, 60.0)  # noise_mode="snr_db" only
     noise_color: tuple[str, ...] = ("white",)  # one colour drawn uniformly per example
 
     gain_p: float = 0.3
@@ -70,12 +83,18 @@ class AugmentConfig:
     highpass_hz: tuple[float, float] = (200.0, 1200.0)
     lowpass_hz: tuple[float, float] = (2200.0, 4000.0)
     highpass_prob: float = 0.5  # given the filter applies, chance it is a high-pass
-    filter_order: int = 4  # Butterworth order: 6*order dB per octave
+    # "fir" (CLMR via julius: Hann-windowed sinc, filter_zeros zero crossings, replicate padding),
+    # "first_order" (CLMR's 2020 code: essentia's 1st-order IIR) or "butterworth" (ours: zero-phase,
+    # filter_order poles, 6 * order dB/octave).
+    filter_type: str = "fir"
+    filter_zeros: float = 8.0  # fir: zero crossings kept on each side (julius' default)
+    filter_order: int = 4  # butterworth
 
     delay_p: float = 0.3
     delay_ms: tuple[float, float] = (200.0, 450.0)
     delay_step_ms: float = 50.0
     delay_volume: float = 0.5
+    delay_halve: bool = True  # CLMR: (x + volume * echo) / 2; False: x + volume * echo
 
     pitch_p: float = 0.6
     pitch_semitones: tuple[float, float] = (-7.0, 7.0)
@@ -88,10 +107,17 @@ class AugmentConfig:
     speed_rate: tuple[float, float] = (0.9, 1.1)
 
     reverb_p: float = 0.6
-    reverb_rt60_s: tuple[float, float] = (0.2, 1.0)
-    reverb_wet: tuple[float, float] = (0.1, 0.5)
-    reverb_ir_dir: str | None = None  # a folder of IR audio files; None: generated IRs
-    reverb_ir_seconds: float = 1.0  # generated IR length (at least the longest RT60) or the cut of IR files
+    # "freeverb" (CLMR: sox's reverb, dry + full-gain wet) or "ir" (ours: convolution with a
+    # unit-energy IR, generated decaying noise or files from reverb_ir_dir, mixed (1-w) x + w (x*h)).
+    reverb_method: str = "freeverb"
+    reverb_reverberance: tuple[int, int] = (0, 99)  # freeverb: integers, inclusive (torch.randint(0, 100))
+    reverb_damping: tuple[int, int] = (0, 99)  # freeverb: sox's HF-damping, %
+    reverb_room_scale: tuple[int, int] = (0, 99)  # freeverb: %
+    reverb_wet_gain_db: float = 0.0  # freeverb: sox's wet-gain (CLMR: the default, 0 dB)
+    reverb_rt60_s: tuple[float, float] = (0.2, 1.0)  # ir
+    reverb_wet: tuple[float, float] = (0.1, 0.5)  # ir
+    reverb_ir_dir: str | None = None  # ir: a folder of IR audio files; None: generated IRs
+    reverb_ir_seconds: float = 1.0  # ir: generated IR length (at least the longest RT60) or the cut of IR files
 
     def __post_init__(self) -> None:
         self.order = tuple(self.order)
@@ -108,12 +134,30 @@ class AugmentConfig:
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"--augment.{name} must be a probability in [0, 1], got {v}")
-        for name in ("noise_snr_db", "gain_db", "highpass_hz", "lowpass_hz", "delay_ms",
+        for name in ("noise_std_ratio", "noise_snr_db", "gain_db", "highpass_hz", "lowpass_hz", "delay_ms",
                      "pitch_semitones", "speed_rate", "reverb_rt60_s", "reverb_wet"):
             v = tuple(float(a) for a in getattr(self, name))
             if len(v) != 2 or v[0] > v[1]:
                 raise ValueError(f"--augment.{name} must be a (low, high) pair with low <= high, got {v!r}")
             setattr(self, name, v)
+        for name in ("reverb_reverberance", "reverb_damping", "reverb_room_scale"):
+            v = tuple(getattr(self, name))
+            if len(v) != 2 or any(float(a) != int(a) for a in v) or not 0 <= v[0] <= v[1] <= 100:
+                raise ValueError(f"--augment.{name} must be a (low, high) pair of integers with 0 <= low <= high <= 100, got {v!r}")
+            setattr(self, name, tuple(int(a) for a in v))
+        choices = {"noise_mode": ("std_ratio", "snr_db"), "filter_type": ("fir", "butterworth", "first_order"),
+                   "reverb_method": ("freeverb", "ir")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--augment.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.noise_std_ratio[0] < 0:
+            raise ValueError(f"--augment.noise_std_ratio must be non-negative, got {self.noise_std_ratio}")
+        if self.filter_zeros <= 0:
+            raise ValueError(f"--augment.filter_zeros must be positive, got {self.filter_zeros}")
+        if not -10.0 <= self.reverb_wet_gain_db <= 10.0:
+            raise ValueError(f"--augment.reverb_wet_gain_db must be in [-10, 10] dB (sox's range), got {self.reverb_wet_gain_db}")
+        if self.reverb_ir_dir is not None and self.reverb_method != "ir":
+            raise ValueError("--augment.reverb_ir_dir needs --augment.reverb_method=ir (freeverb renders its own IRs)")
         bad = [c for c in self.noise_color if c not in NOISE_COLORS]
         if bad or not self.noise_color:
             raise ValueError(f"--augment.noise_color must be a non-empty subset of {sorted(NOISE_COLORS)}, got {self.noise_color!r}")
@@ -146,23 +190,6 @@ class AugmentConfig:
 
 # ----------------------------------------------------------------------------------------------
 # Small helpers
-
-
-@lru_cache(maxsize=256)
-def fast_fft_len(n: int) -> int:
-    """Smallest 2,3,5-smooth integer >= n (fast for every FFT backend)."""
-    best = 1 << max(0, (n - 1).bit_length())
-    p5 = 1
-    while p5 < best:
-        p35 = p5
-        while p35 < best:
-            m = p35
-            while m < n:
-                m *= 2
-            best = min(best, m)
-            p35 *= 3
-        p5 *= 5
-    return best
 
 
 def _uniform(n: int, lo: float, hi: float, g: torch.Generator) -> Tensor:
@@ -268,7 +295,12 @@ def _check_input(x: Tensor) -> None:
 
 
 class PolarityInversion(Transform):
-    """Multiply selected examples by -1."""
+    """Multiply selected examples by -1.
+
+    Follows CLMR's ``PolarityInversion`` (Spijkervet/torchaudio-augmentations
+    ``torchaudio_augmentations/augmentations/polarity_inversion.py`` at 0.2.2, f152b78: ``torch.neg``);
+    no difference.
+    """
 
     name = "polarity"
 
@@ -283,7 +315,13 @@ class PolarityInversion(Transform):
 
 
 class Gain(Transform):
-    """Scale each selected example by a gain drawn uniformly in dB."""
+    """Scale each selected example by a gain drawn uniformly in dB.
+
+    Follows CLMR's ``Gain`` (Spijkervet/torchaudio-augmentations ``torchaudio_augmentations/
+    augmentations/gain.py`` at 0.2.2, f152b78: ``random.uniform(-20, -1)`` dB through torchaudio's
+    ``Vol``). Difference: ``Vol`` also clamps the result to [-1, 1]; we do not clip (with
+    attenuating gains this only matters for inputs already beyond full scale).
+    """
 
     name = "gain"
 
@@ -305,27 +343,42 @@ class Gain(Transform):
 
 
 class Noise(Transform):
-    """Add white or coloured Gaussian noise at a per-example SNR (dB) relative to the example's RMS.
+    """Add Gaussian noise, white or coloured, scaled relative to each example.
 
-    Colour is an amplitude-spectrum slope, |N(f)| ~ f**e: white 0, pink -1/2, brown -1, blue +1/2,
-    violet +1. The noise is rescaled to its exact RMS, so the output SNR equals the drawn value.
-    Silent examples stay silent (their SNR is undefined).
+    ``mode="std_ratio"`` (default) follows CLMR's ``Noise`` from torchaudio-augmentations
+    (Spijkervet/torchaudio-augmentations ``torchaudio_augmentations/augmentations/noise.py`` at
+    0.2.2, f152b78): noise std drawn uniformly in ``[lo * s, hi * s]`` with ``s`` the example's
+    (unbiased) std, white Gaussian samples of that std added. Defaults ``(0.001, 1.0)`` are that
+    version's, the one CLMR's master (Spijkervet/CLMR 423414d, 2021-11-11) installed; 0.2.3 (f27fc7b,
+    2021-11-15) narrowed them to ``(0.0001, 0.01)`` (pass ``std_ratio=``). Differences: the draws
+    come from our generators (per example, batched) instead of ``random``/``np.random``.
+
+    ``mode="snr_db"`` (ours): the SNR is drawn uniformly in dB and the noise is rescaled to that
+    exact RMS, so the output SNR equals the drawn value.
+
+    In both modes ``colors`` may add coloured noise (ours; CLMR's is white): |N(f)| ~ f**e with
+    white 0, pink -1/2, brown -1, blue +1/2, violet +1, rescaled to the target RMS. Silent examples
+    stay silent.
     """
 
     name = "noise"
 
-    def __init__(self, *, p: float, snr_db: tuple[float, float] = (46.0, 60.0),
-                 colors: Sequence[str] = ("white",), generator=None):
+    def __init__(self, *, p: float, mode: str = "std_ratio", std_ratio: tuple[float, float] = (0.001, 1.0),
+                 snr_db: tuple[float, float] = (46.0, 60.0), colors: Sequence[str] = ("white",), generator=None):
         super().__init__(p=p, generator=generator)
-        self.snr_db = snr_db
+        if mode not in ("std_ratio", "snr_db"):
+            raise ValueError(f"Noise: mode must be 'std_ratio' or 'snr_db', got {mode!r}")
+        self.mode, self.std_ratio, self.snr_db = mode, std_ratio, snr_db
         self.colors = tuple(colors)
         bad = [c for c in self.colors if c not in NOISE_COLORS]
         if bad or not self.colors:
             raise ValueError(f"Noise: colors must be a non-empty subset of {sorted(NOISE_COLORS)}, got {colors!r}")
 
     def draw_params(self, n):
+        level = ({"std_ratio": _uniform(n, *self.std_ratio, self.generator).float()} if self.mode == "std_ratio"
+                 else {"snr_db": _uniform(n, *self.snr_db, self.generator).float()})
         return {
-            "snr_db": _uniform(n, *self.snr_db, self.generator).float(),
+            **level,
             "color": torch.randint(len(self.colors), (n,), generator=self.generator),
             "seed": torch.randint(2**62, (), generator=self.generator),
         }
@@ -334,40 +387,61 @@ class Noise(Transform):
         g = _device_generator(params["seed"], x.device)
         noise = torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
         exps = torch.tensor([NOISE_COLORS[c] for c in self.colors], dtype=x.dtype)[params["color"]]
-        if bool((exps != 0).any()):
+        coloured = bool((exps != 0).any())
+        if coloured:
             n_fft = fast_fft_len(x.shape[-1])
             spec = torch.fft.rfft(noise, n=n_fft)
             f = torch.arange(spec.shape[-1], device=x.device, dtype=x.dtype).clamp_min(1.0)
             spec = spec * f.pow(_bcast(exps, x))
             spec[..., 0] = 0  # no DC: it is not noise and would dominate red spectra
             noise = torch.fft.irfft(spec, n=n_fft)[..., : x.shape[-1]]
-        target = _rms(x) * _bcast(torch.pow(10.0, -params["snr_db"].double() / 20.0), x)
+        if self.mode == "std_ratio":
+            std = x.flatten(1).std(dim=1).view(-1, 1, 1)  # torch.std over the (C, T) example, as CLMR's
+            target = std * _bcast(params["std_ratio"], x)
+            if not coloured:  # white: unit-variance samples times the drawn std, exactly the original
+                return x + noise * target
+        else:
+            target = _rms(x) * _bcast(torch.pow(10.0, -params["snr_db"].double() / 20.0), x)
         return x + noise * (target / _rms(noise).clamp_min(1e-12))
 
 
-def _butterworth_mag(f: Tensor, cutoff: Tensor, highpass: Tensor, order: int) -> Tensor:
-    """|H(f)| of a Butterworth high- or low-pass, per example: f (F,), cutoff/highpass (n,) -> (n, 1, F)."""
-    ratio = f.view(1, 1, -1) / cutoff.view(-1, 1, 1)
-    ratio = torch.where(highpass.view(-1, 1, 1), 1.0 / ratio.clamp_min(1e-6), ratio)
-    return torch.rsqrt(1.0 + ratio.pow(2 * order))
-
-
 class HighLowPass(Transform):
-    """A random high-pass or low-pass per example, with a per-example cutoff.
+    """A random high-pass or low-pass per example (50/50 by default), with a per-example cutoff.
 
-    Applied as a zero-phase Butterworth magnitude response (order ``order``, 6*order dB/octave) in
-    the frequency domain: one batched rFFT of the zero-padded batch (the padding keeps the filter's
-    ringing from wrapping around), a multiply, one inverse rFFT.
+    ``filter_type="fir"`` (default) follows CLMR's ``HighLowPass`` (Spijkervet/torchaudio-augmentations
+    ``torchaudio_augmentations/augmentations/high_low_pass.py`` at 0.2.0-0.2.2, c6eadad, the
+    version CLMR's master ran, with HighLowPass re-enabled in Spijkervet/CLMR 2e80ae2, 2021-07-22):
+    julius' ``lowpass_filter`` / ``highpass_filter`` (``x - lowpass(x)``), a Hann-windowed sinc
+    of ``zeros`` zero crossings each side, replicate-padded edges, cutoff ``f / sr``. Here every
+    example's kernel is built on the device and all are applied in one batched FFT convolution
+    (``fir_lowpass_kernels``, ``fir_filter``); the output equals julius' to float32 rounding
+    (tests/test_augment.py). Differences: cutoffs are drawn uniformly in Hz (0.2.0-0.2.3 drew
+    integer Hz with ``random.randint``; 0.2.4, 98f511a, uniform, like ours).
+
+    ``filter_type="first_order"``: CLMR's 2020 code (Spijkervet/CLMR tag 2.0, 206e145,
+    ``modules/transformations/audio.py`` ``HighLowBandPass``), essentia's first-order IIR
+    ``HighPass``/``LowPass`` (6 dB/octave), causal from a zero state, applied as its impulse
+    response (``first_order_kernels``) in one batched FFT convolution; equals ``lfilter`` with
+    essentia's coefficients (tests/test_augment.py). That code drew integer cutoffs; ours are floats.
+
+    ``filter_type="butterworth"`` (ours): a zero-phase Butterworth magnitude response of order
+    ``order`` (6*order dB/octave), applied in the frequency domain to the zero-padded batch.
     """
 
     name = "filter"
 
     def __init__(self, *, sample_rate: int, p: float, highpass_hz=(200.0, 1200.0),
-                 lowpass_hz=(2200.0, 4000.0), highpass_prob: float = 0.5, order: int = 4, generator=None):
+                 lowpass_hz=(2200.0, 4000.0), highpass_prob: float = 0.5, filter_type: str = "fir",
+                 zeros: float = 8.0, order: int = 4, generator=None):
         super().__init__(p=p, generator=generator)
+        if filter_type not in ("fir", "butterworth", "first_order"):
+            raise ValueError(f"HighLowPass: filter_type must be 'fir', 'butterworth' or 'first_order', got {filter_type!r}")
+        if max(highpass_hz[1], lowpass_hz[1]) > sample_rate / 2:
+            raise ValueError(f"HighLowPass: cutoffs must stay below Nyquist ({sample_rate / 2} Hz); lower "
+                             "--augment.highpass_hz / --augment.lowpass_hz")
         self.sample_rate, self.highpass_hz, self.lowpass_hz = sample_rate, highpass_hz, lowpass_hz
-        self.highpass_prob, self.order = highpass_prob, order
-        # Zero padding longer than the filter's ringing (a few periods of the lowest cutoff), so
+        self.highpass_prob, self.filter_type, self.zeros, self.order = highpass_prob, filter_type, zeros, order
+        # Zero padding longer than the Butterworth's ringing (a few periods of the lowest cutoff), so
         # the circular FFT convolution does not wrap the end of a clip onto its start.
         self.pad = max(2048, math.ceil(16 * sample_rate / min(highpass_hz[0], lowpass_hz[0])))
 
@@ -378,40 +452,53 @@ class HighLowPass(Transform):
         return {"highpass": hp, "cutoff_hz": torch.where(hp, fh, fl).float()}
 
     def apply_selected(self, x, params):
+        if self.filter_type == "fir":
+            kernels = fir_lowpass_kernels(params["cutoff_hz"].double().to(x.device), self.sample_rate, self.zeros)
+            return fir_filter(x, kernels, params["highpass"])
+        if self.filter_type == "first_order":
+            kernels = first_order_kernels(params["cutoff_hz"].double().to(x.device), params["highpass"].to(x.device),
+                                          self.sample_rate)
+            return causal_filter(x, kernels)
         t = x.shape[-1]
         n_fft = fast_fft_len(t + self.pad)
         spec = torch.fft.rfft(x, n=n_fft)
         f = torch.fft.rfftfreq(n_fft, d=1.0 / self.sample_rate, device=x.device)
-        h = _butterworth_mag(f, params["cutoff_hz"].to(x.device), params["highpass"].to(x.device), self.order)
+        h = butterworth_mag(f, params["cutoff_hz"].to(x.device), params["highpass"].to(x.device), self.order)
         torch.view_as_real(spec).mul_(h.unsqueeze(-1))  # real gain on (re, im): cheaper than a complex multiply
         return torch.fft.irfft(spec, n=n_fft)[..., :t]
 
 
 class Delay(Transform):
-    """Add one echo, ``x(t) + volume * x(t - lag)``, with a per-example lag from a grid of ms.
+    """One echo with a per-example lag from a grid of ms: ``(x(t) + volume * x(t - lag)) / 2``.
 
-    No renormalisation: the echo adds up to ``volume`` of the peak (CLMR's behaviour).
+    Follows CLMR's ``Delay`` (Spijkervet/torchaudio-augmentations
+    ``torchaudio_augmentations/augmentations/delay.py`` at 0.2.2, f152b78): lag drawn from
+    ``np.arange(200, 500, 50)`` ms (200..450, our inclusive ``delay_ms=(200, 450)``), ``int(ms * sr
+    / 1000)`` samples, echo at ``volume_factor=0.5``, the sum halved. ``halve=False`` (ours) drops
+    the final ``/2``: ``x + volume * echo``. CLMR's 2020 code (tag 2.0) used volume 0.2, also halved.
     """
 
     name = "delay"
 
     def __init__(self, *, sample_rate: int, p: float, delay_ms=(200.0, 450.0), step_ms: float = 50.0,
-                 volume: float = 0.5, generator=None):
+                 volume: float = 0.5, halve: bool = True, generator=None):
         super().__init__(p=p, generator=generator)
-        self.sample_rate, self.volume = sample_rate, float(volume)
+        self.sample_rate, self.volume, self.halve = sample_rate, float(volume), bool(halve)
         self.choices_ms = torch.arange(delay_ms[0], delay_ms[1] + 1e-6, step_ms, dtype=torch.float64)
 
     def draw_params(self, n):
         k = torch.randint(len(self.choices_ms), (n,), generator=self.generator)
         ms = self.choices_ms[k]
-        return {"delay_ms": ms.float(), "lag": torch.round(ms * self.sample_rate / 1000).long()}
+        # int() truncation as the original; the epsilon keeps exact products (200 ms -> 4410) exact.
+        return {"delay_ms": ms.float(), "lag": torch.floor(ms * self.sample_rate / 1000 + 1e-9).long()}
 
     def apply_selected(self, x, params):
         n, c, t = x.shape
         lag = params["lag"].to(x.device).view(-1, 1, 1)
         pos = torch.arange(t, device=x.device).view(1, 1, -1) - lag  # (n, 1, T)
         echo = x.gather(-1, pos.clamp_min(0).expand(n, c, t)) * (pos >= 0)
-        return x + self.volume * echo
+        y = x + self.volume * echo
+        return 0.5 * y if self.halve else y
 
 
 class PitchShift(Transform):
@@ -429,6 +516,12 @@ class PitchShift(Transform):
     frames, one inverse STFT. Smoother on sustained tones, about 10x slower on a CPU.
 
     The output is rescaled to the input's RMS.
+
+    CLMR's ``PitchShift`` (Spijkervet/torchaudio-augmentations ``torchaudio_augmentations/
+    augmentations/pitch_shift.py`` at 0.2.2, f152b78) runs sox's ``pitch`` effect (WSOLA time
+    stretch, then resampling) through WavAugment with ``random.randint(-700, 700)`` cents. Ours
+    follows the same idea (in-phase overlap-add of resampled grains) batched on the device; it is
+    not sample-identical to sox. Semitones are drawn as floats (sox's cents: 0.01-semitone steps).
     """
 
     name = "pitch"
@@ -596,6 +689,7 @@ class Speed(Transform):
 
     ``y(t) = x(rate * t)`` by linear interpolation, after a frequency-domain anti-alias low-pass at
     Nyquist / rate for rates above 1; past the end of the input the output is silence.
+    Ours: CLMR has no speed change (off by default, ``speed_p=0``).
     """
 
     name = "speed"
@@ -667,19 +761,38 @@ def generate_irs(rt60_s: Tensor, channels: int, length: int, sample_rate: int, g
 
 
 class Reverb(Transform):
-    """Convolve with a per-example impulse response, batched in one FFT: ``(1-w) x + w (x * h)``.
+    """Reverberation, per example, batched.
 
-    IRs are generated on the fly on the device (decaying noise, random RT60; the drawn RT60 is in
-    the params) or, with ``ir_dir``, picked from a bank of files loaded once and kept on the device
-    (the params then hold the file's index and its Schroeder RT60). IRs have unit energy.
+    ``method="freeverb"`` (default) follows CLMR's ``Reverb`` (Spijkervet/torchaudio-augmentations
+    ``torchaudio_augmentations/augmentations/reverb.py`` at 0.2.2, f152b78: WavAugment's
+    ``EffectChain().reverb(reverberance, damping, room_size).channels(1)``, i.e. sox's ``reverb``):
+    reverberance, HF damping and room scale drawn as integers, ``torch.randint(0, 100)`` each (our
+    inclusive ``(0, 99)``), sox's other controls at their defaults (stereo depth 100 %, no pre-delay,
+    wet gain 0 dB), and sox's mixing: the dry signal at full gain plus the wet path. The wet impulse
+    responses are rendered from those controls by ``freeverb_irs`` (the same comb/all-pass network,
+    exact in float64) and applied by one batched FFT convolution (``freeverb_apply``); the output
+    matches a sample-by-sample freeverb and the ``sox`` program (tests/test_augment_reverb.py).
+    Differences: no clipping at full scale (sox's integer samples clip), our generators instead of
+    torch's global one. CLMR's 2020 code (tag 2.0) drew each control in 1..100.
+
+    ``method="ir"`` (ours): convolution with a unit-energy impulse response mixed as
+    ``(1-w) x + w (x * h)``: generated decaying noise of a drawn RT60 (in the params), or, with
+    ``ir_dir``, one of a bank of IR files kept on the device (their Schroeder RT60 in the params).
     """
 
     name = "reverb"
 
-    def __init__(self, *, sample_rate: int, p: float, rt60_s=(0.2, 1.0), wet=(0.1, 0.5),
-                 ir_dir: str | None = None, ir_seconds: float = 1.0, generator=None):
+    def __init__(self, *, sample_rate: int, p: float, method: str = "freeverb", reverberance=(0, 99),
+                 damping=(0, 99), room_scale=(0, 99), wet_gain_db: float = 0.0, rt60_s=(0.2, 1.0),
+                 wet=(0.1, 0.5), ir_dir: str | None = None, ir_seconds: float = 1.0, generator=None):
         super().__init__(p=p, generator=generator)
-        self.sample_rate, self.rt60_s, self.wet, self.ir_dir = sample_rate, rt60_s, wet, ir_dir
+        if method not in ("freeverb", "ir"):
+            raise ValueError(f"Reverb: method must be 'freeverb' or 'ir', got {method!r}")
+        if ir_dir is not None and method != "ir":
+            raise ValueError("Reverb: ir_dir needs method='ir'")
+        self.sample_rate, self.method = sample_rate, method
+        self.reverberance, self.damping, self.room_scale = reverberance, damping, room_scale
+        self.wet_gain_db, self.rt60_s, self.wet, self.ir_dir = wet_gain_db, rt60_s, wet, ir_dir
         # A generated IR lasts at least the longest RT60, so every drawn decay reaches -60 dB.
         self.ir_len = int(round(max(ir_seconds, rt60_s[1]) * sample_rate))
         if ir_dir is not None:
@@ -691,18 +804,28 @@ class Reverb(Transform):
             self.ir_bank = None
 
     def draw_params(self, n):
-        params = {"wet": _uniform(n, *self.wet, self.generator).float()}
+        g = self.generator
+        if self.method == "freeverb":
+            return {name: torch.randint(lo, hi + 1, (n,), generator=g)
+                    for name, (lo, hi) in (("reverberance", self.reverberance), ("damping", self.damping),
+                                           ("room_scale", self.room_scale))}
+        params = {"wet": _uniform(n, *self.wet, g).float()}
         if self.ir_bank is None:
-            params["rt60_s"] = _uniform(n, *self.rt60_s, self.generator).float()
-            params["seed"] = torch.randint(2**62, (), generator=self.generator)
+            params["rt60_s"] = _uniform(n, *self.rt60_s, g).float()
+            params["seed"] = torch.randint(2**62, (), generator=g)
         else:
-            k = torch.randint(self.ir_bank.shape[0], (n,), generator=self.generator)
+            k = torch.randint(self.ir_bank.shape[0], (n,), generator=g)
             params["ir_index"] = k
             params["rt60_s"] = self.ir_rt60.cpu()[k].float()
         return params
 
     def apply_selected(self, x, params):
         n, c, t = x.shape
+        if self.method == "freeverb":
+            irs = freeverb_irs(params["reverberance"], params["damping"], params["room_scale"],
+                               sample_rate=self.sample_rate, length=t, wet_gain_db=self.wet_gain_db,
+                               arrays=1 if c > 2 else 2, device=x.device)
+            return freeverb_apply(x, irs)
         if self.ir_bank is None:
             g = _device_generator(params["seed"], x.device)
             ir = generate_irs(params["rt60_s"], c, self.ir_len, self.sample_rate, g, x.device)
@@ -768,18 +891,23 @@ def build_augment(config: AugmentConfig, *, sample_rate: int, seed: int) -> Comp
     c, sr = config, sample_rate
     make = {
         "polarity": lambda: PolarityInversion(p=c.polarity_p),
-        "noise": lambda: Noise(p=c.noise_p, snr_db=c.noise_snr_db, colors=c.noise_color),
+        "noise": lambda: Noise(p=c.noise_p, mode=c.noise_mode, std_ratio=c.noise_std_ratio, snr_db=c.noise_snr_db,
+                               colors=c.noise_color),
         "gain": lambda: Gain(p=c.gain_p, gain_db=c.gain_db),
         "filter": lambda: HighLowPass(sample_rate=sr, p=c.filter_p, highpass_hz=c.highpass_hz,
-                                      lowpass_hz=c.lowpass_hz, highpass_prob=c.highpass_prob, order=c.filter_order),
+                                      lowpass_hz=c.lowpass_hz, highpass_prob=c.highpass_prob,
+                                      filter_type=c.filter_type, zeros=c.filter_zeros, order=c.filter_order),
         "delay": lambda: Delay(sample_rate=sr, p=c.delay_p, delay_ms=c.delay_ms, step_ms=c.delay_step_ms,
-                               volume=c.delay_volume),
+                               volume=c.delay_volume, halve=c.delay_halve),
         "speed": lambda: Speed(sample_rate=sr, p=c.speed_p, rate=c.speed_rate),
         "pitch": lambda: PitchShift(sample_rate=sr, p=c.pitch_p, semitones=c.pitch_semitones,
                                     method=c.pitch_method, grain=c.pitch_grain, n_fft=c.pitch_n_fft,
                                     hop=c.pitch_hop),
-        "reverb": lambda: Reverb(sample_rate=sr, p=c.reverb_p, rt60_s=c.reverb_rt60_s, wet=c.reverb_wet,
-                                 ir_dir=c.reverb_ir_dir, ir_seconds=c.reverb_ir_seconds),
+        "reverb": lambda: Reverb(sample_rate=sr, p=c.reverb_p, method=c.reverb_method,
+                                 reverberance=c.reverb_reverberance, damping=c.reverb_damping,
+                                 room_scale=c.reverb_room_scale, wet_gain_db=c.reverb_wet_gain_db,
+                                 rt60_s=c.reverb_rt60_s, wet=c.reverb_wet, ir_dir=c.reverb_ir_dir,
+                                 ir_seconds=c.reverb_ir_seconds),
     }
     return Compose([make[name]() for name in c.order], seed=seed)
 

@@ -8,9 +8,12 @@ Parameters are drawn from the caller's ``np.random.Generator`` with the same dis
 batched chain, then handed to audiomentations' transforms (``transform.parameters`` + ``apply``),
 so the output is a function of the generator alone. audiomentations draws its noise from the
 global NumPy RNG, so noise is generated under a temporarily re-seeded global state (restored after).
-Transforms audiomentations lacks (delay, speed, generated-IR reverb) are written here in NumPy/SciPy.
-Differences from the batched chain: filters are causal Butterworth (same magnitude, not zero-phase);
-pitch uses audiomentations' signalsmith-stretch backend.
+Transforms audiomentations lacks or implements differently from CLMR (CLMR's std-ratio noise,
+the julius FIR filters, delay, speed, reverb) are written here in NumPy/SciPy, or call the batched
+chain's own functions for one example (the FIR kernels, sox's reverb via ``freeverb_irs``), so both
+paths follow the same originals (see each transform's docstring in ``pipeline.augment``).
+Differences from the batched chain: Butterworth filters are causal (same magnitude, not
+zero-phase); pitch uses audiomentations' signalsmith-stretch backend.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ import math
 from contextlib import contextmanager
 
 import numpy as np
+import torch
 
 from pipeline.augment import NOISE_COLORS, AugmentConfig, estimate_rt60, load_ir_bank
+from pipeline.dsp import fir_lowpass_kernels, freeverb_apply, freeverb_irs
 
 # audiomentations' AddColorNoise takes a decay in dB/octave of the *power* spectrum; our colour
 # exponents are amplitude slopes (|N| ~ f**e), i.e. 20*log10(2)*e dB/octave.
@@ -103,32 +108,59 @@ class CpuAugment:
 
     def _do_noise(self, x, rng):
         c = self.config
-        snr = rng.uniform(*c.noise_snr_db)
+        if c.noise_mode == "std_ratio":
+            ratio = rng.uniform(*c.noise_std_ratio)
+            noise_rms = ratio * float(np.std(x.astype(np.float64), ddof=1))  # torch.std, as CLMR's
+            level = {"std_ratio": ratio}
+        else:
+            snr = rng.uniform(*c.noise_snr_db)
+            noise_rms = float(np.sqrt(np.mean(x.astype(np.float64) ** 2))) / 10 ** (snr / 20)
+            level = {"snr_db": snr}
         color = c.noise_color[rng.integers(len(c.noise_color))]
-        noise_rms = float(np.sqrt(np.mean(x.astype(np.float64) ** 2))) / 10 ** (snr / 20)
-        with _numpy_global_seed(rng):
-            if color == "white":
-                y = self._run(self._white, x, noise_std=noise_rms)
-            else:
-                y = self._run(self._color, x, desired_noise_rms=noise_rms, apply_a_weighting=False,
-                              f_decay=_DB_PER_OCTAVE * NOISE_COLORS[color])
-        return y, {"snr_db": snr, "color": color}
+        if color == "white" and c.noise_mode == "std_ratio":
+            y = x + (noise_rms * rng.standard_normal(x.shape)).astype(np.float32)
+        else:
+            with _numpy_global_seed(rng):
+                if color == "white":
+                    y = self._run(self._white, x, noise_std=noise_rms)
+                else:
+                    y = self._run(self._color, x, desired_noise_rms=noise_rms, apply_a_weighting=False,
+                                  f_decay=_DB_PER_OCTAVE * NOISE_COLORS[color])
+        return y, {**level, "color": color}
 
     def _do_filter(self, x, rng):
+        from scipy.signal import fftconvolve
+
         c = self.config
         highpass = bool(rng.random() < c.highpass_prob)
         cutoff = rng.uniform(*(c.highpass_hz if highpass else c.lowpass_hz))
-        y = self._run(self._highpass if highpass else self._lowpass, x, cutoff_freq=cutoff,
-                      rolloff=6 * c.filter_order)
-        return y, {"highpass": highpass, "cutoff_hz": cutoff}
+        params = {"highpass": highpass, "cutoff_hz": cutoff}
+        if c.filter_type == "butterworth":
+            y = self._run(self._highpass if highpass else self._lowpass, x, cutoff_freq=cutoff,
+                          rolloff=6 * c.filter_order)
+            return y, params
+        if c.filter_type == "first_order":  # essentia's 1st-order IIR, see pipeline.dsp.first_order_kernels
+            from scipy.signal import lfilter
+
+            k = math.tan(math.pi * cutoff / self.sample_rate)
+            a1 = (k - 1) / (k + 1)
+            b = ((1 - a1) / 2, (a1 - 1) / 2) if highpass else ((1 + a1) / 2, (1 + a1) / 2)
+            return lfilter(b, (1.0, a1), x.astype(np.float64), axis=-1).astype(np.float32), params
+        kernel = fir_lowpass_kernels(torch.tensor([cutoff], dtype=torch.float64), self.sample_rate,
+                                     c.filter_zeros)[0].numpy()
+        half = (len(kernel) - 1) // 2
+        low = fftconvolve(np.pad(x.astype(np.float64), ((0, 0), (half, half)), mode="edge"), kernel[None],
+                          mode="valid", axes=-1)
+        return (x - low if highpass else low).astype(np.float32), params
 
     def _do_delay(self, x, rng):
+        c = self.config
         ms = float(self._delay_choices[rng.integers(len(self._delay_choices))])
-        lag = int(round(ms * self.sample_rate / 1000))
+        lag = int(math.floor(ms * self.sample_rate / 1000 + 1e-9))  # int() as the original
         y = x.copy()
         if lag < x.shape[-1]:
-            y[:, lag:] += self.config.delay_volume * x[:, : x.shape[-1] - lag]
-        return y, {"delay_ms": ms, "lag": lag}
+            y[:, lag:] += c.delay_volume * x[:, : x.shape[-1] - lag]
+        return (0.5 * y if c.delay_halve else y), {"delay_ms": ms, "lag": lag}
 
     def _do_pitch(self, x, rng):
         semitones = rng.uniform(*self.config.pitch_semitones)
@@ -155,6 +187,14 @@ class CpuAugment:
         from scipy.signal import fftconvolve
 
         c, sr = self.config, self.sample_rate
+        if c.reverb_method == "freeverb":
+            controls = {name: int(rng.integers(lo, hi + 1)) for name, (lo, hi) in (
+                ("reverberance", c.reverb_reverberance), ("damping", c.reverb_damping),
+                ("room_scale", c.reverb_room_scale))}
+            irs = freeverb_irs(*(torch.tensor([v]) for v in controls.values()), sample_rate=sr, length=x.shape[-1],
+                               wet_gain_db=c.reverb_wet_gain_db, arrays=1 if x.shape[0] > 2 else 2)
+            y = freeverb_apply(torch.from_numpy(np.ascontiguousarray(x))[None], irs)[0].numpy()
+            return y.astype(np.float32), controls
         wet = rng.uniform(*c.reverb_wet)
         if self.ir_bank is None:
             rt60 = rng.uniform(*c.reverb_rt60_s)

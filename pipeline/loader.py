@@ -271,11 +271,15 @@ class StreamingLoader:
         c = self._base_stats + self._live_totals()
         return {k: int(c.get(k, 0)) for k in STAT_KEYS}
 
-    def state_dict(self) -> dict:
+    def state_dict(self, *, held: int = 0) -> dict:
+        """The stream's position. ``held``: batches already yielded that the caller has not used (a
+        prefetcher's look-ahead, the micro-batches of an unfinished optimizer step); the state is
+        taken before them, so a loader restored from it yields them again."""
+        step = self._step - held
         return {
             "format": STATE_FORMAT,
-            "step": self._step,
-            "epoch": self.epoch,
+            "step": step,
+            "epoch": step // self.steps_per_epoch,
             "seed": self.config.seed,
             "batch_size": self.config.batch_size,
             "world_size": self.world_size,
@@ -345,6 +349,14 @@ class DevicePrefetcher:
     def __init__(self, batches: Iterable[dict], device: torch.device | str):
         self.batches = batches
         self.device = torch.device(device)
+        self._held = 0  # batches taken from ``batches`` and not yet yielded
+
+    def state_dict(self, *, held: int = 0) -> dict:
+        """The wrapped loader's state as of the batches this prefetcher has yielded."""
+        return self.batches.state_dict(held=held + self._held)
+
+    def load_state_dict(self, state: dict, strict: bool = True) -> None:
+        self.batches.load_state_dict(state, strict=strict)
 
     def __iter__(self) -> Iterator[dict]:
         it = iter(self.batches)
@@ -359,6 +371,7 @@ class DevicePrefetcher:
                 b = next(it)
             except StopIteration:
                 return None
+            self._held += 1
             with torch.cuda.stream(side):
                 return _to_device(b, self.device, True)
 
@@ -370,6 +383,7 @@ class DevicePrefetcher:
             for v in [*(t for t in cur.values() if isinstance(t, torch.Tensor)), *cur.get("labels", {}).values()]:
                 v.record_stream(main)
             nxt = load()
+            self._held -= 1
             yield cur
 
 

@@ -1,13 +1,16 @@
 """``shard-tools``: build, merge, verify and describe WebDataset shards of music datasets.
 
     shard-tools build <dataset> --root SRC --out URL [options]   # dataset: mtat msd musicnet nsynth folder
+    shard-tools plan <dataset> --root SRC --out PLAN [options]   # list the corpus once, for --slice jobs
+    shard-tools build --plan PLAN --out URL --slice i/K          # one slice, reading only its share
     shard-tools merge URL [URL ...]        # join the partial manifests of --slice builds
     shard-tools verify URL                 # re-read every shard, check sha256/counts, decode every sample
     shard-tools info URL                   # splits, counts, hours, label vocabularies
     shard-tools demo --out DIR             # render a real-instrument demo set and shard it
 
 Recipes are modules ``shard_tools/<dataset>.py`` with ``add_arguments(parser)`` and
-``prepare(root, args) -> Recipe``; only the one named on the command line is imported.
+``prepare(root, args) -> Recipe``, listed in :data:`RECIPES`; only the one named on the command
+line is imported.
 """
 
 from __future__ import annotations
@@ -17,9 +20,16 @@ import importlib
 import os
 import re
 import shlex
+import signal
 import sys
+from contextlib import contextmanager
 
-DATASETS = ("mtat", "msd", "musicnet", "nsynth", "folder")
+from pipeline.errors import UserError
+
+# dataset name -> recipe module: the only modules `build <dataset>` imports
+RECIPES = {"mtat": "shard_tools.mtat", "msd": "shard_tools.msd", "musicnet": "shard_tools.musicnet",
+           "nsynth": "shard_tools.nsynth", "folder": "shard_tools.folder"}
+DATASETS = tuple(RECIPES)
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "t": 10**12, "tb": 10**12, "ki": 2**10, "kib": 2**10, "mi": 2**20, "mib": 2**20,
@@ -57,20 +67,22 @@ def _positive_int(flag: str):
 
 
 def _load_recipe(name: str):
-    if not re.fullmatch(r"[a-z0-9_]+", name):
-        raise SystemExit(f"shard-tools build: unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
-    try:
-        return importlib.import_module(f"shard_tools.{name}")
-    except ModuleNotFoundError as exc:
-        if exc.name == f"shard_tools.{name}":
-            raise SystemExit(f"shard-tools build: no recipe {name!r} (shard_tools/{name}.py not found); "
-                             f"choose one of {', '.join(DATASETS)}") from None
-        raise
+    """The recipe module of a dataset named on the command line (only that one is imported)."""
+    if name not in RECIPES:
+        hint = ("; `demo` is its own command: shard-tools demo --out DIR" if name == "demo" else "")
+        raise UserError(f"build {name}: not a dataset recipe; choose one of "
+                        f"{', '.join(RECIPES)}{hint}")
+    return importlib.import_module(RECIPES[name])
+
+
+def add_root_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--root", required=True, metavar="SRC",
+                        help="folder holding the dataset in its original layout: a local path or any fsspec URL "
+                             "(s3://bucket/mtat, gs://...)")
 
 
 def add_build_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options every recipe shares."""
-    parser.add_argument("--root", required=True, metavar="SRC", help="folder holding the dataset in its original layout")
+    """The options every build shares (the dataset's --root and own options come from its recipe)."""
     parser.add_argument("--out", required=True, metavar="URL", help="output folder: local path or fsspec URL (s3://, gs://, file://)")
     parser.add_argument("--codec", choices=("flac", "wav"), default="flac", help="audio codec in the shards (default: flac)")
     parser.add_argument("--shard-size", type=parse_size, default=256_000_000, metavar="SIZE",
@@ -84,50 +96,183 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slice", type=parse_slice, default=(0, 1), metavar="i/K",
                         help="build only slice i of K (0-based) with its own shards and a partial manifest; "
                              "join the K slices with `shard-tools merge OUT`")
+    parser.add_argument("--force-unlock", action="store_true",
+                        help="take over the output folder's build lock even though its holder (named in the "
+                             "error) may still run; only when you know that build is dead")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+
+
+# the options of add_root_argument/add_build_arguments; the rest of a build's arguments are the recipe's own
+_COMMON = {"root", "out", "codec", "shard_size", "sample_rate", "mono", "workers", "seed", "slice", "quiet",
+           "force_unlock", "plan"}
+
+
+@contextmanager
+def remote_errors(flag: str, url: str):
+    """Turn an object store that cannot be reached (or refuses us) into one line naming the URL."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - classified below, re-raised when not a remote failure
+        if "://" not in url or url.startswith("file://") or not _is_remote_failure(exc):
+            raise
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{flag} {url}: the object store did not answer or refused ({type(exc).__name__}: {text}); "
+                        f"check the endpoint (AWS_ENDPOINT_URL / --endpoint settings), the network and the "
+                        f"credentials, then run the same command again") from exc
+
+
+def _is_remote_failure(exc: BaseException) -> bool:
+    from pipeline.fsio import is_transient
+
+    names = {c.__name__ for c in type(exc).__mro__}
+    if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
+        return False  # a real answer from the store; the caller's message says what was expected
+    return (is_transient(exc) or isinstance(exc, OSError)
+            or bool(names & {"BotoCoreError", "ClientError", "NoCredentialsError", "EndpointConnectionError",
+                             "ClientConnectorError", "ServerTimeoutError", "HttpError", "RefreshError"}))
+
+
+@contextmanager
+def stop_on_signals():
+    """SIGTERM (a scheduler's stop, ``kill``) and Ctrl-C stop a build after the file in hand: the
+    handler only sets ``workers.STOP``, and the build raises KeyboardInterrupt at its next stop
+    point, removes its temp files and releases its lock. A second signal stops at once. (kill -9
+    cannot be caught; the next build cleans up after it.)"""
+    from shard_tools.workers import STOP
+
+    def handler(signum, frame):
+        if STOP.is_set():
+            raise KeyboardInterrupt
+        STOP.set()
+        print(f"\n[shard-tools] {signal.Signals(signum).name}: stopping after the file in hand "
+              f"(again to stop at once)", file=sys.stderr, flush=True)
+
+    STOP.clear()
+    try:
+        old = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    except ValueError:  # not the main thread (an embedding program): leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
+def _recipe_parser(name: str, prog: str):
+    """The recipe module of ``name`` and a parser with ``--root`` and the recipe's own options."""
+    module = _load_recipe(name)
+    # the recipe's docstring describes the on-disk layout it expects: worth showing in --help
+    parser = argparse.ArgumentParser(prog=f"{prog} {name}", description=(module.__doc__ or "").strip(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_root_argument(parser)
+    return module, parser
+
+
+def _prepare(module, name: str, args: argparse.Namespace, parser: argparse.ArgumentParser):
+    """Run the recipe on ``--root`` (local or URL): the Recipe, or a UserError naming what is wrong."""
+    root = args.root if "://" in args.root else os.path.expanduser(args.root)
+    if "://" not in root and not os.path.isdir(root):
+        parser.error(f"--root {args.root}: folder not found; give the folder that holds the {name} dataset")
+    try:
+        with remote_errors("--root", root):
+            return module.prepare(root, args)
+    except (FileNotFoundError, ValueError) as exc:
+        raise UserError(f"{parser.prog.split(' ', 1)[1]}: {exc}") from exc
 
 
 def cmd_build(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: shard-tools build <dataset> --root SRC --out URL [options]\n\n"
+        print("usage: shard-tools build <dataset> --root SRC --out URL [options]\n"
+              "       shard-tools build --plan PLAN --out URL [--slice i/K] [options]\n\n"
               f"datasets: {', '.join(DATASETS)}\n"
-              "`shard-tools build <dataset> --help` lists the dataset's own options.")
+              "`shard-tools build <dataset> --help` lists the dataset's own options;\n"
+              "`shard-tools build --plan PLAN --help` the options of a build from a plan (see `shard-tools plan`).")
         return 0 if argv else 2
+    if argv[0] == "--plan" or argv[0].startswith("--plan="):
+        return _build_from_plan(argv)
     name = argv[0]
-    module = _load_recipe(name)
-    # the recipe's docstring describes the on-disk layout it expects: worth showing in --help
-    parser = argparse.ArgumentParser(prog=f"shard-tools build {name}", description=(module.__doc__ or "").strip(),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    module, parser = _recipe_parser(name, "shard-tools build")
     add_build_arguments(parser)
     module.add_arguments(parser)
     args = parser.parse_args(argv[1:])
+    recipe = _prepare(module, name, args, parser)
+    return _run_build(recipe, args, f"build {name}", argv,
+                      recipe_options={k: v for k, v in vars(args).items() if k not in _COMMON})
+
+
+def _build_from_plan(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="shard-tools build --plan",
+                                     description="Build (a slice of) a dataset from a plan written by `shard-tools "
+                                                 "plan`: no listing of the corpus, only this slice's files are read.")
+    parser.add_argument("--plan", required=True, metavar="PLAN", help="the plan file (local path or URL)")
+    add_build_arguments(parser)
+    args = parser.parse_args(argv)
+    from shard_tools.plan import read_plan
+
+    try:
+        with remote_errors("--plan", args.plan):
+            recipe, meta = read_plan(args.plan)
+    except (FileNotFoundError, ValueError) as exc:
+        raise UserError(str(exc)) from exc
+    return _run_build(recipe, args, f"build --plan {args.plan}", argv, recipe_options=meta["recipe_options"])
+
+
+def _run_build(recipe, args: argparse.Namespace, what: str, argv: list[str], recipe_options: dict) -> int:
     from shard_tools.build import build_dataset
 
-    root = os.path.expanduser(args.root)
-    if not os.path.isdir(root):
-        parser.error(f"--root {args.root}: folder not found; give the folder that holds the {name} dataset")
-    try:
-        recipe = module.prepare(root, args)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"shard-tools build {name}: error: {exc}", file=sys.stderr)
-        return 2
     slice_index, num_slices = args.slice
     try:
-        report = build_dataset(recipe, args.out, codec=args.codec, shard_size=args.shard_size,
-                               sample_rate=args.sample_rate, mono=args.mono, workers=args.workers, seed=args.seed,
-                               slice_index=slice_index, num_slices=num_slices, progress=not args.quiet,
-                               command=shlex.join(["shard-tools", "build", *argv]))
+        with stop_on_signals(), remote_errors("--out", args.out):
+            report = build_dataset(recipe, args.out, codec=args.codec, shard_size=args.shard_size,
+                                   sample_rate=args.sample_rate, mono=args.mono, workers=args.workers,
+                                   seed=args.seed, slice_index=slice_index, num_slices=num_slices,
+                                   progress=not args.quiet, command=shlex.join(["shard-tools", "build", *argv]),
+                                   recipe_options=recipe_options, force_unlock=args.force_unlock)
     except ValueError as exc:
-        print(f"shard-tools build {name}: error: {exc}", file=sys.stderr)
-        return 2
+        raise UserError(f"{what}: {exc}") from exc
     except KeyboardInterrupt:
-        print(f"\nshard-tools build {name}: interrupted; run the same command again to resume "
+        print(f"\nshard-tools {what}: interrupted; run the same command again to resume "
               f"(finished shards are kept)", file=sys.stderr)
         return 130
     if report["samples_written"] == 0 and (num_slices == 1 or report["files_in"] > 0):
-        print(f"shard-tools build {name}: error: no samples written; all {report['files_in']} input files were "
+        print(f"shard-tools {what}: error: no samples written; all {report['files_in']} input files were "
               f"skipped (reasons in the build report under {args.out})", file=sys.stderr)
         return 1
+    return 0
+
+
+def cmd_plan(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: shard-tools plan <dataset> --root SRC --out PLAN [dataset options]\n\n"
+              "Runs the dataset's recipe once (lists the corpus, reads its label files) and writes the items to\n"
+              "PLAN (JSON; gzipped if it ends in .gz; a local path or URL). Then every slice job runs\n"
+              "`shard-tools build --plan PLAN --out URL --slice i/K` and reads only its share of the corpus.\n\n"
+              f"datasets: {', '.join(DATASETS)}; `shard-tools plan <dataset> --help` lists its options.")
+        return 0 if argv else 2
+    name = argv[0]
+    module, parser = _recipe_parser(name, "shard-tools plan")
+    parser.add_argument("--out", required=True, metavar="PLAN", help="the plan file to write (e.g. s3://bucket/msd.plan.json.gz)")
+    module.add_arguments(parser)
+    args = parser.parse_args(argv[1:])
+    from shard_tools.plan import write_plan
+
+    recipe = _prepare(module, name, args, parser)
+    try:
+        with remote_errors("--out", args.out):
+            s = write_plan(recipe, args.out, command=shlex.join(["shard-tools", "plan", *argv]),
+                           recipe_options={k: v for k, v in vars(args).items() if k not in _COMMON})
+    except OSError as exc:
+        raise UserError(f"--out {args.out}: cannot write the plan file ({exc.strerror or exc}); give a file path "
+                        f"in a folder that exists and is writable") from exc
+    print(f"shard-tools plan: {s['dataset']}: {s['items']} items ("
+          + ", ".join(f"{k} {v}" for k, v in s["splits"].items()) + f"), {s['skipped']} files skipped by the recipe"
+          f" -> {s['url']} ({s['bytes'] / 1e6:.1f} MB)\n"
+          f"  next, one job per slice i = 0 .. K-1:  shard-tools build --plan {s['url']} --out URL --slice i/K\n"
+          f"  then, once:                          shard-tools merge URL")
     return 0
 
 
@@ -137,15 +282,17 @@ def cmd_merge(argv: list[str]) -> int:
                                                  "<split>.manifest.json per split (checks that all K slices are there).")
     parser.add_argument("inputs", nargs="+", help="the shard folder, or partial manifest URLs (<split>.manifest.slice-i-of-K.json)")
     parser.add_argument("--out", default=None, help="folder for the merged manifests (default: that of the first input)")
+    parser.add_argument("--force-unlock", action="store_true",
+                        help="take over the output folder's build lock even though its holder may still run")
     args = parser.parse_args(argv)
-    from shard_tools.build import format_summary
     from shard_tools.manifest import merge
+    from shard_tools.report import format_summary
 
     try:
-        rep = merge(args.inputs, args.out)
+        with remote_errors("merge", args.out or args.inputs[0]):
+            rep = merge(args.inputs, args.out, force_unlock=args.force_unlock)
     except (FileNotFoundError, ValueError) as exc:
-        print(f"shard-tools merge: error: {exc}", file=sys.stderr)
-        return 2
+        raise UserError(str(exc)) from exc
     if rep.get("files_in") is not None:
         print(format_summary(rep))
     else:
@@ -165,10 +312,10 @@ def cmd_verify(argv: list[str]) -> int:
     from shard_tools.verify import verify
 
     try:
-        problems, stats = verify(args.url, workers=args.workers, progress=not args.quiet)
+        with remote_errors("verify", args.url):
+            problems, stats = verify(args.url, workers=args.workers, progress=not args.quiet)
     except (FileNotFoundError, ValueError) as exc:
-        print(f"shard-tools verify: error: {exc}", file=sys.stderr)
-        return 2
+        raise UserError(str(exc)) from exc
     if problems:
         print(f"shard-tools verify: {len(problems)} problem(s) in {args.url}:", file=sys.stderr)
         for p in problems[:50]:
@@ -189,27 +336,25 @@ def cmd_info(argv: list[str]) -> int:
     from shard_tools.manifest import info_text
 
     try:
-        print(info_text(args.url))
+        with remote_errors("info", args.url):
+            print(info_text(args.url))
     except (FileNotFoundError, ValueError) as exc:
-        print(f"shard-tools info: error: {exc}", file=sys.stderr)
-        return 2
+        raise UserError(str(exc)) from exc
     return 0
 
 
 def cmd_demo(argv: list[str]) -> int:
-    try:
-        demo = importlib.import_module("shard_tools.demo")
-    except ModuleNotFoundError as exc:
-        if exc.name == "shard_tools.demo":
-            print("shard-tools demo: the demo recipe (shard_tools/demo.py) is not installed in this checkout", file=sys.stderr)
-            return 2
-        raise
+    from shard_tools import demo
+
     parser = argparse.ArgumentParser(prog="shard-tools demo", description=(demo.__doc__ or "").strip().split("\n\n")[0])
     demo.add_arguments(parser)
-    return int(demo.run(parser.parse_args(argv)) or 0)
+    args = parser.parse_args(argv)
+    with stop_on_signals(), remote_errors("--out", args.out):
+        return int(demo.run(args) or 0)
 
 
-COMMANDS = {"build": cmd_build, "merge": cmd_merge, "verify": cmd_verify, "info": cmd_info, "demo": cmd_demo}
+COMMANDS = {"build": cmd_build, "plan": cmd_plan, "merge": cmd_merge, "verify": cmd_verify, "info": cmd_info,
+            "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

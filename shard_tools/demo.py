@@ -83,6 +83,7 @@ import soundfile as sf
 
 from pipeline import fsio
 from pipeline.audio import resample
+from shard_tools.nsynth import FAMILIES, QUALITIES, SOURCES  # NSynth's vocabularies: the recipe owns them
 
 SAMPLE_RATE = 16000
 NOTE_SECONDS = 4.0
@@ -94,11 +95,6 @@ NOTE_GAIN = 4.0
 HEX = "0123456789abcdef"
 OWNER_MARKER = ".musicssl-demo"  # marks a --root folder as written by this command
 
-FAMILIES = ["bass", "brass", "flute", "guitar", "keyboard", "mallet", "organ", "reed", "string",
-            "synth_lead", "vocal"]
-SOURCES = ["acoustic", "electronic", "synthetic"]
-QUALITIES = ["bright", "dark", "distortion", "fast_decay", "long_release", "multiphonic",
-             "nonlinear_env", "percussive", "reverb", "tempo-synced"]
 
 
 @dataclass(frozen=True)
@@ -451,21 +447,23 @@ def _run_tasks(tasks: list[tuple], workers: int, progress: bool) -> None:
     """Run ``("note", ...)`` / ``("clip", ...)`` render tasks, in one process pool when workers > 1."""
     from tqdm import tqdm
 
+    from shard_tools.workers import Pool, stop_point
+
     bar = tqdm(total=len(tasks), desc="render notes + clips", unit="file", disable=not progress, dynamic_ncols=True)
     try:
         if workers <= 1:
             for t in tasks:
                 _render_task(t)
                 bar.update(1)
+                stop_point()
             return
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
 
-        # spawn: no inherited locks from threads of the parent (tqdm's monitor, fsspec loops)
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                                 initargs=(soundfont_path(),)) as pool:
+        # forkserver/spawn, never fork (no inherited locks of the parent's threads); the workers
+        # exit with this process, even when it is killed
+        with Pool(workers, initializer=_init_worker, initargs=(soundfont_path(),)) as pool:
             for _ in pool.map(_render_task, tasks, chunksize=max(1, min(8, len(tasks) // (workers * 8)))):
                 bar.update(1)
+                stop_point()
     finally:
         bar.close()
 

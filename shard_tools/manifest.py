@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections import Counter
 
 from pipeline import fsio
 from pipeline.manifest import MANIFEST_FORMAT as FORMAT
 from pipeline.manifest import load_manifest, resolve_shard_url, write_manifest
-from shard_tools.build import dumps_json, format_summary, manifest_name, reason_kind, report_name
+from shard_tools.build import manifest_name
+from shard_tools.report import merge_reports, report_name, split_totals
+from shard_tools.lock import BuildLock, lock_name
 from shard_tools.writer import write_bytes_atomic
 
 _PARTIAL = re.compile(r"^(?P<split>[A-Za-z0-9_]+)\.manifest\.slice-(?P<i>\d+)-of-(?P<k>\d+)\.json$")
@@ -59,27 +60,50 @@ def _abs_folder(url: str) -> str:
     return os.path.abspath(fsio.local_path(url)) if fsio.is_local(url) else url.rstrip("/")
 
 
-def merge(inputs: list[str], out: str | None = None) -> dict:
+def merge(inputs: list[str], out: str | None = None, *, force_unlock: bool = False) -> dict:
     """Join the partial manifests of ``--slice`` builds into one manifest per split.
 
     ``inputs`` is a folder URL (all partial manifests in it) or a list of partial manifest URLs;
-    every split must have all K slices. Writes ``<split>.manifest.json`` into ``out`` (default: the
-    folder of the first partial manifest) and, when every slice's build report is there, a merged
+    every split must have all K slices, built by the same command but for ``--slice``
+    (:func:`check_same_build`). Writes ``<split>.manifest.json`` into ``out`` (default: the folder
+    of the first partial manifest) and, when every slice's build report is there, a merged
     ``build-report.json``. Returns the merged report (or a summary of the manifests).
     """
+    urls = _partial_urls(inputs)
+    out = (out or fsio.parent_url(urls[0])).rstrip("/")
+    by_split, k = _slices_by_split(urls)
+    check_same_build([p for parts in by_split.values() for _, p in sorted(parts.items())])
+    # the merged manifests are the whole build's names: hold its lock (a whole build into the
+    # same folder would write them too)
+    fsio.makedirs(out)
+    with BuildLock(out, lock_name(), command="shard-tools merge", force=force_unlock):
+        totals = {}
+        for split, parts in sorted(by_split.items()):
+            merged = _merged_manifest(split, [parts[i] for i in range(k)], out)
+            write_manifest(fsio.join_url(out, manifest_name(split)), merged, write=write_bytes_atomic)
+            totals[split] = split_totals(merged)
+        report = merge_reports(sorted({fsio.parent_url(u) for u in urls}), out, k, totals)
+    return report if report is not None else {"splits": totals, "report": None}
+
+
+def _partial_urls(inputs: list[str]) -> list[str]:
     urls: list[str] = []
     for u in inputs:
         if u.endswith(".json"):
             urls.append(u)
-        else:
-            names = [n for n in fsio.list_dir(u) if _PARTIAL.match(n)]
-            if not names:
-                raise FileNotFoundError(f"{u}: no partial manifests (<split>.manifest.slice-<i>-of-<K>.json); "
-                                        f"build the slices with `shard-tools build ... --slice i/K --out {u}` first")
-            urls.extend(fsio.join_url(u, n) for n in names)
+            continue
+        names = [n for n in fsio.list_dir(u) if _PARTIAL.match(n)]
+        if not names:
+            raise FileNotFoundError(f"{u}: no partial manifests (<split>.manifest.slice-<i>-of-<K>.json); "
+                                    f"build the slices with `shard-tools build ... --slice i/K --out {u}` first")
+        urls.extend(fsio.join_url(u, n) for n in names)
     if not urls:
         raise ValueError("merge: give a shard folder or partial manifest URLs")
-    out = (out or fsio.parent_url(urls[0])).rstrip("/")
+    return urls
+
+
+def _slices_by_split(urls: list[str]) -> tuple[dict[str, dict[int, tuple[str, dict]]], int]:
+    """``{split: {slice index: (url, manifest)}}`` and K; refuses duplicates, mixed K, missing slices."""
     by_split: dict[str, dict[int, tuple[str, dict]]] = {}
     counts: set[int] = set()
     for u in urls:
@@ -102,88 +126,76 @@ def merge(inputs: list[str], out: str | None = None) -> dict:
             names = ", ".join(manifest_name(split, i, k) for i in missing)
             raise FileNotFoundError(f"split {split!r}: missing slice(s) {missing} of {k} ({names} not found); "
                                     f"run those slices (`shard-tools build ... --slice i/{k}`) before merging")
+    return by_split, k
+
+
+def _merged_manifest(split: str, parts: list[tuple[str, dict]], out: str) -> dict:
+    """One split's manifest from its K partial ones (in slice order); shard URLs made absolute when
+    a slice lives in another folder than ``out``."""
+    first = parts[0][1]
     out_abs = _abs_folder(out)
-    totals = {}
-    for split, parts in sorted(by_split.items()):
-        first = parts[0][1]
-        shards = []
-        rates, chans = set(), set()
-        for i in range(k):
-            u, m = parts[i]
-            if m["labels"] != first["labels"] or m["dataset"] != first["dataset"] or m["codec"] != first["codec"]:
-                raise ValueError(f"{u}: dataset, codec or label vocabulary differs from {parts[0][0]}; "
-                                 f"all slices must be built by the same command (only --slice differs)")
-            folder = _abs_folder(fsio.parent_url(u))
-            for s in m["shards"]:
-                s = dict(s)
-                if folder != out_abs:
-                    s["url"] = fsio.join_url(folder, s["url"])
-                shards.append(s)
-            if m["num_samples"]:
-                rates.add(m["sample_rate"])
-                chans.add(m["channels"])
-        merged = {
-            "format": FORMAT,
-            "dataset": first["dataset"],
-            "split": split,
-            "codec": first["codec"],
-            "sample_rate": rates.pop() if len(rates) == 1 else None,
-            "channels": chans.pop() if len(chans) == 1 else None,
-            "num_samples": sum(s["num_samples"] for s in shards),
-            "seconds": round(sum(s["seconds"] for s in shards), 6),
-            "shards": shards,
-            "labels": first["labels"],
-            "build": {**first["build"], "merged_slices": k},
-        }
-        write_manifest(fsio.join_url(out, manifest_name(split)), merged, write=write_bytes_atomic)
-        totals[split] = {"samples": merged["num_samples"], "seconds": merged["seconds"],
-                         "hours": round(merged["seconds"] / 3600, 4), "shards": len(shards),
-                         "bytes": sum(s["bytes"] for s in shards)}
-    return _merge_reports(urls, out, k, totals)
-
-
-def _merge_reports(urls: list[str], out: str, k: int, totals: dict) -> dict:
-    folders = sorted({fsio.parent_url(u) for u in urls})
-    reports = []
-    for i in range(k):
-        found = None
-        for folder in folders:
-            u = fsio.join_url(folder, report_name(i, k))
-            if fsio.exists(u):
-                found = json.loads(fsio.read_bytes(u))
-                break
-        reports.append(found)
-    if any(r is None for r in reports):
-        missing = [report_name(i, k) for i, r in enumerate(reports) if r is None]
-        print(f"[shard-tools merge] build reports not found ({', '.join(missing)}); manifests merged, no merged report")
-        return {"splits": totals, "report": None}
-    skipped = [s for r in reports for s in r["files_skipped"]]
-    seconds = sum(v["seconds"] for v in totals.values())
-    wall = sum(r["wall_seconds"] for r in reports)
-    merged = {
-        "dataset": reports[0]["dataset"],
-        "out": out,
-        "command": reports[0]["command"],
-        "slice": {"index": 0, "count": 1},
-        "merged_slices": k,
-        "files_in": sum(r["files_in"] for r in reports),
-        "files_written": sum(r["files_written"] for r in reports),
-        "samples_written": sum(r["samples_written"] for r in reports),
-        "files_skipped": skipped,
-        "skipped_by_reason": dict(Counter(reason_kind(s["reason"]) for s in skipped).most_common()),
-        "segments_skipped": [s for r in reports for s in r.get("segments_skipped", [])],
-        "splits": totals,
-        "seconds": round(seconds, 3),
-        "hours": round(seconds / 3600, 4),
-        "bytes": sum(v["bytes"] for v in totals.values()),
-        "shards": sum(v["shards"] for v in totals.values()),
-        # slices may have run one after another or side by side; this is their summed time
-        "wall_seconds": round(wall, 3),
-        "audio_hours_per_hour": round(seconds / wall, 2) if wall > 0 else None,
+    shards, rates, chans = [], set(), set()
+    for u, m in parts:
+        folder = _abs_folder(fsio.parent_url(u))
+        shards += [s if folder == out_abs else {**s, "url": fsio.join_url(folder, s["url"])} for s in m["shards"]]
+        if m["num_samples"]:
+            rates.add(m["sample_rate"])
+            chans.add(m["channels"])
+    return {
+        "format": FORMAT,
+        "dataset": first["dataset"],
+        "split": split,
+        "codec": first["codec"],
+        "sample_rate": rates.pop() if len(rates) == 1 else None,
+        "channels": chans.pop() if len(chans) == 1 else None,
+        "num_samples": sum(s["num_samples"] for s in shards),
+        "seconds": round(sum(s["seconds"] for s in shards), 6),
+        "shards": shards,
+        "labels": first["labels"],
+        "build": {**first["build"], "merged_slices": len(parts)},
     }
-    write_bytes_atomic(fsio.join_url(out, report_name()),
-                            dumps_json(merged, indent=1))
-    return merged
+
+
+# build options as command-line flags, for messages; "recipe" holds the recipe's own options
+_FLAGS = {"codec": "--codec", "shard_size": "--shard-size", "sample_rate": "--sample-rate", "mono": "--mono",
+          "seed": "--seed", "dataset": "the dataset", "format": "the shard format (shard-tools version)"}
+
+
+def check_same_build(parts: list[tuple[str, dict]]) -> None:
+    """Refuse partial manifests that were not built by the same command but for ``--slice``.
+
+    Compares the options recorded in each manifest's ``build.options`` (codec, sample rate, mono,
+    seed, shard size, the recipe's own options), the dataset and the label vocabulary against the
+    first one; the error names the differing option and the two files. (Manifests written before
+    the options were recorded are compared by dataset, codec and labels only.)
+    """
+    u0, m0 = parts[0]
+    for u, m in parts[1:]:
+        what = _first_difference(m0, m)
+        if what is not None:
+            name, a, b = what
+            raise ValueError(f"{name} differs between slices: {a!r} in {u0} but {b!r} in {u}; all slices must be "
+                             f"built by the same command (only --slice differs): rebuild the odd slice(s) with the "
+                             f"options of the others")
+
+
+def _first_difference(a: dict, b: dict) -> tuple[str, object, object] | None:
+    for key in ("dataset", "codec"):
+        if a.get(key) != b.get(key):
+            return _FLAGS[key], a.get(key), b.get(key)
+    oa, ob = (a.get("build") or {}).get("options"), (b.get("build") or {}).get("options")
+    if oa is not None and ob is not None:
+        for key in sorted(set(oa) | set(ob)):
+            if key == "recipe":
+                ra, rb = oa.get(key) or {}, ob.get(key) or {}
+                for opt in sorted(set(ra) | set(rb)):
+                    if ra.get(opt) != rb.get(opt):
+                        return f"--{opt.replace('_', '-')}", ra.get(opt), rb.get(opt)
+            elif oa.get(key) != ob.get(key):
+                return _FLAGS.get(key, key), oa.get(key), ob.get(key)
+    if a.get("labels") != b.get("labels"):
+        return "the label vocabulary", "(see the manifest)", "(another one)"
+    return None
 
 
 def info_text(url: str) -> str:
@@ -235,4 +247,4 @@ def _info_block(folder: str, manifests: list[tuple[str, dict]], show_report: boo
     return "\n".join(lines)
 
 
-__all__ = ["read_manifest", "find_manifests", "shard_url", "merge", "info_text", "format_summary"]
+__all__ = ["read_manifest", "find_manifests", "shard_url", "merge", "check_same_build", "info_text"]

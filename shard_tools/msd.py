@@ -41,10 +41,11 @@ from __future__ import annotations
 import argparse
 import ast
 import json
-import os
 import pickle
 
-from shard_tools.layout import file_problem, read_table, rel_source, require_file
+from pipeline import fsio
+
+from shard_tools.layout import Root, read_table, read_text, require_dir, require_file
 from shard_tools.recipe import Item, Recipe, Skip, make_key
 
 DATASET = "msd"
@@ -83,28 +84,25 @@ def load_id_map(path: str, *, allow_pickle: bool) -> dict[str, str]:
                 f"If you trust the file, add --allow-pickle; or convert it once to TSV: python -c \"import pickle; "
                 f"d = pickle.load(open('{path}', 'rb'), encoding='latin1'); "
                 f"print('\\n'.join(f'{{k}}\\t{{v}}' for k, v in d.items()))\" > msd_id_to_7d.tsv")
-        with open(path, "rb") as f:
-            # encoding='latin1': the common MSD pickles were written by Python 2 (cPickle)
-            raw = pickle.load(f, encoding="latin1")  # noqa: S301 - allowed explicitly by --allow-pickle
+        # encoding='latin1': the common MSD pickles were written by Python 2 (cPickle)
+        raw = pickle.loads(fsio.read_bytes(path), encoding="latin1")  # noqa: S301 - allowed explicitly by --allow-pickle
         if not isinstance(raw, dict):
             raise ValueError(f"--id-map {path}: the pickle holds a {type(raw).__name__}, expected a dict msd_id -> 7digital id")
         return {str(k).strip(): str(v).strip() for k, v in raw.items()}
     if lower.endswith(".json"):
-        with open(path, encoding="utf-8") as f:
-            try:
-                raw = json.load(f)
-            except ValueError as exc:
-                raise ValueError(f"--id-map {path}: not valid JSON ({exc})") from None
+        try:
+            raw = json.loads(read_text(path))
+        except ValueError as exc:
+            raise ValueError(f"--id-map {path}: not valid JSON ({exc})") from None
         if not isinstance(raw, dict):
             raise ValueError(f"--id-map {path}: expected a JSON object {{msd_id: 7digital_id}}")
         return {str(k).strip(): str(v).strip() for k, v in raw.items()}
-    with open(path, encoding="utf-8-sig") as f:
-        first = f.readline()
+    text = read_text(path)
+    first = text.split("\n", 1)[0]
     delimiter = "\t" if "\t" in first else "," if "," in first else None
     out: dict[str, str] = {}
     if delimiter is None:
-        with open(path, encoding="utf-8-sig") as f:
-            rows = [(n, line.split()) for n, line in enumerate(f, 1) if line.strip()]
+        rows = [(n, line.split()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     else:
         rows = list(read_table(path, delimiter=delimiter))
     for n, (line, fields) in enumerate(rows):
@@ -119,8 +117,7 @@ def load_id_map(path: str, *, allow_pickle: bool) -> dict[str, str]:
 def read_tag_names(path: str) -> list[str]:
     """Tag names from one-per-line text, a JSON list, or a file holding a Python list literal."""
     require_file(path, "the tag-name list given by --tag-names")
-    with open(path, encoding="utf-8-sig") as f:
-        text = f.read()
+    text = read_text(path)
     if "[" in text and "]" in text:
         try:
             names = ast.literal_eval(text[text.index("["): text.rindex("]") + 1])
@@ -130,14 +127,12 @@ def read_tag_names(path: str) -> list[str]:
     return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
 
 
-def find_audio(root: str, id7: str) -> str:
-    """The preview's path for a 7digital id: the first existing of the accepted names (else the first)."""
-    folder = os.path.join(root, id7[0], id7[1] if len(id7) > 1 else "")
-    candidates = [os.path.join(folder, id7 + s) for s in AUDIO_SUFFIXES]
-    for c in candidates:
-        if os.path.lexists(c):
-            return c
-    return candidates[0]
+def find_audio(root: Root, id7: str) -> str:
+    """The preview of a 7digital id, relative to the root: the first existing of the accepted
+    names (else the first)."""
+    folder = f"{id7[0]}/{id7[1]}/" if len(id7) > 1 else f"{id7[0]}/"
+    candidates = [folder + id7 + s for s in AUDIO_SUFFIXES]
+    return next((c for c in candidates if root.exists(c)), candidates[0])
 
 
 def _tag_files(args: argparse.Namespace) -> tuple[dict[str, str], str | None]:
@@ -145,18 +140,17 @@ def _tag_files(args: argparse.Namespace) -> tuple[dict[str, str], str | None]:
     names = getattr(args, "tag_names", None)
     tags_dir = getattr(args, "tags_dir", None)
     if tags_dir:
-        if not os.path.isdir(tags_dir):
-            raise FileNotFoundError(f"--tags-dir {tags_dir}: folder not found; expected {', '.join(TAG_FILES.values())}")
+        tags = Root(require_dir(tags_dir, f"the MSD tag files ({', '.join(TAG_FILES.values())}) given by --tags-dir"))
         for split, name in TAG_FILES.items():
-            if os.path.isfile(os.path.join(tags_dir, name)):
-                files[split] = os.path.join(tags_dir, name)
+            if tags.is_file(name):
+                files[split] = tags.path(name)
         if not files:
-            raise FileNotFoundError(f"{os.path.join(tags_dir, TAG_FILES['train'])}: file not found; --tags-dir needs "
+            raise FileNotFoundError(f"{tags.path(TAG_FILES['train'])}: file not found; --tags-dir needs "
                                     f"at least one of {', '.join(TAG_FILES.values())}")
         if names is None:
-            found = [os.path.join(tags_dir, n) for n in TAG_NAME_FILES if os.path.isfile(os.path.join(tags_dir, n))]
+            found = [tags.path(n) for n in TAG_NAME_FILES if tags.is_file(n)]
             if not found:
-                raise FileNotFoundError(f"{os.path.join(tags_dir, TAG_NAME_FILES[0])}: file not found; put the tag names "
+                raise FileNotFoundError(f"{tags.path(TAG_NAME_FILES[0])}: file not found; put the tag names "
                                         f"there (or {TAG_NAME_FILES[1]}) or pass --tag-names")
             names = found[0]
     for split in ("train", "valid", "test"):
@@ -176,21 +170,20 @@ def _parse_multi_hot(text: str, n: int) -> list[int]:
 
 
 def prepare(root: str, args: argparse.Namespace) -> Recipe:
-    root = os.path.abspath(root)
+    tree = Root(root)
     tag_files, names_path = _tag_files(args)
     id_map_path = getattr(args, "id_map", None)
     if tag_files and not id_map_path:
         raise ValueError("tag files name tracks by MSD id: pass --id-map FILE (MSD id -> 7digital id, TSV/CSV/JSON)")
     id_map = load_id_map(id_map_path, allow_pickle=getattr(args, "allow_pickle", False)) if id_map_path else {}
     if tag_files:
-        return _prepare_tagged(root, tag_files, read_tag_names(names_path), id_map)
-    return _prepare_unlabelled(root, id_map, getattr(args, "unlabelled_split", "train") or "train")
+        return _prepare_tagged(tree, tag_files, read_tag_names(names_path), id_map)
+    return _prepare_unlabelled(tree, id_map, getattr(args, "unlabelled_split", "train") or "train")
 
 
-def _prepare_tagged(root: str, tag_files: dict[str, str], names: list[str], id_map: dict[str, str]) -> Recipe:
+def _prepare_tagged(root: Root, tag_files: dict[str, str], names: list[str], id_map: dict[str, str]) -> Recipe:
     items: list[Item] = []
     skipped: list[Skip] = []
-    found_any = False
     for split in ("train", "valid", "test"):
         if split not in tag_files:
             continue
@@ -207,64 +200,55 @@ def _prepare_tagged(root: str, tag_files: dict[str, str], names: list[str], id_m
                 skipped.append(Skip(where, f"bad tag row: {msd_id} ({exc})"))
                 continue
             if msd_id in seen:
-                skipped.append(Skip(where, f"duplicate tag row: {msd_id} listed twice in {os.path.basename(path)}"))
+                skipped.append(Skip(where, f"duplicate tag row: {msd_id} listed twice in {path.rsplit('/', 1)[-1]}"))
                 continue
             seen.add(msd_id)
             id7 = id_map.get(msd_id)
             if not id7:
                 skipped.append(Skip(where, f"no 7digital id: {msd_id} is not in --id-map"))
                 continue
-            audio = find_audio(root, id7)
-            problem = file_problem(audio)
-            if problem:
-                found_any = found_any or not problem.startswith("missing")
-                skipped.append(Skip(audio, problem))
+            rel = find_audio(root, id7)
+            if not root.usable(rel, skipped):
                 continue
-            found_any = True
-            items.append(Item(path=audio, source=rel_source(audio, root), split=split, id=msd_id,
+            items.append(Item(path=root.path(rel), source=rel, split=split, id=msd_id,
                               key=make_key(DATASET, msd_id),
                               labels={"tags": [n for n, on in zip(names, flags) if on]},
                               extra={"msd_id": msd_id, "7digital_id": id7}))
-    if skipped and not found_any:
+    if skipped and not root.found_any:
         raise FileNotFoundError(
-            f"none of the previews named by the tag files exist under --root {root}; expected "
+            f"none of the previews named by the tag files exist under --root {root.url}; expected "
             f"<7d_id[0]>/<7d_id[1]>/<7d_id>.clip.mp3 there (e.g. {skipped[0].path})")
-    return Recipe(dataset=DATASET, items=items, skipped=skipped,
+    return Recipe(dataset=DATASET, items=items, skipped=skipped, root=root.url,
                   labels={"tags": {"kind": "multi_hot", "names": names}},
                   files_in=len({it.path for it in items}) + len(skipped))
 
 
-def _prepare_unlabelled(root: str, id_map: dict[str, str], split: str) -> Recipe:
+def _prepare_unlabelled(root: Root, id_map: dict[str, str], split: str) -> Recipe:
     msd_of: dict[str, str] = {}
     for msd_id, id7 in sorted(id_map.items()):
         msd_of.setdefault(id7, msd_id)  # a preview shared by duplicate MSD tracks: the first id
     by_id: dict[str, list[str]] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in filenames:
-            low = name.lower()
-            suffix = next((s for s in AUDIO_SUFFIXES if low.endswith(s)), None)
-            if suffix is None:
-                continue
-            id7 = name[: -len(suffix)]
-            by_id.setdefault(id7, []).append(os.path.join(dirpath, name))
+    for rel in root.walk():
+        name = rel.rsplit("/", 1)[-1]
+        low = name.lower()
+        suffix = next((s for s in AUDIO_SUFFIXES if low.endswith(s)), None)
+        if suffix is not None:
+            by_id.setdefault(name[: -len(suffix)], []).append(rel)
     if not by_id:
-        raise FileNotFoundError(f"--root {root}: no previews found; expected <7d_id[0]>/<7d_id[1]>/<7d_id>.clip.mp3 "
+        raise FileNotFoundError(f"--root {root.url}: no previews found; expected <7d_id[0]>/<7d_id[1]>/<7d_id>.clip.mp3 "
                                 f"(or .mp3, .clip.wav) below it")
     items: list[Item] = []
     skipped: list[Skip] = []
     for id7 in sorted(by_id):
         # prefer the names in AUDIO_SUFFIXES order; other copies of the same id are reported
-        paths = sorted(by_id[id7], key=lambda p: next(i for i, s in enumerate(AUDIO_SUFFIXES) if p.lower().endswith(s)))
-        for extra_copy in paths[1:]:
-            skipped.append(Skip(extra_copy, f"duplicate preview: {rel_source(paths[0], root)} has the same 7digital id"))
-        audio = paths[0]
-        problem = file_problem(audio)
-        if problem:
-            skipped.append(Skip(audio, problem))
+        rels = sorted(by_id[id7], key=lambda p: next(i for i, s in enumerate(AUDIO_SUFFIXES) if p.lower().endswith(s)))
+        for extra_copy in rels[1:]:
+            skipped.append(Skip(root.path(extra_copy), f"duplicate preview: {rels[0]} has the same 7digital id"))
+        rel = rels[0]
+        if not root.usable(rel, skipped):
             continue
-        items.append(Item(path=audio, source=rel_source(audio, root), split=split, id=msd_of.get(id7, id7),
+        items.append(Item(path=root.path(rel), source=rel, split=split, id=msd_of.get(id7, id7),
                           key=make_key(DATASET, id7), labels={},
                           extra={"msd_id": msd_of.get(id7), "7digital_id": id7}))
-    return Recipe(dataset=DATASET, items=items, skipped=skipped, labels={},
+    return Recipe(dataset=DATASET, items=items, skipped=skipped, root=root.url, labels={},
                   files_in=len(items) + len(skipped))

@@ -37,10 +37,9 @@ that the csv does not have are reported as skipped with their reason, never fata
 from __future__ import annotations
 
 import argparse
-import os
 from collections import Counter
 
-from shard_tools.layout import file_problem, read_table, rel_source, require_dir, require_file
+from shard_tools.layout import Root, read_header_table, read_table, require_dir, require_file
 from shard_tools.recipe import Item, Recipe, Skip, make_key
 
 DATASET = "mtat"
@@ -65,11 +64,7 @@ def read_annotations(path: str) -> tuple[list[str], list[tuple[int, str, list[st
 
     Raises ValueError naming the file and line when the header or a row does not fit the layout.
     """
-    rows = read_table(path, delimiter="\t")
-    try:
-        _, header = next(rows)
-    except StopIteration:
-        raise ValueError(f"{path}: empty file; expected a TAB-separated header clip_id<TAB>tags...<TAB>mp3_path") from None
+    header, rows = read_header_table(path, delimiter="\t", expected="clip_id<TAB>tags...<TAB>mp3_path (TAB-separated)")
     if len(header) < 3 or header[0] != "clip_id" or header[-1] != "mp3_path":
         raise ValueError(f"{path}: header must start with clip_id and end with mp3_path (TAB-separated), "
                          f"got {header[:2]}...{header[-1:]}; is this MagnaTagATune's annotations_final.csv?")
@@ -105,18 +100,18 @@ def _read_ids(path: str) -> list[int]:
 
 
 def read_split_files(folder: str) -> tuple[dict[int, str], dict[int, str]]:
-    """Pons' split folder -> ({clip_id: split}, {clip_id: mp3_path from index_mtt.tsv})."""
-    require_dir(folder, "Pons' MTAT split files (train_gt_mtt.tsv, val_gt_mtt.tsv, test_gt_mtt.tsv)")
+    """Pons' split folder (local or URL) -> ({clip_id: split}, {clip_id: mp3_path from index_mtt.tsv})."""
+    splits = Root(require_dir(folder, "Pons' MTAT split files (train_gt_mtt.tsv, val_gt_mtt.tsv, test_gt_mtt.tsv)"))
     split_of: dict[int, str] = {}
     for split, name in SPLIT_FILES.items():
-        path = require_file(os.path.join(folder, name),
+        path = require_file(splits.path(name),
                             f"Pons' {name} (github.com/jordipons/musicnn-training data/index/mtt/)")
         for cid in _read_ids(path):
             if split_of.setdefault(cid, split) != split:
                 raise ValueError(f"--split-files {folder}: clip {cid} is in both {split_of[cid]} and {split}")
     paths: dict[int, str] = {}
-    index = os.path.join(folder, INDEX_FILE)
-    if os.path.isfile(index):
+    index = splits.path(INDEX_FILE)
+    if splits.is_file(INDEX_FILE):
         for line, fields in read_table(index, delimiter="\t"):
             if len(fields) < 2:
                 raise ValueError(f"{index} line {line}: expected clip_id<TAB>mp3_path")
@@ -128,12 +123,13 @@ def read_split_files(folder: str) -> tuple[dict[int, str], dict[int, str]]:
 
 
 def prepare(root: str, args: argparse.Namespace) -> Recipe:
-    root = os.path.abspath(root)
+    tree = Root(root)
     top_k = getattr(args, "top_k", 50)
     if top_k <= 0:
         raise ValueError(f"--top-k must be positive, got {top_k}")
-    audio_dir = os.path.abspath(getattr(args, "audio_dir", None) or root)
-    csv_path = require_file(os.path.join(root, ANNOTATIONS),
+    audio_dir = getattr(args, "audio_dir", None)
+    audio = Root(audio_dir) if audio_dir else tree  # one Root, one listing of a bucket
+    csv_path = require_file(tree.path(ANNOTATIONS),
                             "MagnaTagATune's annotations_final.csv (TAB-separated clip_id, 188 tags, mp3_path) in --root")
     tags, rows = read_annotations(csv_path)
     vocab = top_tags(tags, rows, top_k)
@@ -148,14 +144,13 @@ def prepare(root: str, args: argparse.Namespace) -> Recipe:
     skipped: list[Skip] = []
     left_out = 0
     seen: set[int] = set()
-    found_any = False
     for clip_id, mp3_path, clip_tags in rows:
         if clip_id in seen:
             skipped.append(Skip(f"{csv_path}:clip_id={clip_id}", f"duplicate clip_id: {clip_id} listed twice in {ANNOTATIONS}"))
             continue
         seen.add(clip_id)
         rel = index_paths.get(clip_id, mp3_path)
-        path = os.path.join(audio_dir, rel)
+        path = audio.path(rel)
         if split_of is not None:
             split = split_of.get(clip_id)
             if split is None:
@@ -166,28 +161,23 @@ def prepare(root: str, args: argparse.Namespace) -> Recipe:
             if split is None:
                 skipped.append(Skip(path, f"no split: mp3_path {rel!r} is not below a folder 0-f"))
                 continue
-        problem = file_problem(path)
-        if problem:
-            found_any = found_any or not problem.startswith("missing")
-            skipped.append(Skip(path, problem))
+        if not audio.usable(rel, skipped):
             continue
-        found_any = True
         has = set(clip_tags)
         labels = {"tags": [t for t in vocab if t in has]}  # vocabulary order, as in the manifest
-        items.append(Item(path=path, source=rel_source(path, root), split=split, id=str(clip_id),
+        items.append(Item(path=path, source=tree.rel(path), split=split, id=str(clip_id),
                           key=make_key(DATASET, clip_id), labels=labels, extra={"clip_id": clip_id}))
     if split_of is not None:
         for cid in sorted(set(split_of) - seen):
             rel = index_paths.get(cid, f"<clip {cid}>")
-            skipped.append(Skip(os.path.join(audio_dir, rel),
+            skipped.append(Skip(audio.path(rel),
                                 f"no annotations: clip {cid} is in --split-files but not in {ANNOTATIONS}"))
-    if rows and not found_any:
-        example = os.path.join(audio_dir, rows[0][1])
+    if rows and not audio.found_any:
         raise FileNotFoundError(
-            f"{example}: file not found, and none of the {len(rows)} mp3s listed in {csv_path} exist; expected "
-            f"the folders 0/ ... f/ of mp3.zip in {audio_dir} (unzip it there or pass --audio-dir)")
+            f"{audio.path(rows[0][1])}: file not found, and none of the {len(rows)} mp3s listed in {csv_path} exist; "
+            f"expected the folders 0/ ... f/ of mp3.zip in {audio.url} (unzip it there or pass --audio-dir)")
     if left_out:
         print(f"[mtat] --split-files: left out {left_out} clips of {ANNOTATIONS} that are in none of the split files")
-    return Recipe(dataset=DATASET, items=items, skipped=skipped,
+    return Recipe(dataset=DATASET, items=items, skipped=skipped, root=tree.url,
                   labels={"tags": {"kind": "multi_hot", "names": vocab}},
                   files_in=len(items) + len(skipped))

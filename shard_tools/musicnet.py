@@ -39,11 +39,11 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
+import io
 
 import soundfile as sf
 
-from shard_tools.layout import file_problem, read_table, rel_source, require_file
+from shard_tools.layout import Root, read_header_table, read_text, require_file
 from shard_tools.recipe import Item, Recipe, Skip, make_key
 
 DATASET = "musicnet"
@@ -80,18 +80,17 @@ def segment_starts(duration: float, segment: float, hop: float) -> list[tuple[fl
 
 def read_notes(path: str, label_rate: int) -> list[tuple[float, float, int, int]]:
     """A label csv -> ``(start_s, end_s, instrument, note)`` per row; ValueError when malformed."""
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in LABEL_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"no column(s) {missing} (header: {reader.fieldnames})")
-        notes = []
-        for row in reader:
-            try:
-                start, end = float(row["start_time"]) / label_rate, float(row["end_time"]) / label_rate
-                notes.append((start, end, int(row["instrument"]), int(row["note"])))
-            except (TypeError, ValueError):
-                raise ValueError(f"line {reader.line_num}: start_time/end_time/instrument/note not numbers") from None
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+    missing = [c for c in LABEL_COLUMNS if c not in (reader.fieldnames or [])]
+    if missing:
+        raise ValueError(f"no column(s) {missing} (header: {reader.fieldnames})")
+    notes = []
+    for row in reader:
+        try:
+            start, end = float(row["start_time"]) / label_rate, float(row["end_time"]) / label_rate
+            notes.append((start, end, int(row["instrument"]), int(row["note"])))
+        except (TypeError, ValueError):
+            raise ValueError(f"line {reader.line_num}: start_time/end_time/instrument/note not numbers") from None
     return notes
 
 
@@ -106,11 +105,7 @@ def sounding(notes: list[tuple[float, float, int, int]], start: float, end: floa
 
 
 def read_metadata(path: str) -> dict[str, dict[str, str]]:
-    rows = read_table(path, delimiter=",")
-    try:
-        _, header = next(rows)
-    except StopIteration:
-        raise ValueError(f"{path}: empty file; expected a header id,composer,...,seconds") from None
+    header, rows = read_header_table(path, delimiter=",", expected="id,composer,...,seconds")
     if "id" not in header:
         raise ValueError(f"{path}: no 'id' column (header: {header}); is this musicnet_metadata.csv?")
     col = header.index("id")
@@ -125,7 +120,7 @@ def _valid_ids(train_ids: list[str], every: int) -> set[str]:
 
 
 def prepare(root: str, args: argparse.Namespace) -> Recipe:
-    root = os.path.abspath(root)
+    tree = Root(root)
     segment = float(getattr(args, "segment", 20.0))
     hop = float(getattr(args, "hop", 10.0))
     every = int(getattr(args, "valid_every", 10))
@@ -134,10 +129,10 @@ def prepare(root: str, args: argparse.Namespace) -> Recipe:
         raise ValueError(f"--segment and --hop must be positive, got {segment} and {hop}")
     if every < 0:
         raise ValueError(f"--valid-every must be >= 0, got {every}")
-    if not any(os.path.isdir(os.path.join(root, d)) for d, _ in PARTS.values()):
-        raise FileNotFoundError(f"{os.path.join(root, 'train_data')}: folder not found; expected MusicNet's layout "
-                                f"under --root {root}: train_data/, train_labels/, test_data/, test_labels/, {METADATA}")
-    meta = read_metadata(require_file(os.path.join(root, METADATA),
+    if not any(tree.is_dir(d) for d, _ in PARTS.values()):
+        raise FileNotFoundError(f"{tree.path('train_data')}: folder not found; expected MusicNet's layout "
+                                f"under --root {tree.url}: train_data/, train_labels/, test_data/, test_labels/, {METADATA}")
+    meta = read_metadata(require_file(tree.path(METADATA),
                                       f"MusicNet's {METADATA} (id,composer,...,seconds) in --root"))
 
     items: list[Item] = []
@@ -147,24 +142,23 @@ def prepare(root: str, args: argparse.Namespace) -> Recipe:
     notes_seen: set[int] = set()
     inst_seen: set[int] = set()
     for part, (data_dir, label_dir) in PARTS.items():
-        data_path, label_path = os.path.join(root, data_dir), os.path.join(root, label_dir)
-        wavs = {n[:-4] for n in os.listdir(data_path) if n.lower().endswith(".wav")} if os.path.isdir(data_path) else set()
-        csvs = {n[:-4] for n in os.listdir(label_path) if n.lower().endswith(".csv")} if os.path.isdir(label_path) else set()
+        wavs = {n[:-4] for n in tree.listdir(data_dir) if n.lower().endswith(".wav")}
+        csvs = {n[:-4] for n in tree.listdir(label_dir) if n.lower().endswith(".csv")}
         for rid in sorted(csvs - wavs):
-            skipped.append(Skip(os.path.join(data_path, f"{rid}.wav"),
+            skipped.append(Skip(tree.path(f"{data_dir}/{rid}.wav"),
                                 f"missing file: {label_dir}/{rid}.csv has no {data_dir}/{rid}.wav"))
         valid = _valid_ids(sorted(wavs & csvs), every) if part == "train" else set()
         for rid in sorted(wavs):
-            wav = os.path.join(data_path, f"{rid}.wav")
+            rel = f"{data_dir}/{rid}.wav"
+            wav = tree.path(rel)
             if rid not in csvs:
                 skipped.append(Skip(wav, f"no labels: {label_dir}/{rid}.csv not found"))
                 continue
-            problem = file_problem(wav)
-            if problem:
-                skipped.append(Skip(wav, problem))
+            if not tree.usable(rel, skipped):
                 continue
             try:
-                info = sf.info(wav)
+                with tree.open(rel) as f:  # the header only: the frame count
+                    info = sf.info(f)
                 duration = info.frames / info.samplerate
             except Exception as exc:  # LibsndfileError / RuntimeError on a damaged header
                 skipped.append(Skip(wav, f"not decodable audio: header unreadable ({exc})"))
@@ -173,7 +167,7 @@ def prepare(root: str, args: argparse.Namespace) -> Recipe:
                 skipped.append(Skip(wav, "no audio frames: the header declares 0 frames"))
                 continue
             try:
-                notes = read_notes(os.path.join(label_path, f"{rid}.csv"), label_rate)
+                notes = read_notes(tree.path(f"{label_dir}/{rid}.csv"), label_rate)
             except (OSError, ValueError) as exc:
                 skipped.append(Skip(wav, f"bad label file: {label_dir}/{rid}.csv {exc}"))
                 continue
@@ -186,7 +180,7 @@ def prepare(root: str, args: argparse.Namespace) -> Recipe:
                 inst, pitch = sounding(notes, start, end)
                 inst_seen.update(inst)
                 notes_seen.update(pitch)
-                items.append(Item(path=wav, source=rel_source(wav, root), split=split, id=rid,
+                items.append(Item(path=wav, source=rel, split=split, id=rid,
                                   key=make_key(DATASET, rid, f"{int(round(start * 1000)):09d}"),
                                   labels={"instruments": inst, "notes": pitch, "composer": composer,
                                           "ensemble": ensemble},
@@ -199,5 +193,5 @@ def prepare(root: str, args: argparse.Namespace) -> Recipe:
         "composer": {"kind": "class", "names": sorted(composers)},
         "ensemble": {"kind": "class", "names": sorted(ensembles)},
     }
-    return Recipe(dataset=DATASET, items=items, skipped=skipped, labels=labels_spec,
+    return Recipe(dataset=DATASET, items=items, skipped=skipped, labels=labels_spec, root=tree.url,
                   files_in=len({it.path for it in items}) + len(skipped))

@@ -37,9 +37,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
-from shard_tools.layout import file_problem, rel_source, require_file
+from shard_tools.layout import Root, read_text, require_file
 from shard_tools.recipe import Item, Recipe, Skip, make_key
 
 DATASET = "nsynth"
@@ -95,47 +94,46 @@ def _labels_of(entry: dict) -> dict:
     return labels
 
 
-def _wanted_splits(root: str, text: str | None) -> list[str]:
+def _wanted_splits(root: Root, text: str | None) -> list[str]:
     if text:
         names = [s.strip() for s in text.split(",") if s.strip()]
         bad = [s for s in names if s not in SPLITS]
         if bad:
             raise ValueError(f"--splits: unknown split(s) {bad}; choose from {', '.join(SPLITS)}")
         for s in names:
-            require_file(os.path.join(root, SPLITS[s], "examples.json"),
+            require_file(root.path(f"{SPLITS[s]}/examples.json"),
                          f"NSynth's {SPLITS[s]}/examples.json (unpack {SPLITS[s]}.jsonwav.tar.gz into --root)")
         return names
-    present = [s for s, d in SPLITS.items() if os.path.isfile(os.path.join(root, d, "examples.json"))]
+    present = [s for s, d in SPLITS.items() if root.is_file(f"{d}/examples.json")]
     if not present:
         raise FileNotFoundError(
-            f"{os.path.join(root, 'nsynth-train', 'examples.json')}: file not found; expected NSynth's layout "
-            f"under --root {root}: nsynth-{{train,valid,test}}/examples.json + audio/<note_str>.wav "
+            f"{root.path('nsynth-train/examples.json')}: file not found; expected NSynth's layout "
+            f"under --root {root.url}: nsynth-{{train,valid,test}}/examples.json + audio/<note_str>.wav "
             f"(unpack the nsynth-*.jsonwav.tar.gz archives there)")
     return present
 
 
 def prepare(root: str, args: argparse.Namespace) -> Recipe:
     """Read ``examples.json`` of each split present and list one item per note."""
-    root = os.path.abspath(root)
+    tree = Root(root)
     pitch_range = getattr(args, "pitch_range", None)
     items: list[Item] = []
     skipped: list[Skip] = []
     left_out = 0
     pitches: set[int] = set()
     velocities: set[int] = set()
-    for split in _wanted_splits(root, getattr(args, "splits", None)):
-        folder = os.path.join(root, SPLITS[split])
-        meta_path = os.path.join(folder, "examples.json")
+    for split in _wanted_splits(tree, getattr(args, "splits", None)):
+        meta_path = tree.path(f"{SPLITS[split]}/examples.json")
         try:
-            with open(meta_path, encoding="utf-8") as f:
-                examples = json.load(f)
+            examples = json.loads(read_text(meta_path))
         except (OSError, ValueError) as exc:
             raise ValueError(f"{meta_path}: not readable JSON ({exc}); re-extract it from the NSynth archive") from exc
         if not isinstance(examples, dict):
             raise ValueError(f"{meta_path}: expected a JSON object mapping note_str to its attributes")
         for note_str in sorted(examples):
             entry = examples[note_str]
-            wav = os.path.join(folder, "audio", f"{note_str}.wav")
+            rel = f"{SPLITS[split]}/audio/{note_str}.wav"
+            wav = tree.path(rel)
             try:
                 if not isinstance(entry, dict):
                     raise ValueError("entry is not an object")
@@ -147,13 +145,11 @@ def prepare(root: str, args: argparse.Namespace) -> Recipe:
             if pitch_range and not pitch_range[0] <= labels["pitch"] <= pitch_range[1]:
                 left_out += 1
                 continue
-            problem = file_problem(wav)
-            if problem:
-                skipped.append(Skip(wav, problem))
+            if not tree.usable(rel, skipped):
                 continue
             pitches.add(labels["pitch"])
             velocities.add(labels["velocity"])
-            items.append(Item(path=wav, source=rel_source(wav, root), split=split, id=note_str,
+            items.append(Item(path=wav, source=rel, split=split, id=note_str,
                               key=make_key(DATASET, note_str), labels=labels))
     if left_out:
         lo, hi = pitch_range
@@ -169,5 +165,5 @@ def prepare(root: str, args: argparse.Namespace) -> Recipe:
         "instrument_source_str": {"kind": "class", "names": list(SOURCES)},
         "qualities": {"kind": "multi_hot", "names": list(QUALITIES)},
     }
-    return Recipe(dataset=DATASET, items=items, skipped=skipped, labels=labels_spec,
+    return Recipe(dataset=DATASET, items=items, skipped=skipped, labels=labels_spec, root=tree.url,
                   files_in=len(items) + len(skipped))

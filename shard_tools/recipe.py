@@ -34,6 +34,18 @@ class Item:
     extra: dict = field(default_factory=dict)  # extra top-level JSON fields (clip_id, msd_id, ...)
 
 
+def item_record(item: Item) -> list:
+    """An item as a JSON list (the plan file, the build fingerprint); :func:`item_from_record` undoes it."""
+    return [item.split, item.key, item.path, item.source, item.id, item.labels,
+            list(item.segment) if item.segment is not None else None, item.extra]
+
+
+def item_from_record(rec: list) -> Item:
+    split, key, path, source, id_, labels, segment, extra = rec
+    return Item(path=path, source=source, split=split, id=id_, key=key, labels=labels,
+                segment=tuple(segment) if segment is not None else None, extra=extra)
+
+
 @dataclass
 class Skip:
     """A source file (or label row) left out, and why. Every skip is reported, none is silent."""
@@ -51,3 +63,11 @@ class Recipe:
     labels: dict[str, dict] = field(default_factory=dict)
     # distinct source files considered, written or skipped (files_in in the report)
     files_in: int = 0
+    # the --root the paths are below (local path or URL): skips are sliced by their path relative
+    # to it, like items by their source, so slices agree on machines that mount the corpus elsewhere
+    root: str = ""
+
+    def slice_key(self, path: str) -> str:
+        """What ``--slice`` hashes for a skipped file: its path relative to the root when below it."""
+        base = self.root.rstrip("/")
+        return path[len(base) + 1:] if base and path.startswith(base + "/") else path

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import re
 import tarfile
-from concurrent.futures import ProcessPoolExecutor
 
 from pipeline import fsio
 from pipeline.audio import AudioDecodeError, decode_bytes
 from pipeline.shards import SampleJSONError, parse_sample_json
-from shard_tools.build import pool_context
 from shard_tools.manifest import find_manifests, read_manifest, shard_url
+from shard_tools.workers import Pool
 
 
 def verify_shard(url: str, expected: dict, codec: str, split: str) -> dict:
@@ -92,7 +93,7 @@ def verify(url: str, *, workers: int = 1, progress: bool = True) -> tuple[list[s
 
     try:
         if workers > 1 and len(jobs) > 1:
-            with ProcessPoolExecutor(workers, mp_context=pool_context()) as ex:
+            with Pool(workers) as ex:
                 futs = [ex.submit(verify_shard, j[1], j[2], j[3], j[4]) for j in jobs]
                 for job, fut in zip(jobs, futs):
                     collect(job, fut.result())
@@ -111,4 +112,34 @@ def verify(url: str, *, workers: int = 1, progress: bool = True) -> tuple[list[s
             problems.append(f"{murl}: {dup} duplicate keys within split {m['split']!r}")
         stats["samples"] += sum(r["samples"] for r in res)
         stats["seconds"] += sum(r["seconds"] for r in res)
+    if not url.endswith(".json"):
+        problems.extend(f"{u}: a shard no manifest lists (left by an earlier build?); delete it, or rebuild into "
+                        f"this folder, which removes its own stale shards" for u in unlisted_shards(url))
     return problems, stats
+
+
+_ANY_MANIFEST = re.compile(r"^[A-Za-z0-9_]+\.manifest(\.slice-\d+-of-\d+)?\.json$")
+
+
+def unlisted_shards(url: str) -> list[str]:
+    """URLs of the ``*.tar`` files in the folders of ``url``'s manifests that no manifest there lists
+    (whole or partial, so the shards of unmerged slices count as listed). Hidden files (a build in
+    progress) are not shards."""
+    out = []
+    for folder in sorted({fsio.parent_url(m) for m in find_manifests(url)}):
+        names = fsio.list_dir(folder)
+        listed: set[str] = set()
+        for name in names:
+            if _ANY_MANIFEST.match(name):
+                murl = fsio.join_url(folder, name)
+                try:
+                    listed.update(_norm(shard_url(murl, s)) for s in read_manifest(murl)["shards"])
+                except (FileNotFoundError, ValueError, KeyError, TypeError):
+                    continue  # an unreadable manifest is reported by verify itself
+        out.extend(fsio.join_url(folder, n) for n in names
+                   if n.endswith(".tar") and not n.startswith(".") and _norm(fsio.join_url(folder, n)) not in listed)
+    return out
+
+
+def _norm(url: str) -> str:
+    return os.path.abspath(fsio.local_path(url)) if fsio.is_local(url) else url

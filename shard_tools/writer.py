@@ -2,7 +2,8 @@
 
 A shard is only ever visible under its final name once it is complete: it is written to a local
 temp file (hidden, beside the target for local output so the final ``os.replace`` stays on one
-filesystem; in the system temp folder for buckets), then published with
+filesystem; in the system temp folder for buckets, named by its build's pid so that a later build
+removes what a killed one left, see ``shard_tools.owner``), then published with
 ``pipeline.fsio.upload_file_atomic`` (rename locally, a single upload of the finished file to a
 bucket).
 """
@@ -11,11 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import tarfile
-import tempfile
 
 from pipeline import fsio
+from shard_tools.owner import temp_path
 
 # Every member header gets these fields, so that the same samples give the same bytes on any
 # machine, user or clock (see docs/architecture.md section 1).
@@ -58,8 +60,7 @@ class ShardWriter:
             # hidden and suffixed, so no `*.tar` glob or manifest reader ever sees a partial shard
             self._tmp = os.path.join(folder, "." + os.path.basename(path) + ".partial")
         else:
-            fd, self._tmp = tempfile.mkstemp(prefix="musicssl-shard-", suffix=".tar.partial")
-            os.close(fd)
+            self._tmp = temp_path("shard", ".tar.partial")
         self._file = open(self._tmp, "wb")
         # PAX only adds extended headers for fields that do not fit ustar (long keys); with the
         # fixed integer fields above no timestamp ever enters the archive.
@@ -72,8 +73,14 @@ class ShardWriter:
         """Bytes written so far (the finished tar adds at most the end blocks and record padding)."""
         return self._file.tell()
 
-    def add(self, key: str, ext: str, audio: bytes, meta_json: bytes, seconds: float) -> None:
-        self._tar.addfile(_tarinfo(f"{key}.{ext}", len(audio)), io.BytesIO(audio))
+    def add(self, key: str, ext: str, audio: bytes | str, meta_json: bytes, seconds: float) -> None:
+        """Append a sample; ``audio`` is the encoded bytes or the path of a file holding them
+        (copied in blocks, so a long sample never sits in memory whole)."""
+        if isinstance(audio, str):
+            with open(audio, "rb") as f:
+                self._tar.addfile(_tarinfo(f"{key}.{ext}", os.fstat(f.fileno()).st_size), f)
+        else:
+            self._tar.addfile(_tarinfo(f"{key}.{ext}", len(audio)), io.BytesIO(audio))
         self._tar.addfile(_tarinfo(f"{key}.json", len(meta_json)), io.BytesIO(meta_json))
         self.num_samples += 1
         self.seconds += seconds
@@ -96,6 +103,15 @@ class ShardWriter:
         finally:
             if os.path.exists(self._tmp):
                 os.unlink(self._tmp)
+
+
+def dumps_json(obj, indent: int | None = None) -> bytes:
+    """UTF-8 JSON; falls back to ASCII escapes when a value holds undecodable file-name bytes
+    (surrogate escapes from ``os.walk``), which UTF-8 cannot carry."""
+    try:
+        return json.dumps(obj, ensure_ascii=False, indent=indent).encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(obj, ensure_ascii=True, indent=indent).encode("ascii")
 
 
 def write_bytes_atomic(url: str, data: bytes) -> None:

@@ -55,25 +55,49 @@ def dominant_freq(audio: np.ndarray, sr: int) -> float:
     return k * sr / len(audio)
 
 
+def _samples(tar_paths: list[str]):
+    """``(meta, audio (channels, frames), sr, ext)`` of every sample in the tars, in order."""
+    for path in tar_paths:
+        with tarfile.open(path) as tar:
+            members = tar.getmembers()
+            for a, j in zip(members[0::2], members[1::2]):
+                meta = json.loads(tar.extractfile(j).read())
+                audio, sr = sf.read(io.BytesIO(tar.extractfile(a).read()), dtype="float32", always_2d=True)
+                yield meta, audio.T, sr, a.name.split(".", 1)[1]
+
+
 def read_shards(folder: str, split: str) -> dict[str, dict]:
     """Every sample of a split as ``{key: {"meta": json, "audio": (channels, frames), "sr": int}}``,
     read through the manifest (so a shard missing from it is not read)."""
     with open(os.path.join(folder, f"{split}.manifest.json")) as f:
         manifest = json.load(f)
-    out: dict[str, dict] = {}
-    for shard in manifest["shards"]:
-        with tarfile.open(os.path.join(folder, shard["url"])) as tar:
-            members = tar.getmembers()
-            blobs = {m.name: tar.extractfile(m).read() for m in members}
-        for name, blob in blobs.items():
-            key, ext = name.split(".", 1)
-            entry = out.setdefault(key, {})
-            if ext == "json":
-                entry["meta"] = json.loads(blob)
-            else:
-                audio, sr = sf.read(io.BytesIO(blob), dtype="float32", always_2d=True)
-                entry["audio"], entry["sr"], entry["ext"] = audio.T, sr, ext
-    return out
+    return {meta["key"]: {"meta": meta, "audio": audio, "sr": sr, "ext": ext}
+            for meta, audio, sr, ext in _samples([os.path.join(folder, s["url"]) for s in manifest["shards"]])}
+
+
+def shard_samples(out: str, split: str | None = None, by: str = "key") -> dict[str, tuple[dict, np.ndarray, int]]:
+    """``{meta[by]: (meta, audio, sr)}`` of every ``*.tar`` in ``out`` (or of one split, through its manifest)."""
+    if split is None:
+        paths = [os.path.join(out, n) for n in sorted(os.listdir(out)) if n.endswith(".tar")]
+    else:
+        paths = [os.path.join(out, s["url"]) for s in json.load(open(os.path.join(out, f"{split}.manifest.json")))["shards"]]
+    return {meta[by]: (meta, audio, sr) for meta, audio, sr, _ in _samples(paths)}
+
+
+def tars(out: str) -> dict[str, bytes]:
+    """The bytes of every ``*.tar`` in a shard folder, by name."""
+    return {n: open(os.path.join(out, n), "rb").read() for n in sorted(os.listdir(out)) if n.endswith(".tar")}
+
+
+def folder_recipe(root: str, *, valid_fraction: float = 0.2, test_fraction: float = 0.2, **kw):
+    """The ``folder`` recipe of ``root`` with its command-line defaults (hash split fractions given)."""
+    import argparse
+
+    from shard_tools import folder
+
+    ns = argparse.Namespace(labels=None, path_column="path", split_column="split", multi_hot=[], label_sep=";",
+                            keep_unlisted=False, valid_fraction=valid_fraction, test_fraction=test_fraction, **kw)
+    return folder.prepare(root, ns)
 
 
 # ---------------------------------------------------------------------------------------------

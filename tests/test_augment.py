@@ -75,7 +75,8 @@ def test_gain_is_exact_in_db(device):
 def test_noise_snr_matches_the_drawn_value(device, color):
     note = render_note(60, 1.0)
     x = batch_of(note, 6, device)
-    noise = Noise(p=1.0, snr_db=(0.0, 40.0), colors=(color,), generator=torch.Generator().manual_seed(1))
+    noise = Noise(p=1.0, mode="snr_db", snr_db=(0.0, 40.0), colors=(color,),
+                  generator=torch.Generator().manual_seed(1))
     y = noise(x)
     drawn = noise.last_params["snr_db"]
     assert drawn.unique().numel() == 6
@@ -87,9 +88,56 @@ def test_noise_snr_matches_the_drawn_value(device, color):
         assert (lo > hi) == (color in ("pink", "brown"))
 
 
-def test_filters_attenuate_the_stop_band_by_more_than_20_db(device):
+def test_noise_std_is_the_drawn_share_of_the_clips_std_as_clmr(device):
+    note = render_note(60, 1.0)
+    x = batch_of(note, 8, device)
+    noise = Noise(p=1.0, generator=torch.Generator().manual_seed(1))  # CLMR's: std ratio U(0.001, 1.0)
+    y = noise(x)
+    ratio = noise.last_params["std_ratio"]
+    assert float(ratio.min()) >= 0.001 and float(ratio.max()) <= 1.0 and np.ptp(ratio.numpy()) > 0.3
+    measured = ((y - x).std(dim=(1, 2)) / x.std(dim=(1, 2))).cpu()
+    torch.testing.assert_close(measured, ratio, rtol=0.02, atol=0)
+    # White: flat spectrum (the two halves of the band carry the same power within 10 %).
+    spec = torch.fft.rfft((y - x)[0, 0].cpu().double()).abs().pow(2)
+    half = spec.shape[0] // 2
+    assert abs(float(spec[1:half].mean() / spec[half:].mean()) - 1) < 0.1
+
+
+@pytest.mark.parametrize("cutoff_hz, highpass", [(200.0, True), (1200.0, True), (2200.0, False), (4000.0, False)])
+def test_fir_filter_equals_julius(device, cutoff_hz, highpass):
+    julius = pytest.importorskip("julius")
+    x = torch.randn(2, 1, 20000, generator=torch.Generator().manual_seed(2)).to(device)
+    filt = HighLowPass(sample_rate=SR, p=1.0, filter_type="fir")
+    y = filt.apply(x, forced(2, highpass=torch.tensor([highpass] * 2), cutoff_hz=torch.tensor([cutoff_hz] * 2)))
+    fn = julius.highpass_filter if highpass else julius.lowpass_filter
+    ref = fn(x.cpu(), cutoff=cutoff_hz / SR)
+    torch.testing.assert_close(y.cpu(), ref, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("cutoff_hz, highpass", [(200.0, True), (1200.0, True), (2200.0, False), (4000.0, False)])
+def test_first_order_filter_equals_essentias_iir(device, cutoff_hz, highpass):
+    from scipy.signal import lfilter
+
+    x = torch.randn(2, 1, 8000, generator=torch.Generator().manual_seed(2)).to(device)
+    filt = HighLowPass(sample_rate=SR, p=1.0, filter_type="first_order")
+    y = filt.apply(x, forced(2, highpass=torch.tensor([highpass] * 2), cutoff_hz=torch.tensor([cutoff_hz] * 2)))
+    k = np.tan(np.pi * cutoff_hz / SR)  # essentia LowPass/HighPass.configure(), written out
+    c = (k - 1) / (k + 1)
+    b = [(1 - c) / 2, (c - 1) / 2] if highpass else [(1 + c) / 2, (1 + c) / 2]
+    ref = lfilter(b, [1.0, c], x.cpu().double().numpy(), axis=-1)
+    np.testing.assert_allclose(y.cpu().numpy(), ref, atol=2e-5, rtol=0)
+    # 3 dB down at the cutoff, 6 dB/octave beyond it (first order).
+    f = np.fft.rfftfreq(16384, 1 / SR)
+    h = np.fft.rfft(filt.apply(torch.eye(1, 16384).view(1, 1, -1).to(device),
+                               forced(1, highpass=torch.tensor([highpass]), cutoff_hz=torch.tensor([cutoff_hz])))[0, 0].cpu().numpy())
+    at = lambda hz: 20 * np.log10(np.abs(h[np.argmin(np.abs(f - hz))]))  # noqa: E731
+    assert abs(at(cutoff_hz) + 3.01) < 0.1
+
+
+@pytest.mark.parametrize("filter_type", ["fir", "butterworth"])
+def test_filters_attenuate_the_stop_band_by_more_than_20_db(device, filter_type):
     n, t = 12, 3 * SR
-    filt = HighLowPass(sample_rate=SR, p=1.0, generator=torch.Generator().manual_seed(2))
+    filt = HighLowPass(sample_rate=SR, p=1.0, filter_type=filter_type, generator=torch.Generator().manual_seed(2))
     params = filt.draw(n)
     hp, fc = params["highpass"], params["cutoff_hz"]
     assert 0 < int(hp.sum()) < n
@@ -106,9 +154,21 @@ def test_filters_attenuate_the_stop_band_by_more_than_20_db(device):
             assert check(db), (bool(hp[i]), float(fc[i]), f, db)
 
 
+def test_delay_is_clmrs_halved_sum():
+    x = torch.randn(4, 1, SR, generator=torch.Generator().manual_seed(3))
+    delay = Delay(sample_rate=SR, p=1.0)  # CLMR: (x + 0.5 * x(t - lag)) / 2
+    lag = torch.tensor([4410, 5512, 7717, 9922])  # 200, 250, 350, 450 ms: int(ms * sr / 1000)
+    y = delay.apply(x, forced(4, lag=lag, delay_ms=torch.tensor([200.0, 250.0, 350.0, 450.0])))
+    for i, n in enumerate(lag.tolist()):
+        torch.testing.assert_close(y[i, 0, :n], 0.5 * x[i, 0, :n])
+        torch.testing.assert_close(y[i, 0, n:], 0.5 * x[i, 0, n:] + 0.25 * x[i, 0, :-n])
+    drawn = Delay(sample_rate=SR, p=1.0).draw(64)
+    assert set(drawn["lag"].tolist()) == {4410, 5512, 6615, 7717, 8820, 9922}
+
+
 def test_delay_echo_sits_at_the_drawn_lag(device):
     x = torch.randn(8, 1, SR, generator=torch.Generator().manual_seed(3)).to(device)
-    delay = Delay(sample_rate=SR, p=1.0, volume=0.5)
+    delay = Delay(sample_rate=SR, p=1.0, volume=0.5, halve=False)
     y = delay(x)
     lags = delay.last_params["lag"]
     ms = delay.last_params["delay_ms"]
@@ -119,7 +179,7 @@ def test_delay_echo_sits_at_the_drawn_lag(device):
         n = 2 * SR
         xc = torch.fft.irfft(torch.fft.rfft(e, n) * torch.fft.rfft(a, n).conj(), n)[: SR // 2]
         peak = int(xc.argmax())
-        assert peak == int(lags[i]) == round(float(ms[i]) * SR / 1000)
+        assert peak == int(lags[i]) == int(float(ms[i]) * SR / 1000)
         assert abs(float(xc[peak]) / float((a[: SR - peak] ** 2).sum()) - 0.5) < 1e-3
 
 
@@ -127,7 +187,7 @@ def test_reverb_energy_decay_matches_the_drawn_rt60(device):
     n = 6
     x = torch.zeros(n, 1, 2 * SR, device=device)
     x[:, :, 0] = 1.0  # an impulse: the output is (1 - wet) at t=0, then the wet impulse response
-    rev = Reverb(sample_rate=SR, p=1.0, rt60_s=(0.2, 1.0), ir_seconds=1.0,
+    rev = Reverb(sample_rate=SR, p=1.0, method="ir", rt60_s=(0.2, 1.0), ir_seconds=1.0,
                  generator=torch.Generator().manual_seed(4))
     y = rev(x)[:, 0].cpu().numpy()
     rt60 = rev.last_params["rt60_s"].numpy()
@@ -144,7 +204,8 @@ def test_reverb_from_a_folder_of_impulse_responses(tmp_path, device):
     for k, r in enumerate(true):
         ir = rng.standard_normal(SR) * np.exp(-np.log(1000) * t / r)
         sf.write(tmp_path / f"ir{k}.wav", (0.9 * ir / np.abs(ir).max()).astype(np.float32), SR, subtype="FLOAT")
-    rev = Reverb(sample_rate=SR, p=1.0, ir_dir=str(tmp_path), generator=torch.Generator().manual_seed(6)).to(device)
+    rev = Reverb(sample_rate=SR, p=1.0, method="ir", ir_dir=str(tmp_path),
+                 generator=torch.Generator().manual_seed(6)).to(device)
     x = torch.zeros(8, 1, 2 * SR, device=device)
     x[:, :, 0] = 1.0
     y = rev(x)[:, 0].cpu().numpy()
@@ -179,9 +240,10 @@ def test_per_example_parameters_differ_across_a_batch(device):
     chain = _full_chain(seed=1)
     y = chain(x)
     p = chain.last_params
-    for key in ("pitch.semitones", "gain.gain_db", "noise.snr_db", "filter.cutoff_hz", "reverb.rt60_s",
-                "speed.rate"):
+    for key in ("pitch.semitones", "gain.gain_db", "noise.std_ratio", "filter.cutoff_hz", "speed.rate"):
         assert p[key].unique().numel() == 16, key
+    for key in ("reverb.reverberance", "reverb.damping", "reverb.room_scale"):  # integers 0..99
+        assert p[key].unique().numel() > 8, key
     assert 0 < int(p["pitch.apply"].sum()) < 16
     # Identical inputs, different draws: no two outputs are the same.
     flat = y.flatten(1).cpu()
@@ -242,6 +304,10 @@ def test_cpu_backend_and_disabled_give_the_identity_chain():
     (dict(pitch_p=1.5), "pitch_p"), (dict(gain_db=(0.0, -3.0)), "gain_db"), (dict(backend="tpu"), "backend"),
     (dict(order=("pitch", "pitch")), "order"), (dict(noise_color=("green",)), "noise_color"),
     (dict(reverb_ir_dir="/nonexistent/irs"), "reverb_ir_dir"),
+    (dict(reverb_method="ir", reverb_ir_dir="/nonexistent/irs"), "reverb_ir_dir"),
+    (dict(filter_type="chebyshev"), "filter_type"), (dict(filter_type="Butterworth"), "filter_type"), (dict(noise_mode="pink"), "noise_mode"),
+    (dict(reverb_method="sox"), "reverb_method"), (dict(reverb_room_scale=(0, 101)), "reverb_room_scale"),
+    (dict(reverb_reverberance=(10.5, 20)), "reverb_reverberance"),
 ])
 def test_config_errors_name_the_flag(bad, flag):
     with pytest.raises(ValueError, match=flag):

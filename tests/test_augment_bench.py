@@ -18,7 +18,8 @@ def test_benchmark_quick_prints_ratios_json():
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     ratios = result["ratios"]
-    assert {"ours_vs_audiomentations", "pitch_ours_vs_audiomentations", "cpu_path_vs_audiomentations"} <= set(ratios)
+    assert {"ours_vs_audiomentations", "pitch_ours_vs_audiomentations", "cpu_path_vs_audiomentations",
+            "ours_variants_vs_audiomentations"} <= set(ratios)
     assert all(v > 0 for v in ratios.values())
     assert all(v > 0 for v in result["clips_per_s"].values())
     # The benchmark's own accuracy check: our pitch shift lands within 0.3 semitone.

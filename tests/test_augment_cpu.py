@@ -66,11 +66,17 @@ def test_gain_exact_and_noise_at_the_drawn_snr():
     for v in range(4):
         db = 20 * np.log10(np.sqrt(np.mean(y[v] ** 2)) / np.sqrt(np.mean(x[v] ** 2)))
         assert abs(db - gain.last_params[v]["gain"]["gain_db"]) < 1e-3
-    noise = CpuAugment(only("noise", noise_snr_db=(5.0, 30.0), noise_color=("white", "pink")), sample_rate=SR)
+    noise = CpuAugment(only("noise", noise_mode="snr_db", noise_snr_db=(5.0, 30.0), noise_color=("white", "pink")),
+                       sample_rate=SR)
     y = noise(x, np.random.default_rng(2))
     for v in range(4):
         snr = 10 * np.log10(np.mean(x[v] ** 2) / np.mean((y[v] - x[v]) ** 2))
         assert abs(snr - noise.last_params[v]["noise"]["snr_db"]) < 0.5
+    clmr = CpuAugment(only("noise"), sample_rate=SR)  # CLMR's: std ratio U(0.001, 1.0), white
+    y = clmr(x, np.random.default_rng(3))
+    for v in range(4):
+        ratio = np.std(y[v] - x[v]) / np.std(x[v])
+        assert ratio == pytest.approx(clmr.last_params[v]["noise"]["std_ratio"], rel=0.02)
 
 
 def test_pitch_moves_f0_by_the_drawn_semitones():
@@ -90,7 +96,9 @@ def test_delay_echo_at_the_drawn_lag():
     y = aug(x, np.random.default_rng(6))
     for v in range(2):
         lag = aug.last_params[v]["delay"]["lag"]
-        np.testing.assert_allclose(y[v, 0, lag:] - x[v, 0, lag:], 0.5 * x[v, 0, :-lag], atol=1e-6)
+        assert lag == int(aug.last_params[v]["delay"]["delay_ms"] * SR / 1000)
+        np.testing.assert_allclose(2 * y[v, 0, lag:] - x[v, 0, lag:], 0.5 * x[v, 0, :-lag], atol=1e-5)
+        np.testing.assert_allclose(y[v, 0, :lag], 0.5 * x[v, 0, :lag], atol=1e-6)  # CLMR's final /2
 
 
 @pytest.mark.parametrize("highpass_prob", [0.0, 1.0])
@@ -105,3 +113,26 @@ def test_filter_attenuates_the_stop_band(highpass_prob):
     y = aug(views_of(np.sin(2 * np.pi * stop * t).astype(np.float32), 1), rng)
     mid = slice(SR // 2, -SR // 2)
     assert 20 * np.log10(np.sqrt(2 * np.mean(y[0, 0, mid] ** 2))) < -20
+
+
+@pytest.mark.parametrize("name, kw", [("filter", {}), ("filter", {"filter_type": "first_order"}), ("reverb", {})])
+def test_fir_filter_and_freeverb_equal_the_batched_chain(name, kw):
+    """Same originals on both paths: replay the CPU path's draws through the batched transforms."""
+    import torch
+
+    from pipeline.augment import HighLowPass, Reverb
+
+    x = views_of((0.3 * np.random.default_rng(8).standard_normal(6000)).astype(np.float32), 3)
+    aug = CpuAugment(only(name, **kw), sample_rate=SR)
+    y = aug(x, np.random.default_rng(9))
+    for v in range(3):
+        p = aug.last_params[v][name]
+        one = torch.ones(1, dtype=torch.bool)
+        if name == "filter":
+            t = HighLowPass(sample_rate=SR, p=1.0, **kw)
+            params = {"apply": one, "highpass": torch.tensor([p["highpass"]]), "cutoff_hz": torch.tensor([p["cutoff_hz"]])}
+        else:
+            t = Reverb(sample_rate=SR, p=1.0)
+            params = {"apply": one, **{k: torch.tensor([p[k]]) for k in ("reverberance", "damping", "room_scale")}}
+        ref = t.apply(torch.from_numpy(x[v : v + 1]), params).numpy()[0]
+        np.testing.assert_allclose(y[v], ref, atol=5e-6, rtol=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -38,7 +39,9 @@ def test_samplecnn_default_has_the_original_parameter_count():
     # Convolution weights+biases and BatchNorm weights+biases, as the original's SampleCNN without its fc.
     assert sum(p.numel() for p in enc.parameters()) == 2_368_512
     model = CLMR(CLMRConfig.default())
-    assert sum(p.numel() for p in model.projector.parameters()) == 512 * 512 + 512 * 128
+    # SimCLR's head with CLMR v2's projection_dim 64 (config/config.yaml at 423414d).
+    assert CLMRConfig.default().projection_dim == 64
+    assert sum(p.numel() for p in model.projector.parameters()) == 512 * 512 + 512 * 64
     assert CLMRConfig.default().input_samples == 59049 and CLMRConfig.tiny().input_samples == 2187
     # 59049 samples reduce to exactly one 512-d frame; one more block needs 3x the input.
     model.eval()
@@ -253,3 +256,31 @@ def test_benchmark_step_runs_and_reports_the_model_size():
     res = benchmark_step(CLMR(CLMRConfig.tiny()), {"audio": audio}, steps=1, warmup=1)
     tiny_params = sum(p.numel() for p in CLMR(CLMRConfig.tiny()).parameters())
     assert res["params"] == tiny_params and res["ms_per_step"] > 0 and math.isfinite(res["loss"])
+
+
+def test_per_view_encoder_calls_make_one_batchnorm_batch_per_view():
+    """SimCLR/CLMR run the encoder once per view: in training mode view 1's embeddings depend on the
+    view-1 crops only. The shared call (ours) normalises both views together."""
+    torch.manual_seed(0)
+    per_view = CLMR(CLMRConfig.tiny())
+    assert per_view.config.encoder_calls == "per_view" and CLMRConfig.default().encoder_calls == "per_view"
+    shared = CLMR(dataclasses.replace(CLMRConfig.tiny(), encoder_calls="shared"))
+    shared.load_state_dict(per_view.state_dict())
+    audio = _global_audio(CLMRConfig.tiny())
+    changed = audio.clone()
+    changed[:, 1] = torch.randn_like(changed[:, 1]) * 3.0  # a different second view, other statistics
+
+    def view1_embeddings(model, a):
+        seen = []
+        hook = model.projector.register_forward_hook(lambda m, i, o: seen.append(i[0].detach()))
+        model.train()
+        model({"audio": a})
+        hook.remove()
+        return seen[0][: a.shape[0]]
+
+    torch.testing.assert_close(view1_embeddings(per_view, audio), view1_embeddings(per_view, changed))
+    torch.testing.assert_close(view1_embeddings(per_view, audio), per_view.encoder(audio[:, 0]))
+    diff = (view1_embeddings(shared, audio) - view1_embeddings(shared, changed)).abs().max()
+    assert diff > 1e-3
+    with pytest.raises(ValueError, match="encoder_calls"):
+        CLMRConfig(encoder_calls="twice")

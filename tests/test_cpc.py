@@ -32,10 +32,18 @@ def test_config_frames_and_sizes():
     assert sum(p.numel() for p in model.predictor.parameters()) == 256 * 20 * 512
     tiny = CPCConfig.tiny()
     assert tiny.num_frames(tiny.input_samples) == 41
-    # He-normal init (default) keeps the ReLU stack's scale: weight std sqrt(2 / fan_in), zero bias.
-    second = CPC(tiny).encoder.layers[2]
-    assert second.weight.std().item() == pytest.approx(math.sqrt(2 / (32 * 6)), rel=0.05)
-    assert second.bias.abs().max() == 0
+    # CLMR's init (the paper preset): kaiming_uniform_(fan_in, relu) weights, in +-sqrt(6 / fan_in) with
+    # std sqrt(2 / fan_in); biases at PyTorch's default, uniform in +-1 / sqrt(fan_in).
+    assert CPCConfig.default().init == "kaiming_uniform" and tiny.init == "kaiming"
+    second = CPC(CPCConfig(**{**tiny.__dict__, "init": "kaiming_uniform"})).encoder.layers[2]
+    fan_in = 32 * 6
+    assert second.weight.std().item() == pytest.approx(math.sqrt(2 / fan_in), rel=0.05)
+    assert second.weight.abs().max() <= math.sqrt(6 / fan_in) and second.weight.abs().max() > 0.95 * math.sqrt(6 / fan_in)
+    assert 0 < second.bias.abs().max() <= 1 / math.sqrt(fan_in)
+    # He-normal (ours, tiny's default): the same std, zero biases.
+    normal = CPC(tiny).encoder.layers[2]
+    assert normal.weight.std().item() == pytest.approx(math.sqrt(2 / fan_in), rel=0.05)
+    assert normal.bias.abs().max() == 0
     legacy = CPC(CPCConfig(**{**tiny.__dict__, "init": "pytorch"})).encoder.layers[2]
     assert legacy.weight.std().item() == pytest.approx(math.sqrt(1 / (3 * 32 * 6)), rel=0.05)
     assert legacy.bias.abs().max() > 0
@@ -143,9 +151,11 @@ def _crops(clips: np.ndarray, crop: int, gen: torch.Generator) -> torch.Tensor:
     return torch.stack([x[i, s : s + crop] for i, s in enumerate(starts)])[:, None, None]  # (B, 1, 1, T)
 
 
-def test_a_few_adam_steps_lower_the_loss_on_rendered_notes():
+@pytest.mark.parametrize("init", ["kaiming_uniform", "kaiming", "pytorch"])
+def test_a_few_adam_steps_lower_the_loss_on_rendered_notes(init):
+    # Measured (held-out loss, 50 steps): kaiming_uniform 2.20 -> 0.13, kaiming -> 0.09, pytorch -> 2.07.
     clips = rendered_notes(*NOTES, seconds=1.0, sample_rate=SR)
-    cfg = CPCConfig.tiny()
+    cfg = CPCConfig(**{**CPCConfig.tiny().__dict__, "init": init})
     torch.manual_seed(0)
     model = CPC(cfg)
     opt = torch.optim.Adam(model.parameters(), lr=5e-3)
@@ -166,6 +176,9 @@ def test_a_few_adam_steps_lower_the_loss_on_rendered_notes():
         loss.backward()
         opt.step()
     after = held_out_loss()
+    if init == "pytorch":  # PyTorch's default init shrinks the activations: still near chance
+        assert after > before - 0.5, (before, after)
+        return
     assert after < before - 1.0, (before, after)
     assert set(metrics) == {"contrastive_acc", "loss_step1", "loss_step4", "acc_step1", "acc_step2", "acc_step4"}
     assert all(v.dim() == 0 and not v.requires_grad for v in metrics.values())

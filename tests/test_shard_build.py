@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -18,12 +16,14 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from shard_tools import folder
-from shard_tools.build import _Convert, _Processor, build_dataset
+from shard_tools.build import build_dataset
+from shard_tools.convert import Convert
+from shard_tools.workers import Processor
 from shard_tools.recipe import Item
 from shard_tools.cli import main as cli_main
 from shard_tools.verify import verify
 from tests.conftest import crash_on_marker, write_tone
+from tests.fixtures_layouts import folder_recipe, shard_samples, tars
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,18 +53,6 @@ def make_tree(root: str, n: int, *, seconds: float = 0.5, bad: bool = True) -> d
     return freqs
 
 
-def folder_recipe(root: str, **kw):
-    ns = argparse.Namespace(labels=None, path_column="path", split_column="split", multi_hot=[], label_sep=";",
-                            keep_unlisted=False, valid_fraction=0.2, test_fraction=0.2)
-    for k, v in kw.items():
-        setattr(ns, k, v)
-    return folder.prepare(root, ns)
-
-
-def tars(out: str) -> dict[str, bytes]:
-    return {n: open(os.path.join(out, n), "rb").read() for n in sorted(os.listdir(out)) if n.endswith(".tar")}
-
-
 def manifests(out: str) -> dict[str, dict]:
     res = {}
     for n in sorted(os.listdir(out)):
@@ -72,20 +60,13 @@ def manifests(out: str) -> dict[str, dict]:
             m = json.load(open(os.path.join(out, n)))
             m["build"].pop("created")
             m["build"].pop("command")  # the reference builds run in-process, without a command line
+            m["build"]["options"].pop("recipe")  # ... and without the CLI's recipe options
             res[n] = m
     return res
 
 
 def samples(out: str) -> dict[str, tuple[dict, np.ndarray, int]]:
-    res = {}
-    for name, data in tars(out).items():
-        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-            members = tar.getmembers()
-            for a, j in zip(members[0::2], members[1::2]):
-                meta = json.loads(tar.extractfile(j).read())
-                audio, sr = sf.read(io.BytesIO(tar.extractfile(a).read()), dtype="float32", always_2d=True)
-                res[meta["key"]] = (meta, audio.T, sr)
-    return res
+    return shard_samples(out)
 
 
 def f0(audio: np.ndarray, sr: int) -> float:
@@ -267,6 +248,9 @@ def test_slices_and_merge_equal_the_whole(tree, reference, tmp_path, capsys):
     assert set(samples(out)) == set(samples(ref_out))
     rep = json.load(open(os.path.join(out, "build-report.json")))
     assert rep["files_in"] == ref_report["files_in"] and rep["samples_written"] == 18
+    # one report schema: the merged report has every field of a whole build's (but its fingerprint)
+    assert set(ref_report) - set(rep) == {"fingerprint"} and rep["merged_slices"] == 3
+    assert (rep["codec"], rep["sample_rate"], rep["mono"], rep["seed"]) == ("flac", 16000, True, 3)
     assert sorted(s["path"] for s in rep["files_skipped"]) == sorted(s["path"] for s in ref_report["files_skipped"])
     problems, stats = verify(out, progress=False)
     assert problems == [] and stats["samples"] == 18
@@ -295,8 +279,8 @@ def test_cli_errors_name_the_problem(tmp_path, capsys):
     assert cli_main(["build", "folder", "--root", str(tmp_path / "one"), "--out", str(tmp_path / "o"),
                      "--labels", csv_path, "--quiet"]) == 2
     assert csv_path in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        cli_main(["build", "nosuchset", "--root", ".", "--out", "x"])
+    assert cli_main(["build", "nosuchset", "--root", ".", "--out", "x"]) == 2
+    assert "nosuchset" in capsys.readouterr().err
     assert cli_main(["verify", str(tmp_path / "one")]) == 2
     assert "manifest" in capsys.readouterr().err
     # every file undecodable: nothing written is an error, with the count
@@ -323,7 +307,7 @@ def test_benchmark_quick_prints_ratio_json():
 def test_a_crashing_worker_costs_one_item_not_the_build():
     items = [Item(path=f"/src/{i}" + ("POISON" if i == 5 else ""), source=str(i), split="train", id=str(i),
                   key=f"k{i}") for i in range(12)]
-    proc = _Processor(_Convert("t", "flac", None, False), 2, fn=crash_on_marker)
+    proc = Processor(crash_on_marker, Convert("t", "flac", None, False), 2)
     try:
         res = list(proc.run(items))
     finally:

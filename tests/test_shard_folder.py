@@ -2,30 +2,19 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import tarfile
 
 import numpy as np
-import soundfile as sf
 
 from shard_tools.cli import main as cli_main
 from shard_tools.folder import file_key, hash_split
 from tests.conftest import write_tone
+from tests.fixtures_layouts import shard_samples
 
 
 def read_split(out: str, split: str) -> dict[str, tuple[dict, np.ndarray, int]]:
-    m = json.load(open(os.path.join(out, f"{split}.manifest.json")))
-    res = {}
-    for s in m["shards"]:
-        with tarfile.open(os.path.join(out, s["url"])) as tar:
-            members = tar.getmembers()
-            for a, j in zip(members[0::2], members[1::2]):
-                meta = json.loads(tar.extractfile(j).read())
-                audio, sr = sf.read(io.BytesIO(tar.extractfile(a).read()), dtype="float32", always_2d=True)
-                res[meta["source"]] = (meta, audio.T, sr)
-    return res
+    return shard_samples(out, split, by="source")
 
 
 def peak_hz(audio: np.ndarray, sr: int) -> float:

@@ -2,24 +2,21 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
 import pytest
 
 from pipeline import fsio
-from shard_tools import folder
 from shard_tools.build import build_dataset
 from shard_tools.cli import main as cli_main
 from shard_tools.writer import ShardWriter
 from tests.conftest import make_bucket, write_tone
+from tests.fixtures_layouts import folder_recipe
 
 
 def recipe(root: str):
-    ns = argparse.Namespace(labels=None, path_column="path", split_column="split", multi_hot=[], label_sep=";",
-                            keep_unlisted=False, valid_fraction=0.25, test_fraction=0.0)
-    return folder.prepare(root, ns)
+    return folder_recipe(root, valid_fraction=0.25, test_fraction=0.0)
 
 
 def test_s3_round_trip_with_resume(moto_s3, tmp_path, capsys, monkeypatch):

@@ -24,6 +24,7 @@ import torch
 import train
 import train_config as tc
 from tests import shardgen
+from training import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_PY = os.path.join(ROOT, "train.py")
@@ -84,8 +85,21 @@ def wait_for_lines(path: str, n: int, proc: subprocess.Popen, timeout: float = 2
     raise AssertionError(f"no step {n} in {path} after {timeout}s")
 
 
-def wandb_records(run_file: str) -> list:
-    """Records of an offline ``run-<id>.wandb`` file (LevelDB log format after a 7-byte W&B header)."""
+def wandb_records(run_file: str, timeout: float = 60.0) -> list:
+    """Records of an offline ``run-<id>.wandb`` file, once its ``exit`` record is there.
+
+    wandb-core writes the file from its own process and may still be flushing when ``finish()``
+    returns (seen on a loaded 2-core box), so wait up to ``timeout`` seconds for the run's end.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        records = _wandb_records_now(run_file)
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.1)
+
+
+def _wandb_records_now(run_file: str) -> list:
     from wandb.proto import wandb_internal_pb2 as pb
 
     data = open(run_file, "rb").read()
@@ -200,7 +214,7 @@ def test_kill9_then_resume_repeats_the_uninterrupted_losses(manifest, tmp_path):
     assert proc.returncode == -signal.SIGKILL
     logged_before_kill = len(losses(out))
     assert 6 <= logged_before_kill < 12
-    ckpts = train.list_checkpoints(os.path.join(out, "checkpoints"))
+    ckpts = checkpoint.list_checkpoints(os.path.join(out, "checkpoints"))
     assert ckpts and ckpts[-1][0] in (4, 8)
 
     summary = train.train(config(manifest, out, *common, "--checkpoint.resume=auto"))
@@ -368,8 +382,8 @@ def test_checkpoints_in_a_bucket_rotate_and_resume(manifest, tmp_path, moto_s3):
     common = ["--data.num_workers=0", "--checkpoint.every=1", "--checkpoint.keep=2", f"--checkpoint.dir={url}"]
     out = str(tmp_path / "run")
     train.train(config(manifest, out, "--train.steps=3", *common))
-    assert [s for s, _ in train.list_checkpoints(url)] == [2, 3]
+    assert [s for s, _ in checkpoint.list_checkpoints(url)] == [2, 3]
     summary = train.train(config(manifest, out, "--train.steps=5", *common, "--checkpoint.resume=auto"))
     assert summary["resumed_from"] == f"{url}/ckpt-00000003.pt" and summary["steps_run"] == 2
-    assert [s for s, _ in train.list_checkpoints(url)] == [4, 5]
-    assert train.load_checkpoint(f"{url}/ckpt-00000005.pt")["step"] == 5
+    assert [s for s, _ in checkpoint.list_checkpoints(url)] == [4, 5]
+    assert checkpoint.load(f"{url}/ckpt-00000005.pt")["step"] == 5

@@ -1,5 +1,5 @@
-"""train_config and train.py's pieces that need no data: presets, overrides, schedules, optimizer
-presets, checkpoint files and RNG state round trips."""
+"""train_config and train.py's pieces that need no data: presets, overrides, config files,
+schedules, optimizer presets, checkpoint files and RNG state round trips."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import torch
 
 import train
 import train_config as tc
+from training import checkpoint
+from training.step import build_optimizer, lr_factor
 
 
 @pytest.mark.parametrize("name", list(tc.PRESETS))
@@ -36,7 +38,7 @@ def test_overrides_parse_by_type_and_revalidate():
     assert cfg.data.manifests == ["a.json", "b.json"] and cfg.train.steps == 1000
     assert cfg.model.conv_layers == ((16, 10, 5), (16, 3, 2)) and cfg.augment.enabled is False
     # each section's __post_init__ runs again on the new values
-    with pytest.raises(ValueError, match="--data.weights has 1 values but --data.manifests has 2"):
+    with pytest.raises(ValueError, match="--data.weights has 1 entries for 2 manifests"):
         tc.apply_overrides(cfg, ["--data.weights=1"])
     with pytest.raises(ValueError, match=r"--train.compile=maybe: expected true or false"):
         tc.apply_overrides(cfg, ["--train.compile=maybe"])
@@ -65,7 +67,7 @@ def test_print_config_and_help_list_every_section(capsys):
 
 
 def test_lr_schedules():
-    f = train.lr_factor
+    f = lr_factor
     assert [f(s, schedule="constant", warmup=0, total=10, final=0.0) for s in (0, 9)] == [1.0, 1.0]
     # linear warmup over 4 steps, then linear decay to 10 % at the last step (index total - 1 .. total)
     lin = [f(s, schedule="warmup_linear", warmup=4, total=14, final=0.1) for s in range(15)]
@@ -77,7 +79,8 @@ def test_lr_schedules():
 
 def test_optimizer_presets_and_schedule_wiring():
     model = torch.nn.Linear(4, 4)
-    opt, sched = train.build_optimizer(tc.preset("wav2vec2_musicnet"), model)
+    cfg = tc.preset("wav2vec2_musicnet")
+    opt, sched = build_optimizer(cfg.optim, model, cfg.train.steps)
     g = opt.param_groups[0]
     assert isinstance(opt, torch.optim.AdamW)
     assert (g["betas"], g["eps"], g["weight_decay"], g["initial_lr"]) == ((0.9, 0.98), 1e-6, 0.01, 5e-4)
@@ -86,7 +89,7 @@ def test_optimizer_presets_and_schedule_wiring():
         opt.step()
         sched.step()
     assert g["lr"] == pytest.approx(5e-4 * 4 / 32_000)
-    opt, _ = train.build_optimizer(tc.preset("clmr_mtat"), model)
+    opt, _ = build_optimizer(tc.preset("clmr_mtat").optim, model, 1000)
     g = opt.param_groups[0]
     assert type(opt) is torch.optim.Adam and g["lr"] == 3e-4 and g["betas"] == (0.9, 0.999)
 
@@ -95,17 +98,17 @@ def test_checkpoint_files_rotate_atomically_and_load_weights_only(tmp_path):
     folder = str(tmp_path / "ckpts")
     os.makedirs(folder)
     open(os.path.join(folder, "notes.txt"), "w").close()
-    assert train.find_resume("auto", folder) is None
+    assert checkpoint.find_resume("auto", folder) is None
     for step in (5, 10, 15, 20):
-        state = {"format": train.CKPT_FORMAT, "step": step, "w": torch.full((3,), float(step))}
-        url = train.save_checkpoint(folder, state, keep=2)
+        state = {"format": checkpoint.FORMAT, "step": step, "w": torch.full((3,), float(step))}
+        url = checkpoint.save(folder, state, keep=2)
     assert sorted(os.listdir(folder)) == ["ckpt-00000015.pt", "ckpt-00000020.pt", "notes.txt"]  # no temp files
-    assert train.find_resume("auto", folder) == url and url.endswith("ckpt-00000020.pt")
-    assert train.find_resume("none", folder) is None
-    assert torch.equal(train.load_checkpoint(url)["w"], torch.full((3,), 20.0))
+    assert checkpoint.find_resume("auto", folder) == url and url.endswith("ckpt-00000020.pt")
+    assert checkpoint.find_resume("none", folder) is None
+    assert torch.equal(checkpoint.load(url)["w"], torch.full((3,), 20.0))
     torch.save({"format": "something-else"}, os.path.join(folder, "other.pt"))
     with pytest.raises(ValueError, match="not a musicssl-ckpt/1 checkpoint"):
-        train.load_checkpoint(os.path.join(folder, "other.pt"))
+        checkpoint.load(os.path.join(folder, "other.pt"))
 
 
 def test_rng_state_survives_a_weights_only_round_trip(tmp_path):
@@ -113,12 +116,60 @@ def test_rng_state_survives_a_weights_only_round_trip(tmp_path):
     np.random.seed(2)
     random.seed(3)
     np.random.standard_normal()  # leaves a cached gaussian in numpy's state
-    state = train.rng_state(torch.device("cpu"))
+    state = checkpoint.rng_state(torch.device("cpu"))
     expected = (torch.rand(3), np.random.standard_normal(3), np.random.rand(2), random.random())
     path = tmp_path / "rng.pt"
     torch.save(state, path)
-    train.set_rng_state(torch.load(path, weights_only=True), torch.device("cpu"))
+    checkpoint.set_rng_state(torch.load(path, weights_only=True), torch.device("cpu"))
     again = (torch.rand(3), np.random.standard_normal(3), np.random.rand(2), random.random())
     assert torch.equal(expected[0], again[0])
     assert np.array_equal(expected[1], again[1]) and np.array_equal(expected[2], again[2])
     assert expected[3] == again[3]
+
+
+@pytest.mark.parametrize("fmt", ["json", "yaml", "toml"])
+def test_print_config_writes_a_file_that_config_reads_back(tmp_path, capsys, fmt):
+    # None (data.crop_samples), tuples of tuples (conv_layers), bools, floats in e-notation
+    flags = ["--optim.lr=3e-05", "--train.compile=true", "--data.manifests=a.json,b.json", "--logging.wandb_entity=team",
+             "--data.sample_rate=none", "--model.conv_layers=[[16,10,5],[16,3,2]]"]
+    path = str(tmp_path / f"run.{fmt}")
+    assert train.main(["--config", "wav2vec2_tiny", *flags, "--print-config", path]) == 0
+    assert f"wrote {path} ({fmt})" in capsys.readouterr().out
+    expected = tc.apply_overrides(tc.preset("wav2vec2_tiny"), flags)
+    assert tc.load_file(path) == expected
+    # --config FILE, then overrides on top, prints what the file and the flags say
+    assert train.main(["--config", path, "--train.steps=7", "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert printed == tc.dumps(tc.apply_overrides(expected, ["--train.steps=7"]), "flags")
+    assert "--optim.lr=3e-05\n" in printed and "--data.sample_rate=None\n" in printed
+    assert train.main(["--config", "cpc_tiny", "--print-config", "--format", fmt]) == 0
+    assert capsys.readouterr().out == tc.dumps(tc.preset("cpc_tiny"), fmt)
+
+
+def test_config_files_are_typed_partial_and_checked(tmp_path):
+    def load(text: str, name: str = "c.yaml"):
+        path = tmp_path / name
+        path.write_text(text)
+        return tc.load_file(str(path))
+
+    cfg = load("preset: clmr_tiny\noptim:\n  lr: 0.002\ntrain:\n  compile: true\n")
+    assert cfg.optim.lr == 0.002 and cfg.train.compile is True and cfg.model == tc.preset("clmr_tiny").model
+    # a YAML/JSON bool is never a number, nor a number a bool
+    with pytest.raises(ValueError, match="--train.steps=true: expected an integer"):
+        load("preset: clmr_tiny\ntrain:\n  steps: true\n")
+    with pytest.raises(ValueError, match="--train.compile=1: expected true or false"):
+        load('{"preset": "clmr_tiny", "train": {"compile": 1}}', "c.json")
+    with pytest.raises(ValueError, match="--logging.run_name=true: expected a string"):
+        load('preset = "clmr_tiny"\n[logging]\nrun_name = true\n', "c.toml")
+    with pytest.raises(ValueError, match=r"unknown config key --optim.lrr \(did you mean --optim.lr\?\)"):
+        load("preset: clmr_tiny\noptim:\n  lrr: 0.1\n")
+    with pytest.raises(ValueError, match="needs a top-level `preset` key"):
+        load("optim:\n  lr: 0.1\n")
+    with pytest.raises(ValueError, match=r"--config .*c.json: not valid JSON"):
+        load("{not json", "c.json")
+    with pytest.raises(ValueError, match="arch 'cpc' does not match preset 'clmr_tiny'"):
+        load("preset: clmr_tiny\narch: cpc\n")
+    # the command line's own bools: never from a number
+    with pytest.raises(ValueError, match="--train.compile=2: expected true or false"):
+        tc.apply_overrides(tc.preset("clmr_tiny"), ["--train.compile=2"])
+    assert train.main(["--config", str(tmp_path / "missing.yaml")]) == 2

@@ -1,0 +1,225 @@
+"""Signal-processing kernels the batched transforms of ``pipeline.augment`` apply: FFT sizes, the
+high/low-pass filters (julius' windowed sinc, essentia's first-order IIR, Butterworth magnitudes)
+and sox's reverb (freeverb) rendered as impulse responses. Everything is batched over a leading
+example dimension and runs on the device of its tensor arguments.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "FREEVERB_ALLPASSES", "FREEVERB_COMBS", "FREEVERB_STEREO_SPREAD", "butterworth_mag", "causal_filter",
+    "fast_fft_len", "fir_filter", "fir_half_sizes", "fir_lowpass_kernels", "first_order_kernels",
+    "freeverb_apply", "freeverb_coefficients", "freeverb_delays", "freeverb_irs",
+]
+
+
+@lru_cache(maxsize=256)
+def fast_fft_len(n: int) -> int:
+    """Smallest 2,3,5-smooth integer >= n (fast for every FFT backend)."""
+    best = 1 << max(0, (n - 1).bit_length())
+    p5 = 1
+    while p5 < best:
+        p35 = p5
+        while p35 < best:
+            m = p35
+            while m < n:
+                m *= 2
+            best = min(best, m)
+            p35 *= 3
+        p5 *= 5
+    return best
+
+
+def butterworth_mag(f: Tensor, cutoff: Tensor, highpass: Tensor, order: int) -> Tensor:
+    """|H(f)| of a Butterworth high- or low-pass, per example: f (F,), cutoff/highpass (n,) -> (n, 1, F)."""
+    ratio = f.view(1, 1, -1) / cutoff.view(-1, 1, 1)
+    ratio = torch.where(highpass.view(-1, 1, 1), 1.0 / ratio.clamp_min(1e-6), ratio)
+    return torch.rsqrt(1.0 + ratio.pow(2 * order))
+
+
+def fir_half_sizes(cutoff_hz: Tensor, sample_rate: int, zeros: float) -> Tensor:
+    """Half lengths of julius' windowed-sinc filters, ``int(zeros / (f / sr) / 2)``: ``(n,) -> (n,)`` long."""
+    return torch.floor(zeros / (cutoff_hz.double() / sample_rate) / 2).long()
+
+
+def fir_lowpass_kernels(cutoff_hz: Tensor, sample_rate: int, zeros: float = 8.0) -> Tensor:
+    """julius' low-pass FIR for each cutoff, centred and zero-padded to the longest: ``(n,) -> (n, 2H + 1)``.
+
+    The filter julius builds (``julius/lowpass.py`` ``LowPassFilters``, julius 0.2.x):
+    ``2c * hann(2h + 1) * sinc(2 pi c t)`` for ``t = -h..h``, ``c = f / sr``, ``h = int(zeros / c / 2)``,
+    normalised to unit sum (so DC passes exactly). Built in float64 on ``cutoff_hz``'s device.
+    """
+    half = fir_half_sizes(cutoff_hz, sample_rate, zeros).clamp_min(1)
+    big = int(half.max())
+    t = torch.arange(-big, big + 1, device=cutoff_hz.device, dtype=torch.float64).view(1, -1)
+    c = (cutoff_hz.double() / sample_rate).view(-1, 1)
+    h = half.to(torch.float64).view(-1, 1)
+    window = (0.5 + 0.5 * torch.cos(math.pi * t / h)) * (t.abs() <= h)  # symmetric Hann of 2h + 1 taps
+    arg = 2 * math.pi * c * t
+    sinc = torch.where(t == 0, torch.ones_like(arg), torch.sin(arg) / torch.where(t == 0, 1.0, arg))
+    kernel = 2 * c * window * sinc
+    return kernel / kernel.sum(dim=1, keepdim=True)
+
+
+def first_order_kernels(cutoff_hz: Tensor, highpass: Tensor, sample_rate: int, tol: float = 1e-10) -> Tensor:
+    """Impulse responses of essentia's first-order IIR high/low-pass, ``(n,) -> (n, K)`` float64, causal.
+
+    essentia's ``LowPass``/``HighPass`` (MTG/essentia ``src/algorithms/filters/{lowpass,highpass}.cpp``
+    at 0f77e30; Zölzer, DAFX p. 40): ``c = (tan(pi fc/fs) - 1) / (tan(pi fc/fs) + 1)``,
+    ``H(z) = (b0 + b1 z^-1) / (1 + c z^-1)`` with ``b = ((1+c)/2, (1+c)/2)`` (low) or
+    ``((1-c)/2, (c-1)/2)`` (high), so ``h[0] = b0`` and ``h[k] = (b1 - c b0) (-c)^(k-1)``. Cut where
+    ``|c|^k`` falls below ``tol``: exact to that tolerance, the pole is inside the unit circle.
+    """
+    t = torch.tan(math.pi * cutoff_hz.double() / sample_rate)
+    c = (t - 1) / (t + 1)
+    b0 = torch.where(highpass, (1 - c) / 2, (1 + c) / 2)
+    b1 = torch.where(highpass, (c - 1) / 2, (1 + c) / 2)
+    length = int(math.ceil(math.log(tol) / math.log(max(float(c.abs().max()), 1e-3)))) + 2
+    k = torch.arange(1, length, device=cutoff_hz.device, dtype=torch.float64).view(1, -1)
+    tail = (b1 - c * b0).view(-1, 1) * (-c).view(-1, 1).pow(k - 1)
+    return torch.cat([b0.view(-1, 1), tail], dim=1)
+
+
+def causal_filter(x: Tensor, kernels: Tensor) -> Tensor:
+    """Causal convolution of ``x`` ``(n, C, T)`` with per-example kernels ``(n, K)``, zero initial state."""
+    t = x.shape[-1]
+    n_fft = fast_fft_len(t + kernels.shape[-1] - 1)
+    k = kernels.to(device=x.device, dtype=x.dtype).unsqueeze(1)
+    return torch.fft.irfft(torch.fft.rfft(x, n=n_fft) * torch.fft.rfft(k, n=n_fft), n=n_fft)[..., :t]
+
+
+def fir_filter(x: Tensor, kernels: Tensor, highpass: Tensor) -> Tensor:
+    """Apply per-example centred FIR kernels ``(n, K)`` to ``x`` ``(n, C, T)`` as julius does: edges
+    replicate-padded, same length out; where ``highpass`` ``(n,)`` is set, return ``x - lowpass(x)``."""
+    n, c, t = x.shape
+    half = (kernels.shape[-1] - 1) // 2
+    # Replicate padding by the longest half length is exact for every kernel: a shorter kernel's
+    # taps (zero beyond its own half length) never reach the extra padding.
+    xp = torch.nn.functional.pad(x, (half, half), mode="replicate")
+    n_fft = fast_fft_len(t + 4 * half)
+    k = kernels.to(device=x.device, dtype=x.dtype).unsqueeze(1)  # (n, 1, K)
+    low = torch.fft.irfft(torch.fft.rfft(xp, n=n_fft) * torch.fft.rfft(k, n=n_fft), n=n_fft)[..., 2 * half: 2 * half + t]
+    return torch.where(highpass.to(x.device).view(-1, 1, 1), x - low, low)
+
+
+# sox's reverb (sox 14.4.2 ``src/reverb.c``, read at chirlu/sox 42b3557; "filter design based on
+# freeverb by Jezar at Dreampoint"): per channel, 8 parallel low-pass-feedback comb filters, then
+# 4 series all-pass filters, delay lengths given at 44.1 kHz; a second, decorrelated filter array
+# (lengths +-12 samples, alternating) makes the stereo image.
+FREEVERB_COMBS = (1116, 1188, 1277, 1356, 1422, 1491, 1557, 1617)
+FREEVERB_ALLPASSES = (225, 341, 441, 556)
+FREEVERB_STEREO_SPREAD = 12
+
+
+def freeverb_coefficients(reverberance: Tensor, damping: Tensor, room_scale: Tensor,
+                          wet_gain_db: float = 0.0) -> dict[str, Tensor]:
+    """sox's mapping of its 0-100 % controls to filter coefficients (``reverb_create``), float64 ``(n,)``.
+
+    feedback = 1 - exp((r - b) / (a b)) spans 0.3 (r = 0) .. 0.98 (r = 100); the comb's feedback
+    low-pass coefficient is 0.2 + 0.3 damping/100; comb lengths scale by 0.1 + 0.9 room/100; the wet
+    path's gain is 0.015 * 10**(wet_gain_db / 20).
+    """
+    a = -1.0 / math.log(1 - 0.3)
+    b = 100.0 / (math.log(1 - 0.98) * a + 1)
+    return {
+        "feedback": 1 - torch.exp((reverberance.double() - b) / (a * b)),
+        "hf_damping": damping.double() / 100 * 0.3 + 0.2,
+        "scale": room_scale.double() / 100 * 0.9 + 0.1,
+        "gain": torch.full_like(reverberance, 0.015 * 10 ** (wet_gain_db / 20), dtype=torch.float64),
+    }
+
+
+def freeverb_delays(scale: Tensor, sample_rate: int, array: int) -> tuple[Tensor, tuple[int, ...]]:
+    """Comb lengths ``(n, 8)`` (long) for room scales ``(n,)`` and the 4 all-pass lengths of filter
+    ``array`` 0 or 1, as sox's ``filter_array_create`` (offset 0, or +-1 alternating for array 1)."""
+    r = sample_rate / 44100.0
+    comb_off = torch.tensor([array * (-1) ** i for i in range(len(FREEVERB_COMBS))], dtype=torch.float64)
+    lengths = torch.tensor(FREEVERB_COMBS, dtype=torch.float64) + FREEVERB_STEREO_SPREAD * comb_off
+    combs = torch.floor(scale.double().view(-1, 1).cpu() * r * lengths.view(1, -1) + 0.5).long()
+    allpasses = tuple(int(r * (n + FREEVERB_STEREO_SPREAD * array * (-1) ** j) + 0.5)
+                      for j, n in enumerate(FREEVERB_ALLPASSES))
+    return combs.to(scale.device), allpasses
+
+
+@lru_cache(maxsize=8)
+def _unit_circle(m: int, device: str) -> Tensor:
+    """``exp(-2 pi i k / m)`` for k = 0..m-1 (complex128): z^-N on an m-point grid is one gather."""
+    k = torch.arange(m, dtype=torch.float64, device=device)
+    return torch.polar(torch.ones_like(k), -2 * math.pi * k / m)
+
+
+def freeverb_irs(reverberance: Tensor, damping: Tensor, room_scale: Tensor, *, sample_rate: int, length: int,
+                 wet_gain_db: float = 0.0, arrays: int = 2, device: torch.device | str = "cpu") -> Tensor:
+    """The wet impulse responses of sox's reverb, ``(n,)`` controls -> ``(n, arrays, length)`` float32.
+
+    Array 0 is the left (mono) filter array, array 1 the decorrelated right one. Each is
+    ``gain * prod_j A_j(z) * sum_i C_i(z)`` with sox's comb ``C(z) = z^-N (1 - d z^-1) / (1 - d z^-1
+    - f (1 - d) z^-N)`` (output = delay line; the line stores input + f * one-pole-low-passed output)
+    and its "all-pass" ``A(z) = (1.5 z^-M - 1) / (1 - 0.5 z^-M)`` (freeverb's, not a true all-pass).
+
+    Rendered exactly in the frequency domain: the transfer functions are evaluated on the circle
+    ``|z| = rho`` slightly outside the unit circle, so the inverse DFT gives ``h[n] rho^-n`` with the
+    time aliasing of the (infinitely long) responses damped by ``rho^-M = 1e-6``; multiplying back by
+    ``rho^n`` gives ``h[n]`` for ``n < length`` to about 1e-9 of its peak (float64). Only the first
+    ``length`` samples matter: sox's reverb has no drain, its output is as long as its input.
+    """
+    device = torch.device(device)
+    coef = {k: v.to(device) for k, v in freeverb_coefficients(reverberance, damping, room_scale, wet_gain_db).items()}
+    n = reverberance.shape[0]
+    # The grid is at least 4x the longest delay line, so rho^N <= 1e6^(1/4) for every z^N below.
+    longest = math.ceil(sample_rate / 44100 * (max(FREEVERB_COMBS) + FREEVERB_STEREO_SPREAD)) + 1
+    m = fast_fft_len(max(length, 4 * longest))
+    n_bins = m // 2 + 1
+    log_rho = math.log(1e6) / m
+    k = torch.arange(n_bins, device=device)
+    circle = _unit_circle(m, str(device))
+    z1 = math.exp(-log_rho) * circle[k]  # z^-1 on |z| = rho, (F,)
+
+    def z_pow(delay: Tensor) -> Tensor:  # delay (n,) or () long -> z^-delay, (n, F) or (F,)
+        idx = (delay.unsqueeze(-1) * k) % m
+        return torch.exp(-log_rho * delay.double()).unsqueeze(-1) * circle[idx]
+
+    q = (coef["feedback"] * (1 - coef["hf_damping"])).view(-1, 1)
+    lowpass_num = 1 - coef["hf_damping"].view(-1, 1) * z1  # (n, F)
+    out = []
+    for w in range(arrays):
+        combs, allpasses = freeverb_delays(coef["scale"], sample_rate, w)
+        # sum_i C_i = L * sum_i 1 / (L z^N_i - q), L = 1 - d z^-1: one reciprocal per comb.
+        recip = torch.zeros((n, n_bins), dtype=torch.complex128, device=device)
+        for i in range(combs.shape[1]):
+            z_inv = z_pow(-combs[:, i])  # z^+N
+            recip += torch.reciprocal(z_inv.mul_(lowpass_num).sub_(q))
+        total = recip.mul_(lowpass_num)
+        for size in allpasses:
+            zm = z_pow(torch.tensor(size, device=device))
+            total *= (1.5 * zm - 1) / (1 - 0.5 * zm)
+        h = torch.fft.irfft(total * coef["gain"].view(-1, 1), n=m)[:, :length]
+        out.append(h * torch.exp(log_rho * torch.arange(length, device=device, dtype=torch.float64)))
+    return torch.stack(out, dim=1).float()
+
+
+def freeverb_apply(x: Tensor, wet_irs: Tensor) -> Tensor:
+    """sox's reverb output from the wet IRs of ``freeverb_irs``: dry at unity plus the wet path.
+
+    ``x`` (n, C, T), ``wet_irs`` (n, 2, >= T) (one array suffices for C > 2). Mono, as sox with its
+    default stereo depth followed by CLMR's ``channels 1`` (an average): ``x + (h0 + h1)/2 * x``.
+    Stereo: ``y_w = x_w + h_w * (x_0 + x_1) / 2``. More channels: sox turns the stereo depth off and
+    reverberates each channel alone, ``x_c + h0 * x_c``. Not clipped (sox clips at full scale).
+    """
+    n, c, t = x.shape
+    h = wet_irs[..., :t].to(x.device, x.dtype)
+    if c == 1:
+        src, h = x, 0.5 * (h[:, :1] + h[:, 1:2])
+    elif c == 2:
+        src, h = 0.5 * x.sum(dim=1, keepdim=True), h[:, :2]
+    else:
+        src, h = x, h[:, :1]
+    n_fft = fast_fft_len(2 * t - 1)
+    wet = torch.fft.irfft(torch.fft.rfft(src, n=n_fft) * torch.fft.rfft(h, n=n_fft), n=n_fft)[..., :t]
+    return x + wet
