@@ -1,7 +1,8 @@
 """Signal-processing kernels the batched transforms of ``pipeline.augment`` apply: FFT sizes, the
 high/low-pass filters (julius' windowed sinc, essentia's first-order IIR, Butterworth magnitudes)
 and sox's reverb (freeverb) rendered as impulse responses. Everything is batched over a leading
-example dimension and runs on the device of its tensor arguments.
+example dimension and runs on the device of its tensor arguments, except ``freeverb_filter``, sox's
+reverb run as its recursion on CPU tensors (the compiled kernel is ``pipeline.dsp_cpu``).
 """
 
 from __future__ import annotations
@@ -156,6 +157,21 @@ def _unit_circle(m: int, device: str) -> Tensor:
     return torch.polar(torch.ones_like(k), -2 * math.pi * k / m)
 
 
+@lru_cache(maxsize=16)
+def _allpass_response(sizes: tuple[int, ...], m: int, device: str) -> Tensor:
+    """The 4 all-passes' product ``prod_j (1.5 z^-M_j - 1) / (1 - 0.5 z^-M_j)`` on ``freeverb_irs``'
+    grid ``|z| = rho``, ``(m // 2 + 1,)`` complex128: it depends on no drawn control, so it is
+    computed once per grid, sample rate and device."""
+    log_rho = math.log(1e6) / m
+    k = torch.arange(m // 2 + 1, device=device)
+    circle = _unit_circle(m, device)
+    out = torch.ones(k.shape[0], dtype=torch.complex128, device=device)
+    for size in sizes:
+        zm = math.exp(-log_rho * size) * circle[(size * k) % m]
+        out *= (1.5 * zm - 1) / (1 - 0.5 * zm)
+    return out
+
+
 def freeverb_irs(reverberance: Tensor, damping: Tensor, room_scale: Tensor, *, sample_rate: int, length: int,
                  wet_gain_db: float = 0.0, arrays: int = 2, device: torch.device | str = "cpu") -> Tensor:
     """The wet impulse responses of sox's reverb, ``(n,)`` controls -> ``(n, arrays, length)`` float32.
@@ -197,10 +213,7 @@ def freeverb_irs(reverberance: Tensor, damping: Tensor, room_scale: Tensor, *, s
         for i in range(combs.shape[1]):
             z_inv = z_pow(-combs[:, i])  # z^+N
             recip += torch.reciprocal(z_inv.mul_(lowpass_num).sub_(q))
-        total = recip.mul_(lowpass_num)
-        for size in allpasses:
-            zm = z_pow(torch.tensor(size, device=device))
-            total *= (1.5 * zm - 1) / (1 - 0.5 * zm)
+        total = recip.mul_(lowpass_num).mul_(_allpass_response(allpasses, m, str(device)))
         h = torch.fft.irfft(total * coef["gain"].view(-1, 1), n=m)[:, :length]
         out.append(h * torch.exp(log_rho * torch.arange(length, device=device, dtype=torch.float64)))
     return torch.stack(out, dim=1).float()
@@ -236,8 +249,9 @@ def freeverb_filter(x: Tensor, reverberance: Tensor, damping: Tensor, room_scale
     array 0 per channel) and the same output to float32 rounding (tests/test_augment_reverb.py).
 
     Why not the FFT rendering on a CPU: its 16 comb responses on a ``T``-point grid in complex128
-    cost ~40 ms per 59049-sample example on this project's 2-core CPU, the recursion ~3 ms; on an
-    accelerator the FFT rendering is the batched one (a recursion over time does not parallelise).
+    cost ~40-60 ms per 59049-sample example on this project's 2-core CPU, the recursion ~1.4 ms
+    (benchmarks/README.md, 2026-12-02); on an accelerator the FFT rendering is the batched one (a
+    recursion over time does not parallelise).
     """
     from pipeline.dsp_cpu import wet_add  # numba: imported (and compiled) on first use
 
