@@ -256,7 +256,8 @@ def freeverb_filter(x: Tensor, reverberance: Tensor, damping: Tensor, room_scale
     from pipeline.dsp_cpu import wet_add  # numba: imported (and compiled) on first use
 
     if x.device.type != "cpu":
-        raise ValueError(f"freeverb_filter runs on CPU tensors; got one on {x.device} (use freeverb_irs + freeverb_apply)")
+        raise ValueError(f"freeverb_filter runs on CPU tensors; got one on {x.device} "
+                         "(use freeverb_irs + freeverb_apply)")
     n, c, t = x.shape
     coef = freeverb_coefficients(reverberance, damping, room_scale, wet_gain_db)
     arrays = [freeverb_delays(coef["scale"], sample_rate, w) for w in ((0, 1) if c <= 2 else (0,))]

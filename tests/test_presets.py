@@ -86,7 +86,8 @@ def reproduce_commands() -> list[tuple[str, list[str]]]:
             continue
         words = shlex.split(line.split("#", 1)[0])
         name = words[words.index("--config") + 1]
-        out.append((name, [w for w in words if re.match(r"--(data|augment|model|optim|train|logging|checkpoint)\.", w)]))
+        sections = r"--(data|augment|model|optim|train|logging|checkpoint)\."
+        out.append((name, [w for w in words if re.match(sections, w)]))
     return out
 
 
