@@ -272,49 +272,85 @@ class Config:
 # Presets: small functions. Real-data presets expect shards built by shard-tools under ./shards/.
 
 
+# The paper presets reproduce the papers' runs by default; each value cites the file and commit it
+# was read from, and docs/reproduce.md lists the other readings with the override that selects them.
+# tests/test_presets.py pins every value. Sources:
+#   CLMR   Spijkervet/CLMR master 423414d (2021-11-11): README.md "Results", main.py,
+#          config/config.yaml, clmr/modules/contrastive_learning.py; the v1 branch c6f4490.
+#   CPC    Spijkervet/CLMR 4f984b2 "Added CPC model" and the v1 branch's config/config_cpc.yaml.
+#   w2v2   facebookresearch/fairseq examples/wav2vec/config/pretraining/wav2vec2_base_librispeech.yaml
+#          (07dfe9c), fairseq/data/data_utils_fast.pyx batch_by_size_fast, raw_audio_dataset.py.
+
+CLMR_MTAT_TRAIN_CLIPS = 18_706  # Pons et al.'s MTAT training split, the one CLMR's magnatagatune.py reads
+CLMR_BATCH = 48  # CLMR main.py DataLoader(batch_size=args.batch_size, drop_last=True); config.yaml batch_size: 48
+
+
 def _clmr_optim() -> OptimConfig:
-    # CLMR: Adam, lr 3e-4, constant; the reference config's weight decay 1e-6.
-    return OptimConfig(name="adam", lr=3e-4, weight_decay=1e-6)
+    # CLMR's configure_optimizers (clmr/modules/contrastive_learning.py at 423414d) hard-codes
+    # torch.optim.Adam(self.model.parameters(), lr=3e-4): no weight decay (config.yaml's
+    # weight_decay: 1.0e-6 is read only by its LARS branch), no scheduler. main.py's Trainer sets no
+    # gradient_clip_val (Lightning's default, 0: no clipping).
+    return OptimConfig(name="adam", lr=3e-4, weight_decay=0.0, grad_clip=0.0)
 
 
 def _wav2vec2_optim(steps: int, warmup: int) -> OptimConfig:
-    # wav2vec 2.0 BASE (fairseq): Adam (0.9, 0.98), eps 1e-6, decoupled wd 0.01, lr 5e-4,
-    # linear warmup then linear decay to zero.
+    # fairseq's BASE yaml: adam (decoupled weight decay) betas (0.9, 0.98), eps 1e-6, weight_decay
+    # 0.01, lr 5e-4, polynomial_decay (power 1: linear) to 0 after 32,000 warm-up updates. Clipping:
+    # the yaml sets none and fairseq/dataclass/configs.py's clip_norm defaults to 0.0 (015b8f4);
+    # fairseq's 2020 argparse options defaulted it to 25 (--optim.grad_clip=25 for that reading).
     return OptimConfig(
         name="adamw", lr=5e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01,
-        schedule="warmup_linear", warmup_steps=warmup, final_lr_ratio=0.0, grad_clip=10.0,
+        schedule="warmup_linear", warmup_steps=warmup, final_lr_ratio=0.0, grad_clip=0.0,
     )
 
 
 def clmr_mtat() -> Config:
-    """CLMR on MagnaTagATune: SampleCNN, 59049-sample crops at 22.05 kHz, batch 48, Adam 3e-4."""
+    """CLMR on MagnaTagATune as in its README's 88.7 ROC-AUC run: 3,890,000 steps (10,000 epochs of
+    18,706 clips at batch 48), Adam 3e-4 without weight decay or clipping, SyncBatchNorm, d = 64,
+    one encoder call per view, 59049-sample crops at 22.05 kHz. The v1 run (1,550 epochs):
+    --train.steps=602950."""
     model_cfg, _ = model_classes("clmr")
+    epochs = 10_000  # README.md "Results" at 423414d: SampleCNN / CLMR, batch 48 / 10000 epochs, 88.7 / 35.6
+    model = model_cfg.default()  # projection_dim 64 (config.yaml), encoder_calls per_view (SimCLR forward(x_i, x_j))
     return Config(
         preset="clmr_mtat", arch="clmr",
+        # Shards built with Pons' split (shard-tools build mtat --split-files, docs/reproduce.md §1).
         data=DataConfig(manifests=["./shards/mtat/train.manifest.json"], sample_rate=22050, num_workers=8),
-        augment=_augment_config_class()(),
-        model=model_cfg.default(),
+        augment=_augment_config_class()(),  # CLMR's chain, pipeline/augment.py
+        model=model,
         optim=_clmr_optim(),
-        train=TrainConfig(steps=300_000, global_batch_size=48),
+        # drop_last=True: 18,706 // 48 = 389 steps an epoch. Trainer(sync_batchnorm=True) in main.py.
+        train=TrainConfig(steps=epochs * (CLMR_MTAT_TRAIN_CLIPS // CLMR_BATCH), global_batch_size=CLMR_BATCH,
+                          sync_batchnorm=True),
         logging=LoggingConfig(every=50, audio_every=5000),
         checkpoint=CheckpointConfig(every=5000),
     )
 
 
 def clmr_msd() -> Config:
-    """CLMR on the Million Song Dataset previews: as clmr_mtat, longer."""
+    """CLMR on the Million Song Dataset previews as in its README: 1,000 epochs at batch 48, about
+    4,200,000 steps; everything else as clmr_mtat."""
     cfg = clmr_mtat()
+    # README.md "Results" at 423414d: SampleCNN / CLMR, batch 48 / 1000 epochs, 85.7 / 25.0. Pons'
+    # MSD training split holds about 201.7k tracks (4,201 steps of 48 an epoch); the exact count is
+    # your shards' (shard-tools info): --train.steps=1000 x (train clips // 48).
     return dataclasses.replace(
         cfg, preset="clmr_msd",
         data=dataclasses.replace(cfg.data, manifests=["./shards/msd/train.manifest.json"], num_workers=12),
-        train=dataclasses.replace(cfg.train, steps=1_000_000),
+        train=dataclasses.replace(cfg.train, steps=4_200_000),
     )
 
 
 def wav2vec2_musicnet() -> Config:
-    """wav2vec 2.0 BASE on MusicNet at 16 kHz: 250k-sample crops, global batch 64, 400k steps."""
+    """wav2vec 2.0 BASE on MusicNet at 16 kHz with fairseq's per-update budget: 320 crops of 250,000
+    samples an update (global batch 320, sized for 8 GPUs: 5 crops per GPU micro-step, 8 micro-steps),
+    400,000 updates, no gradient clipping."""
     model_cfg, _ = model_classes("wav2vec2")
-    steps = 400_000
+    steps = 400_000  # optimization.max_update
+    # fairseq batches by max_tokens: 1,400,000 samples per GPU, crops of at most max_sample_size
+    # 250,000, so a recording longer than 250,000 samples (every MusicNet one) fills a GPU's batch
+    # with 5 crops (6 would be 1.5 M); distributed_world_size 64 -> 320 crops an update. Ours: 8 GPUs
+    # x grad_accum 8 x 5 crops. On N GPUs keep the product: --train.grad_accum=64/N (1 GPU: 64).
     return Config(
         preset="wav2vec2_musicnet", arch="wav2vec2",
         data=DataConfig(manifests=["./shards/musicnet/train.manifest.json"], sample_rate=16000,
@@ -323,22 +359,33 @@ def wav2vec2_musicnet() -> Config:
         model=model_cfg.base(),
         optim=_wav2vec2_optim(steps, warmup=32_000),
         # BASE uses LayerDrop 0.05: DDP must look for the parameters a skipped layer leaves unused
-        train=TrainConfig(steps=steps, global_batch_size=64, find_unused_parameters=True),
+        train=TrainConfig(steps=steps, global_batch_size=320, grad_accum=8, find_unused_parameters=True),
         logging=LoggingConfig(every=100, audio_every=10_000),
         checkpoint=CheckpointConfig(every=5000),
     )
 
 
 def cpc_mtat() -> Config:
-    """CPC on MagnaTagATune at 22.05 kHz with CLMR's 59049-sample crops: Adam 2e-4, global batch 64."""
+    """CPC on MagnaTagATune as the CLMR study's baseline: Adam 3e-4, batch 48, an 81-frame anchor
+    window, 15 negatives, K = 20, kaiming-uniform conv init, audio z-normalised by training-set
+    statistics; 59049-sample crops at 22.05 kHz. Steps: no recorded value, set --train.steps."""
     model_cfg, _ = model_classes("cpc")
+    # v1's config/config_cpc.yaml (c6f4490): batch_size 48, Adam, learning_rate 3.0e-4 (v1 model.py
+    # load_optimizer: Adam(lr=args.learning_rate), no weight decay), prediction_step 20,
+    # negative_samples 15, subsample True (modules/cpc/infonce.py: subsample_win = 81). Init:
+    # model.apply(model.initialize), kaiming-uniform (CPCConfig.default()). z-normalisation:
+    # 4f984b2's data/magnatagatune.py normalise_audio with the training set's statistics
+    # (input_norm="dataset", models/cpc.py).
+    model = dataclasses.replace(model_cfg.default(), window=81, input_norm="dataset")
     return Config(
         preset="cpc_mtat", arch="cpc",
         data=DataConfig(manifests=["./shards/mtat/train.manifest.json"], sample_rate=22050, num_workers=8),
         augment=_augment_config_class()(enabled=False),
-        model=model_cfg.default(),
-        optim=OptimConfig(name="adam", lr=2e-4),
-        train=TrainConfig(steps=300_000, global_batch_size=64),
+        model=model,
+        optim=OptimConfig(name="adam", lr=3e-4),
+        # Neither CPC config records its run's length (4f984b2's epochs: 10000 is the file's generic
+        # value); 300,000 steps is ours, about 770 epochs of MTAT.
+        train=TrainConfig(steps=300_000, global_batch_size=CLMR_BATCH),
         logging=LoggingConfig(every=50, audio_every=5000),
         checkpoint=CheckpointConfig(every=5000),
     )

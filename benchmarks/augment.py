@@ -8,8 +8,9 @@ Contenders, each on the CLMR chain (polarity 0.8, noise 0.01, gain 0.3, high/low
 delay 0.3, pitch 0.6, reverb 0.6) and on pitch shift alone (p=1):
 
 - ``ours``                 pipeline.augment's default chain (CLMR's transforms: std-ratio noise, julius
-                           FIR filters, halved delay, sox/freeverb reverb rendered per example),
-                           batched, ``--threads`` torch threads (or ``--device cuda``).
+                           FIR filters, halved delay, sox's reverb run per example as its recursion on
+                           a CPU, rendered as impulse responses on an accelerator), batched,
+                           ``--threads`` torch threads (or ``--device cuda``).
 - ``ours_variants``        the same chain with our faster variants by name (Butterworth filters,
                            ``reverb_method=ir`` with generated IRs): what fidelity costs.
 - ``audiomentations``      the closest chain audiomentations has, one clip at a time, in ``--workers``

@@ -24,6 +24,12 @@ is CLMR's (``model.apply(model.initialize)`` in its ``main.py``: ``kaiming_unifo
 on conv weights, biases at PyTorch's default); ``"kaiming"`` (He-normal, zero biases; the dataclass
 and ``tiny()`` default) and ``"pytorch"`` are the alternatives.
 
+Input normalisation: CLMR's CPC trains and probes on ``(audio - mean) / std`` with the training set's
+statistics (4f984b2 ``data/magnatagatune.py`` ``get_dataset_stats``: the mean over files of each
+file's mean and std). ``input_norm="dataset"`` (the cpc_mtat preset) averages the same statistics
+over the crops of the first ``norm_batches`` training batches and then freezes them (buffers, so
+they travel with the checkpoint); CLMR's per-file peak normalisation at load time is not done.
+
 Usage::
 
     model = CPC(CPCConfig.default())
@@ -63,6 +69,14 @@ class CPCConfig:
     # PyTorch's default, which shrinks the ReLU stack's scale ~2.4x per layer, so untrained frames
     # barely differ and InfoNCE sits at chance for many steps (tests/test_cpc.py measures all three).
     init: Literal["kaiming_uniform", "kaiming", "pytorch"] = "kaiming"
+    # Input z-normalisation. CLMR's CPC trains (and probes) on (audio - mean) / std with one mean and
+    # std for the whole training set: the mean over training files of each file's mean and of each
+    # file's std (Spijkervet/CLMR 4f984b2 "Added CPC model": data/magnatagatune.py get_dataset_stats,
+    # normalise_audio, applied to the CPC crops in __getitem__). "dataset" (the cpc_mtat preset):
+    # the same statistics, averaged over the crops of the first `norm_batches` training batches, then
+    # frozen; they are buffers, so checkpoints and evaluation carry them. "none": raw audio.
+    input_norm: Literal["none", "dataset"] = "none"
+    norm_batches: int = 100  # input_norm="dataset": training batches the statistics are averaged over
 
     def __post_init__(self) -> None:
         self.strides, self.kernels, self.padding = (tuple(int(v) for v in t) for t in (self.strides, self.kernels, self.padding))
@@ -85,6 +99,10 @@ class CPCConfig:
             raise ValueError(f"model.padding must be >= 0, got {self.padding}")
         if self.init not in ("kaiming_uniform", "kaiming", "pytorch"):
             raise ValueError(f"model.init must be 'kaiming_uniform', 'kaiming' or 'pytorch', got {self.init!r}")
+        if self.input_norm not in ("none", "dataset"):
+            raise ValueError(f"model.input_norm must be 'none' or 'dataset', got {self.input_norm!r}")
+        if self.norm_batches < 1:
+            raise ValueError(f"model.norm_batches must be >= 1, got {self.norm_batches}")
         if self.window is not None and self.window < 1:
             raise ValueError(f"model.window must be positive or None (all positions), got {self.window}")
         frames = self.num_frames(self.input_samples)
@@ -244,10 +262,53 @@ class CPC(nn.Module):
         self.context = nn.GRU(config.channels, config.context_dim, batch_first=True)
         # All K maps W_k in one matrix: (H) -> (K * C), column block k-1 is W_k.
         self.predictor = nn.Linear(config.context_dim, config.prediction_steps * config.channels, bias=False)
+        if config.input_norm == "dataset":
+            # Sums of the per-crop means and stds and the number of crops and batches they came from;
+            # only registered when used, so checkpoints of "none" models keep their keys.
+            self.register_buffer("norm_sums", torch.zeros(2, dtype=torch.float64))
+            self.register_buffer("norm_counts", torch.zeros(2, dtype=torch.long))  # (crops, batches)
+        # The frozen (mean, std) as floats, so steps after the estimate pay no device-to-host read;
+        # dropped when a state dict is loaded.
+        self._frozen_stats: tuple[float, float] | None = None
+        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_frozen_stats", None))
+
+    def input_stats(self) -> tuple[float, float]:
+        """``(mean, std)`` the input is normalised with: ``(0, 1)`` for ``input_norm="none"`` and
+        before the first training batch."""
+        if self.config.input_norm == "none":
+            return 0.0, 1.0
+        if self._frozen_stats is not None:
+            return self._frozen_stats
+        if int(self.norm_counts[0]) == 0:
+            return 0.0, 1.0
+        mean, std = (self.norm_sums / self.norm_counts[0]).tolist()
+        return mean, std
+
+    @torch.no_grad()
+    def _update_input_stats(self, audio: Tensor, lengths: Tensor | None) -> None:
+        """Add a training batch's per-crop means and stds (valid samples only), until ``norm_batches``."""
+        x = audio.double()  # (B, T)
+        if lengths is None:
+            means, stds = x.mean(dim=1), x.std(dim=1)
+        else:
+            n = lengths.to(x.device).clamp(min=2, max=x.shape[1]).double()
+            valid = (torch.arange(x.shape[1], device=x.device)[None] < n[:, None]).double()
+            means = (x * valid).sum(1) / n
+            stds = ((((x - means[:, None]) * valid) ** 2).sum(1) / (n - 1)).sqrt()  # torch.std's n - 1, as CLMR's
+        self.norm_sums += torch.stack([means.sum(), stds.sum()])
+        self.norm_counts += torch.tensor([x.shape[0], 1], device=self.norm_counts.device)
+
+    def normalise(self, audio: Tensor) -> Tensor:
+        """``(audio - mean) / std`` with :meth:`input_stats` (the identity for ``input_norm="none"``)."""
+        if self.config.input_norm == "none":
+            return audio
+        mean, std = self.input_stats()
+        return (audio - mean) / max(std, 1e-8)
 
     def encode(self, audio: Tensor) -> tuple[Tensor, Tensor]:
-        """``audio`` (B, T) -> encoder frames z (B, L, C) and causal context c (B, L, H)."""
-        z = self.encoder(audio.unsqueeze(1)).transpose(1, 2)  # (B, L, C)
+        """``audio`` (B, T), raw -> encoder frames z (B, L, C) and causal context c (B, L, H); the
+        input is normalised first (:meth:`normalise`)."""
+        z = self.encoder(self.normalise(audio).unsqueeze(1)).transpose(1, 2)  # (B, L, C)
         # The GRU runs in float32: CPU autocast has no bf16 GRU, and its cost is the sequential
         # recurrence over L steps, not the arithmetic.
         with torch.autocast(device_type=z.device.type, enabled=False):
@@ -277,11 +338,18 @@ class CPC(nn.Module):
                 "run the loader in single-crop mode with mono audio"
             )
         cfg = self.config
+        lengths = batch.get("lengths")
+        if cfg.input_norm == "dataset" and self._frozen_stats is None:
+            # Frozen only from values present when a forward starts: under DDP those are rank 0's
+            # (its buffers are broadcast before each forward), so every rank freezes the same ones.
+            if int(self.norm_counts[1]) >= cfg.norm_batches:
+                self._frozen_stats = self.input_stats()
+            elif self.training:
+                self._update_input_stats(audio[:, 0, 0], lengths)
         z, c = self.encode(audio[:, 0, 0])
         b, length, _ = z.shape
         if length <= 1:
             raise ValueError(f"CPC: a {audio.shape[-1]}-sample crop gives {length} encoder frame(s); raise the crop length")
-        lengths = batch.get("lengths")
         num_valid = None if lengths is None else self.frame_lengths(lengths.to(z.device), audio.shape[-1]).clamp(max=length)
         frame_valid = None if num_valid is None else torch.arange(length, device=z.device)[None] < num_valid[:, None]
 

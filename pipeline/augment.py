@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from pipeline.dsp import (
     butterworth_mag, causal_filter, fast_fft_len, fir_filter, fir_lowpass_kernels, first_order_kernels,
-    freeverb_apply, freeverb_irs,
+    freeverb_apply, freeverb_filter, freeverb_irs,
 )
 
 NOISE_COLORS = {"white": 0.0, "pink": -0.5, "brown": -1.0, "blue": 0.5, "violet": 1.0}
@@ -768,10 +768,12 @@ class Reverb(Transform):
     ``EffectChain().reverb(reverberance, damping, room_size).channels(1)``, i.e. sox's ``reverb``):
     reverberance, HF damping and room scale drawn as integers, ``torch.randint(0, 100)`` each (our
     inclusive ``(0, 99)``), sox's other controls at their defaults (stereo depth 100 %, no pre-delay,
-    wet gain 0 dB), and sox's mixing: the dry signal at full gain plus the wet path. The wet impulse
-    responses are rendered from those controls by ``freeverb_irs`` (the same comb/all-pass network,
-    exact in float64) and applied by one batched FFT convolution (``freeverb_apply``); the output
-    matches a sample-by-sample freeverb and the ``sox`` program (tests/test_augment_reverb.py).
+    wet gain 0 dB), and sox's mixing: the dry signal at full gain plus the wet path. On a CPU the
+    network runs as sox runs it, sample by sample (``freeverb_filter``: compiled, float64, examples
+    on torch's threads); on an accelerator the wet impulse responses are rendered from the controls
+    by ``freeverb_irs`` (the same network, exact in float64) and applied by one batched FFT
+    convolution (``freeverb_apply``). Both match a sample-by-sample freeverb, each other and the
+    ``sox`` program (tests/test_augment_reverb.py).
     Differences: no clipping at full scale (sox's integer samples clip), our generators instead of
     torch's global one. CLMR's 2020 code (tag 2.0) drew each control in 1..100.
 
@@ -822,6 +824,9 @@ class Reverb(Transform):
     def apply_selected(self, x, params):
         n, c, t = x.shape
         if self.method == "freeverb":
+            if x.device.type == "cpu":  # the recursion itself: ~15x cheaper than rendering the IRs on a CPU
+                return freeverb_filter(x, params["reverberance"], params["damping"], params["room_scale"],
+                                       sample_rate=self.sample_rate, wet_gain_db=self.wet_gain_db)
             irs = freeverb_irs(params["reverberance"], params["damping"], params["room_scale"],
                                sample_rate=self.sample_rate, length=t, wet_gain_db=self.wet_gain_db,
                                arrays=1 if c > 2 else 2, device=x.device)

@@ -10,7 +10,7 @@ so the output is a function of the generator alone. audiomentations draws its no
 global NumPy RNG, so noise is generated under a temporarily re-seeded global state (restored after).
 Transforms audiomentations lacks or implements differently from CLMR (CLMR's std-ratio noise,
 the julius FIR filters, delay, speed, reverb) are written here in NumPy/SciPy, or call the batched
-chain's own functions for one example (the FIR kernels, sox's reverb via ``freeverb_irs``), so both
+chain's own functions for one example (the FIR kernels, sox's reverb via ``freeverb_filter``), so both
 paths follow the same originals (see each transform's docstring in ``pipeline.augment``).
 Differences from the batched chain: Butterworth filters are causal (same magnitude, not
 zero-phase); pitch uses audiomentations' signalsmith-stretch backend.
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from pipeline.augment import NOISE_COLORS, AugmentConfig, estimate_rt60, load_ir_bank
-from pipeline.dsp import fir_lowpass_kernels, freeverb_apply, freeverb_irs
+from pipeline.dsp import fir_lowpass_kernels, freeverb_filter
 
 # audiomentations' AddColorNoise takes a decay in dB/octave of the *power* spectrum; our colour
 # exponents are amplitude slopes (|N| ~ f**e), i.e. 20*log10(2)*e dB/octave.
@@ -191,9 +191,9 @@ class CpuAugment:
             controls = {name: int(rng.integers(lo, hi + 1)) for name, (lo, hi) in (
                 ("reverberance", c.reverb_reverberance), ("damping", c.reverb_damping),
                 ("room_scale", c.reverb_room_scale))}
-            irs = freeverb_irs(*(torch.tensor([v]) for v in controls.values()), sample_rate=sr, length=x.shape[-1],
-                               wet_gain_db=c.reverb_wet_gain_db, arrays=1 if x.shape[0] > 2 else 2)
-            y = freeverb_apply(torch.from_numpy(np.ascontiguousarray(x))[None], irs)[0].numpy()
+            y = freeverb_filter(torch.from_numpy(np.ascontiguousarray(x))[None],
+                                *(torch.tensor([v]) for v in controls.values()), sample_rate=sr,
+                                wet_gain_db=c.reverb_wet_gain_db, threads=1)[0].numpy()
             return y.astype(np.float32), controls
         wet = rng.uniform(*c.reverb_wet)
         if self.ir_bank is None:

@@ -1,21 +1,24 @@
 """Signal-processing kernels the batched transforms of ``pipeline.augment`` apply: FFT sizes, the
 high/low-pass filters (julius' windowed sinc, essentia's first-order IIR, Butterworth magnitudes)
 and sox's reverb (freeverb) rendered as impulse responses. Everything is batched over a leading
-example dimension and runs on the device of its tensor arguments.
+example dimension and runs on the device of its tensor arguments, except ``freeverb_filter``, sox's
+reverb run as its recursion on CPU tensors (the compiled kernel is ``pipeline.dsp_cpu``).
 """
 
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
+import numpy as np
 import torch
 from torch import Tensor
 
 __all__ = [
     "FREEVERB_ALLPASSES", "FREEVERB_COMBS", "FREEVERB_STEREO_SPREAD", "butterworth_mag", "causal_filter",
     "fast_fft_len", "fir_filter", "fir_half_sizes", "fir_lowpass_kernels", "first_order_kernels",
-    "freeverb_apply", "freeverb_coefficients", "freeverb_delays", "freeverb_irs",
+    "freeverb_apply", "freeverb_coefficients", "freeverb_delays", "freeverb_filter", "freeverb_irs",
 ]
 
 
@@ -154,6 +157,21 @@ def _unit_circle(m: int, device: str) -> Tensor:
     return torch.polar(torch.ones_like(k), -2 * math.pi * k / m)
 
 
+@lru_cache(maxsize=16)
+def _allpass_response(sizes: tuple[int, ...], m: int, device: str) -> Tensor:
+    """The 4 all-passes' product ``prod_j (1.5 z^-M_j - 1) / (1 - 0.5 z^-M_j)`` on ``freeverb_irs``'
+    grid ``|z| = rho``, ``(m // 2 + 1,)`` complex128: it depends on no drawn control, so it is
+    computed once per grid, sample rate and device."""
+    log_rho = math.log(1e6) / m
+    k = torch.arange(m // 2 + 1, device=device)
+    circle = _unit_circle(m, device)
+    out = torch.ones(k.shape[0], dtype=torch.complex128, device=device)
+    for size in sizes:
+        zm = math.exp(-log_rho * size) * circle[(size * k) % m]
+        out *= (1.5 * zm - 1) / (1 - 0.5 * zm)
+    return out
+
+
 def freeverb_irs(reverberance: Tensor, damping: Tensor, room_scale: Tensor, *, sample_rate: int, length: int,
                  wet_gain_db: float = 0.0, arrays: int = 2, device: torch.device | str = "cpu") -> Tensor:
     """The wet impulse responses of sox's reverb, ``(n,)`` controls -> ``(n, arrays, length)`` float32.
@@ -195,10 +213,7 @@ def freeverb_irs(reverberance: Tensor, damping: Tensor, room_scale: Tensor, *, s
         for i in range(combs.shape[1]):
             z_inv = z_pow(-combs[:, i])  # z^+N
             recip += torch.reciprocal(z_inv.mul_(lowpass_num).sub_(q))
-        total = recip.mul_(lowpass_num)
-        for size in allpasses:
-            zm = z_pow(torch.tensor(size, device=device))
-            total *= (1.5 * zm - 1) / (1 - 0.5 * zm)
+        total = recip.mul_(lowpass_num).mul_(_allpass_response(allpasses, m, str(device)))
         h = torch.fft.irfft(total * coef["gain"].view(-1, 1), n=m)[:, :length]
         out.append(h * torch.exp(log_rho * torch.arange(length, device=device, dtype=torch.float64)))
     return torch.stack(out, dim=1).float()
@@ -223,3 +238,53 @@ def freeverb_apply(x: Tensor, wet_irs: Tensor) -> Tensor:
     n_fft = fast_fft_len(2 * t - 1)
     wet = torch.fft.irfft(torch.fft.rfft(src, n=n_fft) * torch.fft.rfft(h, n=n_fft), n=n_fft)[..., :t]
     return x + wet
+
+
+def freeverb_filter(x: Tensor, reverberance: Tensor, damping: Tensor, room_scale: Tensor, *, sample_rate: int,
+                    wet_gain_db: float = 0.0, threads: int | None = None) -> Tensor:
+    """sox's reverb of a CPU batch ``x`` (n, C, T) with per-example controls ``(n,)``, run as the
+    recursion itself (``pipeline.dsp_cpu.wet_add``, compiled), examples spread over ``threads``
+    threads (default: torch's). Same mixing as ``freeverb_irs`` + ``freeverb_apply`` (mono: dry +
+    the mean of both arrays; stereo: each channel's array on the channels' mean; more channels:
+    array 0 per channel) and the same output to float32 rounding (tests/test_augment_reverb.py).
+
+    Why not the FFT rendering on a CPU: its 16 comb responses on a ``T``-point grid in complex128
+    cost ~40-60 ms per 59049-sample example on this project's 2-core CPU, the recursion ~1.4 ms
+    (benchmarks/README.md, 2026-12-02); on an accelerator the FFT rendering is the batched one (a
+    recursion over time does not parallelise).
+    """
+    from pipeline.dsp_cpu import wet_add  # numba: imported (and compiled) on first use
+
+    if x.device.type != "cpu":
+        raise ValueError(f"freeverb_filter runs on CPU tensors; got one on {x.device} "
+                         "(use freeverb_irs + freeverb_apply)")
+    n, c, t = x.shape
+    coef = freeverb_coefficients(reverberance, damping, room_scale, wet_gain_db)
+    arrays = [freeverb_delays(coef["scale"], sample_rate, w) for w in ((0, 1) if c <= 2 else (0,))]
+    combs = [a[0].cpu().numpy().astype(np.int64) for a in arrays]
+    allpasses = [np.asarray(a[1], dtype=np.int64) for a in arrays]
+    feedback, hf_damping, gain = (coef[k].cpu().numpy() for k in ("feedback", "hf_damping", "gain"))
+    src = x.detach().to(torch.float64).contiguous().numpy()  # float64 throughout: one compiled signature
+    out = src.copy()  # the dry path at unity; each wet path is added to it
+
+    def one(i: int) -> None:
+        f, d, g = float(feedback[i]), float(hf_damping[i]), float(gain[i])
+        if c == 1:  # stereo out (depth 100 %), then CLMR's `channels 1`: the mean of both arrays
+            for w in (0, 1):
+                wet_add(src[i, 0], out[i, 0], combs[w][i], allpasses[w], f, d, 0.5 * g)
+        elif c == 2:  # both arrays read the channels' mean
+            mid = 0.5 * (src[i, 0] + src[i, 1])
+            for w in (0, 1):
+                wet_add(mid, out[i, w], combs[w][i], allpasses[w], f, d, g)
+        else:  # sox turns the stereo depth off: each channel through array 0 alone
+            for ch in range(c):
+                wet_add(src[i, ch], out[i, ch], combs[0][i], allpasses[0], f, d, g)
+
+    workers = min(n, threads if threads is not None else torch.get_num_threads())
+    if workers <= 1:
+        for i in range(n):
+            one(i)
+    else:  # the kernel releases the GIL; a pool per call is fork-safe (loader workers fork)
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(one, range(n)))
+    return torch.from_numpy(out).to(x.dtype)

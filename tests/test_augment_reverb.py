@@ -21,7 +21,7 @@ import torch
 from scipy.signal import butter, sosfilt
 
 from pipeline.augment import AugmentConfig, Reverb, build_augment
-from pipeline.dsp import freeverb_apply, freeverb_irs
+from pipeline.dsp import freeverb_apply, freeverb_filter, freeverb_irs
 from tests.test_augment_helpers import schroeder_rt60
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -70,37 +70,45 @@ def reference_mono(x: np.ndarray, sr: int, *controls: float) -> np.ndarray:
     return x + 0.5 * (reference_wet(x, sr, *controls, 0) + reference_wet(x, sr, *controls, 1))
 
 
-def ours(x: np.ndarray, sr: int, reverberance: int, damping: int, room: int, device="cpu") -> np.ndarray:
-    """``x`` (C, T) through our batched rendering with explicit controls."""
-    irs = freeverb_irs(torch.tensor([reverberance]), torch.tensor([damping]), torch.tensor([room]),
-                       sample_rate=sr, length=x.shape[-1], device=device)
-    return freeverb_apply(torch.from_numpy(x).float()[None].to(device), irs)[0].cpu().double().numpy()
+def ours(x: np.ndarray, sr: int, reverberance: int, damping: int, room: int, device="cpu",
+         method="fft") -> np.ndarray:
+    """``x`` (C, T) through one of our two renderings with explicit controls: ``"fft"`` (IRs rendered
+    in the frequency domain, one FFT convolution: the accelerator path) or ``"recursion"`` (the
+    compiled sample-by-sample network: the CPU path)."""
+    controls = [torch.tensor([v]) for v in (reverberance, damping, room)]
+    xt = torch.from_numpy(x).float()[None].to(device)
+    if method == "recursion":
+        return freeverb_filter(xt, *controls, sample_rate=sr)[0].double().numpy()
+    irs = freeverb_irs(*controls, sample_rate=sr, length=x.shape[-1], device=device)
+    return freeverb_apply(xt, irs)[0].cpu().double().numpy()
 
 
 CONTROLS = [(50, 50, 100), (99, 0, 99), (0, 99, 0), (73, 18, 41)]
+PATHS = [("cpu", "recursion")] + [(d, "fft") for d in DEVICES]
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device, method", PATHS)
 @pytest.mark.parametrize("controls", CONTROLS)
-def test_matches_a_sample_by_sample_freeverb(device, controls):
+def test_matches_a_sample_by_sample_freeverb(device, method, controls):
     sr = 22050
     x = 0.3 * np.random.default_rng(0).standard_normal(4000)
     ref = reference_mono(x, sr, *controls)
-    y = ours(x[None], sr, *controls, device=device)[0]
+    y = ours(x[None], sr, *controls, device=device, method=method)[0]
     assert np.abs(ref - x).max() > 0.01  # the wet path is really there
     np.testing.assert_allclose(y, ref, atol=2e-6, rtol=0)
 
 
-def test_stereo_and_multichannel_mixing_follow_sox():
+@pytest.mark.parametrize("method", ["fft", "recursion"])
+def test_stereo_and_multichannel_mixing_follow_sox(method):
     sr = 16000
     x = 0.2 * np.random.default_rng(1).standard_normal((2, 3000))
-    y = ours(x, sr, 60, 30, 70)
+    y = ours(x, sr, 60, 30, 70, method=method)
     # sox, stereo in with depth 100 %: channel w = dry_w + array_w applied to the mean of both inputs.
     for w in (0, 1):
         ref = x[w] + reference_wet(x.mean(axis=0), sr, 60, 30, 70, w)
         np.testing.assert_allclose(y[w], ref, atol=2e-6, rtol=0)
     x3 = np.concatenate([x, x[:1] * 0.5])  # 3 channels: sox turns stereo depth off, each channel alone
-    y3 = ours(x3, sr, 60, 30, 70)
+    y3 = ours(x3, sr, 60, 30, 70, method=method)
     for ch in range(3):
         np.testing.assert_allclose(y3[ch], x3[ch] + reference_wet(x3[ch], sr, 60, 30, 70, 0), atol=2e-6, rtol=0)
 
@@ -128,8 +136,9 @@ def test_energy_decay_and_wet_energy_follow_the_reference():
 
 
 @pytest.mark.skipif(shutil.which("sox") is None, reason="the sox program is not installed (apt-get install sox)")
+@pytest.mark.parametrize("method", ["fft", "recursion"])
 @pytest.mark.parametrize("controls", CONTROLS[:2])
-def test_matches_the_sox_program(tmp_path, controls):
+def test_matches_the_sox_program(tmp_path, controls, method):
     sr = 22050
     x = (0.05 * np.random.default_rng(2).standard_normal(5000)).astype(np.float32)  # no clipping in sox
     sf.write(tmp_path / "in.wav", x, sr, subtype="FLOAT")
@@ -137,7 +146,7 @@ def test_matches_the_sox_program(tmp_path, controls):
                     str(tmp_path / "out.wav"), "reverb", *map(str, controls), "channels", "1"], check=True)
     out, rate = sf.read(tmp_path / "out.wav", dtype="float64")
     assert rate == sr and out.shape == x.shape  # sox's reverb has no tail: same length out
-    np.testing.assert_allclose(ours(x[None], sr, *controls)[0], out, atol=2e-6, rtol=0)
+    np.testing.assert_allclose(ours(x[None], sr, *controls, method=method)[0], out, atol=2e-6, rtol=0)
 
 
 def test_draws_clmrs_integer_controls_and_defaults_to_freeverb():
@@ -148,3 +157,23 @@ def test_draws_clmrs_integer_controls_and_defaults_to_freeverb():
         assert v.dtype == torch.int64 and int(v.min()) == 0 and int(v.max()) == 99  # torch.randint(0, 100)
     chain = build_augment(AugmentConfig(), sample_rate=22050, seed=0)
     assert [t for t in chain.transforms if t.name == "reverb"][0].method == "freeverb"
+
+
+def test_cpu_batches_take_the_recursion_and_agree_with_the_fft_rendering():
+    """A 2.68 s CLMR crop batch: the CPU path (recursion, on 1 or 2 threads) and the accelerator
+    path (FFT rendering) give the same output to float32 rounding; the thread count changes nothing."""
+    sr, t = 22050, 59049
+    g = torch.Generator().manual_seed(3)
+    x = 0.3 * torch.randn(5, 1, t, generator=g)
+    rev = Reverb(sample_rate=sr, p=1.0, generator=g)
+    params = rev.draw(5)
+    y = rev.apply(x, params)
+    irs = freeverb_irs(params["reverberance"], params["damping"], params["room_scale"], sample_rate=sr, length=t)
+    y_fft = freeverb_apply(x, irs)
+    assert float((y - x).abs().max()) > 0.05  # reverberated
+    assert float((y - y_fft).abs().max()) < 2e-6
+    one = freeverb_filter(x, params["reverberance"], params["damping"], params["room_scale"], sample_rate=sr, threads=1)
+    two = freeverb_filter(x, params["reverberance"], params["damping"], params["room_scale"], sample_rate=sr, threads=2)
+    assert torch.equal(one, two) and torch.equal(one, y)
+    with pytest.raises(ValueError, match="CPU tensors"):
+        freeverb_filter(x.to("meta"), params["reverberance"], params["damping"], params["room_scale"], sample_rate=sr)

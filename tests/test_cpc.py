@@ -276,3 +276,43 @@ def test_benchmark_step_runs_and_reports_the_model_size():
     res = benchmark_step(CPC(CPCConfig.tiny()), {"audio": audio}, steps=1, warmup=1, lr=2e-4)
     assert res["params"] == sum(p.numel() for p in CPC(CPCConfig.tiny()).parameters())
     assert res["ms_per_step"] > 0 and math.isfinite(res["loss"])
+
+
+def test_dataset_input_norm_is_clmrs_statistic_frozen_after_its_batches_and_carried_by_the_state_dict():
+    """input_norm="dataset": (x - mean) / std with CLMR's statistic (the mean of per-clip means and of
+    per-clip unbiased stds), over the first norm_batches training batches, then frozen."""
+    tiny = CPCConfig.tiny()
+    cfg = CPCConfig(**{**tiny.__dict__, "input_norm": "dataset", "norm_batches": 3})
+    torch.manual_seed(0)
+    model = CPC(cfg)
+    g = torch.Generator().manual_seed(1)
+    t = cfg.input_samples
+    batches = [0.02 + 0.1 * (1 + k) * torch.randn(4, 1, 1, t, generator=g) for k in range(4)]
+    lengths = torch.tensor([t, t, t // 2, t])
+    model.eval()
+    model({"audio": batches[0]})  # evaluation does not estimate
+    assert model.input_stats() == (0.0, 1.0) and int(model.norm_counts[1]) == 0
+    model.train()
+    for k in range(3):
+        model({"audio": batches[k], "lengths": lengths if k == 1 else None})
+    clips = [b[i, 0, 0, : (int(lengths[i]) if k == 1 else t)].double().numpy()
+             for k, b in enumerate(batches[:3]) for i in range(4)]
+    want = (float(np.mean([c.mean() for c in clips])), float(np.mean([c.std(ddof=1) for c in clips])))
+    assert model.input_stats() == pytest.approx(want, rel=1e-9)
+    assert want[1] == pytest.approx(0.1 * (1 + 2 + 3) / 3, rel=0.05)  # the stds of the three batches
+    model({"audio": batches[3]})  # a fourth batch: frozen
+    assert model.input_stats() == pytest.approx(want, rel=1e-9) and int(model.norm_counts[1]) == 3
+    # embed sees the normalised input: equal to a raw model's embed of (x - mean) / std
+    raw = CPC(tiny)
+    raw.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("norm_")})
+    x = batches[3][:, 0, 0]
+    with torch.no_grad():
+        np.testing.assert_allclose(model.embed(x)["pooled"].numpy(),
+                                   raw.embed((x - want[0]) / want[1])["pooled"].numpy(), atol=1e-5)
+    # the statistics travel with the weights (checkpoints, evaluation); "none" adds no keys
+    again = CPC(cfg)
+    again.load_state_dict(model.state_dict())
+    assert again.input_stats() == pytest.approx(want, rel=1e-9)
+    assert not any(k.startswith("norm_") for k in raw.state_dict())
+    with pytest.raises(ValueError, match="model.input_norm"):
+        CPCConfig(input_norm="clip")
