@@ -1,6 +1,6 @@
 """The main job on a fresh machine: show self-supervised pretraining working on real instruments.
 
-    python quickstart.py                     # CLMR; 7.0 min measured on 2 idle CPU cores (target: 15)
+    python quickstart.py                     # CLMR; target: 15 min on 2 idle CPU cores (README: measured)
     python quickstart.py --model wav2vec2    # the wav2vec2 tiny preset instead (also: --model cpc)
     python quickstart.py --tiny              # a 2-minute smoke run (what CI runs)
 
