@@ -56,6 +56,10 @@ class OptionError(UserError, ValueError):
 TITLES = {"instrument_family_str": "family", "instrument_family": "family", "instrument_source_str": "source"}
 
 
+_PRESET_WITH_CHECKPOINT = ("--preset/--set: not used with --checkpoint (the checkpoint holds its architecture and "
+                           "config); drop them, or drop --checkpoint for a random-init encoder of that preset")
+
+
 @dataclass(kw_only=True)
 class EvalOptions:
     """Everything ``probe`` and ``sweep`` need (the quickstart builds one in-process)."""
@@ -103,6 +107,8 @@ class EvalOptions:
         bad = [b for b in self.baselines if b not in BASELINES]
         if bad:
             raise OptionError(f"--baselines: unknown {bad}; choose from {', '.join(BASELINES)}")
+        if self.checkpoint is not None and (self.preset is not None or self.overrides):
+            raise OptionError(_PRESET_WITH_CHECKPOINT)
         if self.checkpoint is None and self.preset is None and any(b in ("random", "supervised") for b in self.baselines):
             raise OptionError("--baselines random/supervised need an architecture: pass --checkpoint or --preset (e.g. clmr_tiny)")
         if any(not 0 < f <= 1 for f in self.fractions):
@@ -518,6 +524,8 @@ def cmd_finetune(argv: list[str]) -> int:
     a = p.parse_args(argv)
     if not a.checkpoint and not a.preset:
         p.error("pass --checkpoint (fine-tune a pretrained encoder) or --preset (train that architecture from scratch)")
+    if a.checkpoint and (a.preset or a.overrides):
+        raise OptionError(_PRESET_WITH_CHECKPOINT)
     if not 0 < a.label_fraction <= 1:
         raise OptionError(f"--label-fraction must be in (0, 1], got {a.label_fraction}")
     try:
@@ -637,6 +645,8 @@ def cmd_embed(argv: list[str]) -> int:
     p.add_argument("--batch", type=int, dest="embed_batch", help="alias of --embed-batch")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
+    if a.checkpoint and (a.preset or a.overrides):
+        raise OptionError(_PRESET_WITH_CHECKPOINT)
     files, manifests = _expand_inputs(a.inputs)
     if not files and not manifests:
         p.error("no audio files found in the inputs")

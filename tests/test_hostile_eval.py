@@ -185,7 +185,8 @@ def _checkpoint(path: str) -> None:
 
 @pytest.mark.parametrize("case", ["label-fraction-0", "no-valid-split", "no-checkpoint", "baselines-randum", "tasks-nosuch",
                                   "layer-99", "not-a-checkpoint", "pickle-checkpoint", "finetune-label-fraction",
-                                  "finetune-tasks", "device-cuda-missing"])
+                                  "finetune-tasks", "device-cuda-missing", "probe-preset-with-checkpoint",
+                                  "finetune-set-with-checkpoint", "embed-preset-with-checkpoint"])
 def test_bad_flags_and_files_are_one_line_each(case, toy, tmp_path, capsys) -> None:
     """Item 17: each of these was a traceback."""
     ckpt = str(tmp_path / "ckpt-00000001.pt")
@@ -217,6 +218,14 @@ def test_bad_flags_and_files_are_one_line_each(case, toy, tmp_path, capsys) -> N
         want = "--label-fraction must be in (0, 1]"
     elif case == "finetune-tasks":
         argv, want = ["finetune", "--data", toy, "--preset", "clmr_tiny", "--tasks", "nosuch", "--out", out], "--tasks nosuch"
+    elif case == "probe-preset-with-checkpoint":  # item 23: the preset was silently ignored
+        argv, want = [*base, "--checkpoint", ckpt, "--preset", "clmr_tiny"], "--preset/--set: not used with --checkpoint"
+    elif case == "finetune-set-with-checkpoint":
+        argv = ["finetune", "--data", toy, "--checkpoint", ckpt, "--set", "model.temperature=0.1", "--out", out]
+        want = "--preset/--set: not used with --checkpoint"
+    elif case == "embed-preset-with-checkpoint":
+        argv = ["embed", "--checkpoint", ckpt, "--preset", "clmr_tiny", "--out", out, toy]
+        want = "--preset/--set: not used with --checkpoint"
     else:
         if torch.cuda.is_available():
             pytest.skip("this machine has CUDA")
