@@ -100,32 +100,46 @@ class DataConfig:
     variable_length: bool = False  # single-crop archs: clips shorter than the crop are taken whole
     pad_to: Literal["shortest", "longest"] = "shortest"  # variable_length batches: crop to shortest or pad
     short_policy: Literal["pad", "skip"] = "pad"
-    shuffle_buffer: int = 1000
+    shuffle_buffer_mb: float = 128.0  # MiB of compressed samples each loader worker's shuffle buffer holds
+    shuffle_buffer: int | None = None  # also at most this many samples; None = the MiB budget alone
     num_workers: int = 4
     prefetch_factor: int = 2  # batches each loader worker keeps ready
     pin_memory: bool = True  # only used on CUDA
     on_error: Literal["skip", "raise"] = "skip"
+    check_shards: bool = True  # at start: every shard exists with its manifest size (one LIST per bucket folder)
+    io_timeout_s: float = 60.0  # the longest one remote open/read may take before it is retried
+    io_retries: int = 3  # reopen attempts per shard read after a transient error or a timeout
+    cache_dir: str | None = None  # node-local folder caching remote shards (sha256-verified); None = no cache
+    cache_limit_gb: float = 100.0  # the most the shard cache holds; least recently used shards are evicted
+    # Held-out split(s) scored every --train.eval_every steps (training/validate.py); [] = no validation
+    valid_manifests: list[str] = field(default_factory=list)
     # Where augmentation runs is --augment.backend: "gpu" = batched on the training device after the
     # copy (which may be the CPU), "cpu" = pipeline.augment_cpu.CpuAugment in the loader workers.
 
     def __post_init__(self) -> None:
-        if isinstance(self.manifests, str):
-            self.manifests = [self.manifests]
-        self.manifests = list(self.manifests)
+        for name in ("manifests", "valid_manifests"):
+            value = getattr(self, name)
+            setattr(self, name, [value] if isinstance(value, str) else list(value))
 
     def loader_config(self, *, batch_size: int, views: int, crop_samples: int, sample_rate: int | None, seed: int,
-                      cuda: bool) -> LoaderConfig:
-        """The ``LoaderConfig`` of one rank; ``ValueError`` messages name the ``--data.*`` flag."""
+                      cuda: bool, valid: bool = False) -> LoaderConfig:
+        """The ``LoaderConfig`` of one rank; ``ValueError`` messages name the ``--data.*`` flag.
+
+        ``valid``: the validation stream (training/validate.py): ``valid_manifests`` read in the
+        main process (``num_workers=0``), everything else (the cache included) as training's."""
         from pipeline.loader import LoaderConfig
 
         shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                  if f.name not in ("crop_samples", "sample_rate", "pin_memory")}
+                  if f.name not in ("crop_samples", "sample_rate", "pin_memory", "valid_manifests")}
+        if valid:
+            shared |= {"manifests": self.valid_manifests, "weights": None, "num_workers": 0}
         try:
             return LoaderConfig(**shared, batch_size=batch_size, mode="pairs" if views == 2 else "single",
                                 crop_samples=crop_samples, sample_rate=sample_rate, mono=True, seed=seed,
                                 pin_memory=self.pin_memory and cuda)
         except ValueError as exc:
-            raise ValueError(re.sub(r"(?<![-\w])data\.", "--data.", str(exc))) from None
+            text = str(exc).replace("data.manifests", "data.valid_manifests") if valid else str(exc)
+            raise ValueError(re.sub(r"(?<![-\w])data\.", "--data.", text)) from None
 
 
 @dataclass(kw_only=True)
