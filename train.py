@@ -346,7 +346,7 @@ def train(cfg: Config) -> dict[str, Any]:
     losses in a row raise :class:`TrainingDiverged`, a failed data stream :class:`DataStreamError`,
     each after writing a checkpoint.
     """
-    env = setup_distributed(cfg.train.device)
+    env = setup_distributed(cfg.train.device, timeout_s=cfg.train.dist_timeout_s)
     facts = validate(cfg, env.world)
     sample_rate, crop, accum = facts["sample_rate"], facts["crop_samples"], cfg.train.grad_accum
     micro_batch = cfg.train.global_batch_size // (env.world * accum)

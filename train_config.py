@@ -179,18 +179,25 @@ class TrainConfig:
     grad_accum: int = 1  # micro-steps per optimizer step (gradients synced on the last only)
     seed: int = 0
     device: str = "auto"  # auto = cuda:LOCAL_RANK when CUDA is available, else cpu
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
+    # auto = bf16 autocast on CUDA, fp32 on CPU; fp16 = fp16 autocast with a gradient scaler (GPUs without bf16)
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     compile: bool = False  # torch.compile the model
     sync_batchnorm: bool = False  # nn.SyncBatchNorm across ranks (CUDA + DDP only)
     find_unused_parameters: bool = False  # DDP flag, for models with branches unused in some steps
     max_nonfinite: int = 20  # stop after this many non-finite steps in a row
     out_dir: str = ""  # local run folder (metrics.jsonl, summary.json, wandb/); "" = runs/<preset>
+    dist_timeout_s: float = 1800.0  # torch.distributed collectives' timeout (a slow checkpoint upload by rank 0)
+    eval_every: int = 1000  # score --data.valid_manifests every N steps (and at the end)
+    eval_batches: int = 20  # validation micro-batches per rank, the same ones every time
 
     def __post_init__(self) -> None:
         _require(self.steps >= 1, "--train.steps", ">= 1", self.steps)
         _require(self.global_batch_size >= 1, "--train.global_batch_size", ">= 1", self.global_batch_size)
         _require(self.grad_accum >= 1, "--train.grad_accum", ">= 1", self.grad_accum)
         _require(self.max_nonfinite >= 1, "--train.max_nonfinite", ">= 1", self.max_nonfinite)
+        _require(self.dist_timeout_s > 0, "--train.dist_timeout_s", "> 0 seconds", self.dist_timeout_s)
+        _require(self.eval_every >= 1, "--train.eval_every", ">= 1", self.eval_every)
+        _require(self.eval_batches >= 1, "--train.eval_batches", ">= 1", self.eval_batches)
         _require(self.device == "auto" or self.device.startswith(("cpu", "cuda")), "--train.device", "auto, cpu or cuda[:N]",
                  self.device)
 

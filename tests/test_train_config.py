@@ -197,3 +197,30 @@ def test_loader_knobs_reach_the_loader_config():
                          ("--data.io_timeout_s=0", "--data.io_timeout_s must be > 0")]:
         with pytest.raises(ValueError, match=message):
             tc.apply_overrides(cfg, [bad])
+
+
+def test_dist_timeout_reaches_init_process_group(monkeypatch):
+    import datetime
+
+    from training import distributed
+
+    seen = {}
+
+    class Joined(Exception):
+        pass
+
+    def fake_init(**kwargs):
+        seen.update(kwargs)
+        raise Joined
+
+    monkeypatch.setattr(distributed.dist, "init_process_group", fake_init)
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    for var, value in (("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(var, value)
+    cfg = tc.apply_overrides(tc.preset("clmr_tiny"), ["--train.dist_timeout_s=42.5"])
+    with pytest.raises(Joined):
+        train.train(cfg)  # joining the job is the first thing a run does
+    assert seen["timeout"] == datetime.timedelta(seconds=42.5) and seen["backend"] == "gloo"
+    assert tc.preset("clmr_mtat").train.dist_timeout_s == 1800.0
+    with pytest.raises(ValueError, match="--train.dist_timeout_s must be > 0 seconds"):
+        tc.apply_overrides(cfg, ["--train.dist_timeout_s=0"])
