@@ -59,7 +59,7 @@ from training.distributed import Dist, StopFlag
 from training.distributed import setup as setup_distributed
 from training.errors import ConfigError, DataStreamError, TrainingDiverged
 from training.log import RunLogger, fmt, fmt_duration, numbers
-from training.step import StepResult, TrainStep, autocast_dtype, build_optimizer, describe_data_error
+from training.step import StepResult, TrainStep, build_optimizer, build_scaler, describe_data_error, precision_name
 
 # --------------------------------------------------------------------------------------------
 # Validation at start: every error names the flag to change.
@@ -151,6 +151,7 @@ class Parts:
     stream: Any  # the loader, or a DevicePrefetcher over it on CUDA
     augmenter: nn.Module  # pipeline.augment's Compose (identity when augmentation runs in the workers)
     logger: RunLogger
+    scaler: torch.amp.GradScaler  # --train.precision=fp16's gradient scaler (disabled otherwise)
 
 
 def build_model(cfg: Config, env: Dist) -> tuple[nn.Module, nn.Module, torch.optim.Optimizer, Any]:
@@ -273,6 +274,7 @@ def restore(state: dict[str, Any], url: str, cfg: Config, env: Dist, p: Parts) -
         raise ConfigError(f"--resume: {url}: {exc}") from None
     p.augmenter.load_state_dict(mine["augment"])
     p.logger.load_state_dict(state.get("counters", {}))
+    checkpoint.set_scaler_state(p.scaler, state.get("scaler"), say=print if env.master else lambda _: None)
     if env.master:
         changed = tc.diff(state["config"], tc.to_dict(cfg))
         print(f"[train] resuming from {url} at step {state['step']}"
@@ -289,7 +291,8 @@ def write_checkpoint(cfg: Config, env: Dist, p: Parts, step: int, *, rewind: int
     def shared() -> dict[str, Any]:
         return {"epoch": step // spe if spe else 0, "model_name": cfg.arch, "model": p.raw_model.state_dict(),
                 "optimizer": p.optimizer.state_dict(), "scheduler": p.scheduler.state_dict(),
-                "counters": p.logger.state_dict(), "config": tc.to_dict(cfg), "wandb_run_id": p.logger.run_id}
+                "counters": p.logger.state_dict(), "config": tc.to_dict(cfg), "wandb_run_id": p.logger.run_id,
+                "scaler": p.scaler.state_dict()}
 
     return checkpoint.save_run(cfg.checkpoint_dir, cfg.checkpoint.keep, env, step=step, mine=mine, shared=shared)
 
@@ -352,17 +355,18 @@ def train(cfg: Config) -> dict[str, Any]:
     micro_batch = cfg.train.global_batch_size // (env.world * accum)
     if env.master:
         os.makedirs(cfg.out_dir, exist_ok=True)
-        bf16 = autocast_dtype(cfg.train.precision, env.device) is not None
         print(f"[train] {cfg.preset}: {cfg.arch} on {env.world} x {env.device.type}, global batch "
               f"{cfg.train.global_batch_size} = {env.world} ranks x {accum} micro-steps x {micro_batch} clips, "
-              f"{crop} samples @ {sample_rate} Hz, {'bf16' if bf16 else 'fp32'}, out {cfg.out_dir}")
+              f"{crop} samples @ {sample_rate} Hz, {precision_name(cfg.train.precision, env.device)}, "
+              f"out {cfg.out_dir}")
 
     raw_model, model, optimizer, scheduler = build_model(cfg, env)
     loader, stream, augmenter = build_data(cfg, env, sample_rate=sample_rate, crop=crop, micro_batch=micro_batch)
     logger = RunLogger(cfg.logging, env, out_dir=cfg.out_dir, total_steps=cfg.train.steps, run_name=cfg.preset,
                        config=tc.to_dict(cfg), audio_seconds=cfg.views * crop / sample_rate,
                        steps_per_epoch=loader.steps_per_epoch // accum)
-    p = Parts(raw_model, model, optimizer, scheduler, loader, stream, augmenter, logger)
+    p = Parts(raw_model, model, optimizer, scheduler, loader, stream, augmenter, logger,
+              build_scaler(cfg.train.precision, env.device))
 
     resume_url, state = checkpoint.resume_point(cfg.checkpoint.resume, cfg.checkpoint_dir,
                                                 say=print if env.master else lambda _: None)
@@ -385,7 +389,7 @@ def train(cfg: Config) -> dict[str, Any]:
     seed_or_restore_rng(cfg, env, rng)  # last: the loader iterator and W&B may draw from the global generators
     prepare = Prepare(cfg, env, augmenter, logger, sample_rate)
     train_step = TrainStep(model, optimizer, scheduler, env, accum=accum, grad_clip=cfg.optim.grad_clip,
-                           precision=cfg.train.precision, prepare=prepare)
+                           precision=cfg.train.precision, prepare=prepare, scaler=p.scaler)
 
     start_step, status, last_ckpt, nonfinite_run, ok = step, "completed", resume_url, 0, False
     try:
