@@ -216,6 +216,33 @@ class Prepare:
         return {**batch, "audio": audio, "lengths": batch["lengths"].to(self.device, non_blocking=True)}
 
 
+class Evaluations:
+    """Validation loss (``--data.valid_manifests`` every ``--train.eval_every`` steps, every rank;
+    training/validate.py) and the online probe (``--eval.probe_data`` every ``--eval.probe_every``
+    steps, rank 0; training/online_probe.py), both also at the last step. Neither touches the
+    training state, so a resumed run logs the same values."""
+
+    def __init__(self, cfg: Config, env: Dist, *, sample_rate: int, crop: int, micro_batch: int):
+        self.cfg, self.validator, self.probe = cfg, None, None
+        if cfg.data.valid_manifests:
+            from training.validate import Validator
+
+            self.validator = Validator(cfg, env, sample_rate=sample_rate, crop=crop, micro_batch=micro_batch)
+            if env.master:
+                print(f"[train] {self.validator.describe()}, every {cfg.train.eval_every} steps", flush=True)
+        if cfg.eval.probe_data and env.master:
+            from training.online_probe import OnlineProbe
+
+            self.probe = OnlineProbe(cfg, env, sample_rate=sample_rate)
+
+    def __call__(self, step: int, model: nn.Module, logger: RunLogger) -> None:
+        last = step == self.cfg.train.steps
+        if self.validator is not None and (step % self.cfg.train.eval_every == 0 or last):
+            logger.log_eval(step, self.validator(model))
+        if self.probe is not None and (step % self.cfg.eval.probe_every == 0 or last):
+            logger.log_eval(step, self.probe(model))
+
+
 # --------------------------------------------------------------------------------------------
 # Checkpoints (the artefact itself is training.checkpoint's)
 
@@ -367,6 +394,7 @@ def train(cfg: Config) -> dict[str, Any]:
                        steps_per_epoch=loader.steps_per_epoch // accum)
     p = Parts(raw_model, model, optimizer, scheduler, loader, stream, augmenter, logger,
               build_scaler(cfg.train.precision, env.device))
+    evals = Evaluations(cfg, env, sample_rate=sample_rate, crop=crop, micro_batch=micro_batch)
 
     resume_url, state = checkpoint.resume_point(cfg.checkpoint.resume, cfg.checkpoint_dir,
                                                 say=print if env.master else lambda _: None)
@@ -417,6 +445,7 @@ def train(cfg: Config) -> dict[str, Any]:
                     print(f"[train] stop requested: checkpoint {last_ckpt} written at step {step}; "
                           "continue with --resume auto", flush=True)
                 break
+            evals(step, raw_model, logger)
             if step % cfg.checkpoint.every == 0 or step == cfg.train.steps:
                 last_ckpt = write_checkpoint(cfg, env, p, step)
         ok = True
@@ -463,6 +492,8 @@ def print_summary(s: dict[str, Any]) -> None:
         f"  loop time          {fmt_duration(s['wall_s'])}  ({fmt(s['steps_per_s'], '.2f')} steps/s, "
         f"{fmt(s['clips_per_s'], '.1f')} clips/s, {fmt(s['audio_hours_per_s'], '.4f')} audio-h/s)",
         f"  data wait          {100 * s['data_wait_fraction']:.1f}% of step time",
+        *(["  last evaluation    " + ", ".join(f"{k} {v:.4g}" for k, v in s["last_eval"].items())]
+          if s.get("last_eval") else []),
         f"  loader             {json.dumps(s['loader_stats'])}",
         f"  checkpoint         {s['checkpoint']}",
         f"  metrics            {s['metrics']}",

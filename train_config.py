@@ -11,6 +11,7 @@ A run is described by one :class:`Config`::
       train      TrainConfig         steps, global batch, accumulation, device, precision
       logging    LoggingConfig       console / W&B cadence and mode
       checkpoint CheckpointConfig    where, how often, how many, resume
+      eval       EvalConfig          the online probe (validation loss: data.valid_manifests, train.eval_every)
 
 Presets are small functions (``PRESETS``). Code builds configs in Python (a preset, then
 ``dataclasses.replace``); the command line and config files go through one converter,
@@ -235,6 +236,26 @@ class CheckpointConfig:
 
 
 @dataclass(kw_only=True)
+class EvalConfig:
+    """The online probe during pretraining (training/online_probe.py); off unless ``probe_data`` is set.
+    Validation loss is ``--data.valid_manifests`` with ``--train.eval_every``."""
+
+    probe_data: str | None = None  # a labelled <split>.manifest.json; None = no online probe
+    probe_every: int = 1000  # probe every N steps (and at the last step)
+    probe_max_clips: int = 256  # clips of probe_data held in memory and embedded, evenly spaced through it
+    probe_max_seconds: float = 60.0  # a probe stops embedding after this long and scores what it has
+    probe_k: int = 10  # neighbours of the kNN
+    probe_batch: int = 16  # clips per embedding pass
+
+    def __post_init__(self) -> None:
+        _require(self.probe_every >= 1, "--eval.probe_every", ">= 1", self.probe_every)
+        _require(self.probe_max_clips >= 4, "--eval.probe_max_clips", ">= 4 (two per half)", self.probe_max_clips)
+        _require(self.probe_max_seconds > 0, "--eval.probe_max_seconds", "> 0", self.probe_max_seconds)
+        _require(self.probe_k >= 1, "--eval.probe_k", ">= 1", self.probe_k)
+        _require(self.probe_batch >= 1, "--eval.probe_batch", ">= 1", self.probe_batch)
+
+
+@dataclass(kw_only=True)
 class Config:
     """A whole run. Build it with a preset, then :func:`apply_overrides`."""
 
@@ -247,6 +268,7 @@ class Config:
     train: TrainConfig
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
         if self.arch not in MODELS:
@@ -601,7 +623,8 @@ def _sections(arch: str) -> dict[str, type]:
     if arch not in MODELS:
         raise ValueError(f"arch must be one of {sorted(MODELS)}, got {arch!r}")
     return {"data": DataConfig, "augment": _augment_config_class(), "model": model_classes(arch)[0],
-            "optim": OptimConfig, "train": TrainConfig, "logging": LoggingConfig, "checkpoint": CheckpointConfig}
+            "optim": OptimConfig, "train": TrainConfig, "logging": LoggingConfig, "checkpoint": CheckpointConfig,
+            "eval": EvalConfig}
 
 
 def from_dict(d: dict[str, Any]) -> Config:

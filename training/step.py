@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -209,7 +210,10 @@ class TrainStep:
             self.scaler.update(self.scaler.get_scale() if failed else None)
         self.optimizer.zero_grad(set_to_none=True)
         if not failed:
-            self.scheduler.step()
+            with warnings.catch_warnings():
+                # a skipped step (non-finite, or fp16's scaler backing off) advances the schedule on purpose
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+                self.scheduler.step()
         return StepResult(
             loss=loss, metrics={k: values[5 + i] for i, k in enumerate(names)}, grad_norm=gnorm, lr=lr,
             skipped=skipped, stop=values[2] > 0, data_failed=failed, data_error=error, consumed=consumed, wait_s=wait,
