@@ -19,16 +19,26 @@ Resume after preemption (same command plus ``--resume auto``; continues the same
 
     torchrun --standalone --nproc_per_node=8 train.py --config clmr_mtat --resume auto
 
+Watch it learn: validation loss on a held-out split and an online kNN probe (docs/training.md);
+fp16 with a gradient scaler on GPUs without bf16::
+
+    python train.py --config clmr_tiny --data.valid_manifests=./demo_shards/nsynth/valid.manifest.json \
+        --train.eval_every=50 --eval.probe_data=./demo_shards/nsynth/valid.manifest.json --eval.probe_every=50
+    torchrun --standalone --nproc_per_node=8 train.py --config clmr_mtat --train.precision=fp16
+
 ``python train.py --help`` lists the presets; ``--print-config`` prints every key of the resolved
 config as a ``--section.key=value`` line that can be overridden.
 
 :func:`train` reads top to bottom: join the job, check the config, build the model, the data and
 the logger, resume, then loop over :class:`training.step.TrainStep` (``train.grad_accum``
 micro-batches from ``pipeline.loader``, moved to the device and augmented there by
-``pipeline.augment`` as ``(B*V, C, T)``, forward under bf16 autocast on CUDA, one all-reduce per
-step) and checkpoint (``training.checkpoint``, docs/architecture.md §5: every rank's data-stream
-position, augmentation generator and RNG states, so a resumed run repeats an uninterrupted run's
-losses). Rank 0 logs through ``training.log.RunLogger`` (``<out_dir>/metrics.jsonl``, console, W&B).
+``pipeline.augment`` as ``(B*V, C, T)``, forward under ``--train.precision``'s autocast (bf16 on
+CUDA by default; fp16 with a gradient scaler), one all-reduce per step), score validation and the
+online probe when due (:class:`Evaluations`: ``training.validate``, ``training.online_probe``) and
+checkpoint (``training.checkpoint``, docs/architecture.md §5: every rank's data-stream position,
+augmentation generator and RNG states and the fp16 scaler, so a resumed run repeats an
+uninterrupted run's losses and validation curve). Rank 0 logs through ``training.log.RunLogger``
+(``<out_dir>/metrics.jsonl``, console, W&B).
 
 Call :func:`train` in-process for quickstarts and evaluation scripts: ``train(config) -> summary``.
 """
@@ -131,6 +141,14 @@ def validate(cfg: Config, world_size: int) -> dict[str, Any]:
     min_crop = getattr(cfg.model, "input_samples", None)
     if min_crop is not None and crop < min_crop:
         raise ConfigError(f"--data.crop_samples={crop} is shorter than the model's input ({min_crop} samples)")
+    if cfg.eval.probe_data:  # the probe reads it on rank 0 only; a bad URL is every rank's error here
+        from pipeline.errors import UserError
+        from pipeline.manifest import load_manifest
+
+        try:
+            load_manifest(cfg.eval.probe_data)
+        except UserError as exc:
+            raise ConfigError(f"--eval.probe_data: {exc}") from None
     check_checkpoint_dir(cfg)
     return {"sample_rate": sample_rate, "crop_samples": crop}
 
@@ -516,7 +534,11 @@ def build_parser() -> argparse.ArgumentParser:
         + "\n\nexamples:\n  python train.py --config clmr_tiny --optim.lr=3e-4 --train.steps=500\n"
         "  python train.py --config clmr_tiny --train.steps=500 --print-config run.yaml   # write a config file\n"
         "  python train.py --config run.yaml --optim.lr=1e-3                              # train from it\n"
-        "  torchrun --standalone --nproc_per_node=8 train.py --config clmr_mtat --resume auto",
+        "  torchrun --standalone --nproc_per_node=8 train.py --config clmr_mtat --resume auto\n"
+        "  python train.py --config clmr_tiny --data.valid_manifests=VALID.manifest.json --train.eval_every=50 \\\n"
+        "      --eval.probe_data=LABELLED.manifest.json --eval.probe_every=50   # valid/ and probe/ curves\n"
+        "  python train.py --config clmr_mtat --train.precision=fp16 --train.dist_timeout_s=3600\n\n"
+        "docs/training.md: validation, the online probe, precision, long jobs.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", required=True, metavar="PRESET|FILE",
