@@ -165,3 +165,19 @@ def test_fp16_valid_curve_probe_and_scaler_survive_kill9_and_resume(data, tmp_pa
     assert rows(out, "probe/") == rows(ref_out, "probe/")
     assert checkpoint.load(summary["checkpoint"])["scaler"] == ref_scaler  # scale and growth counter carried over
     assert summary["last_loss"] == pytest.approx(ref["last_loss"], rel=1e-6)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_cuda_precision_validation_and_probe(data, tmp_path, precision):
+    out = str(tmp_path / precision)
+    s = train.train(config(data, out, "--train.steps=6", "--train.device=cuda", f"--train.precision={precision}",
+                           "--train.eval_every=3", "--train.eval_batches=2", f"--eval.probe_data={data['probe']}",
+                           "--eval.probe_every=3", "--eval.probe_max_clips=16", "--data.num_workers=0"))
+    assert s["status"] == "completed" and np.isfinite(s["last_loss"])
+    valid = rows(out, "valid/")
+    assert [r["step"] for r in valid] == [3, 6] and all(np.isfinite(r["valid/loss"]) for r in valid)
+    assert [r["step"] for r in rows(out, "probe/")] == [3, 6]
+    scaler = checkpoint.load(s["checkpoint"])["scaler"]
+    assert (scaler["scale"] > 0) if precision == "fp16" else scaler == {}
