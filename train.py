@@ -19,16 +19,26 @@ Resume after preemption (same command plus ``--resume auto``; continues the same
 
     torchrun --standalone --nproc_per_node=8 train.py --config clmr_mtat --resume auto
 
+Watch it learn: validation loss on a held-out split and an online kNN probe (docs/training.md);
+fp16 with a gradient scaler on GPUs without bf16::
+
+    python train.py --config clmr_tiny --data.valid_manifests=./demo_shards/nsynth/valid.manifest.json \
+        --train.eval_every=50 --eval.probe_data=./demo_shards/nsynth/valid.manifest.json --eval.probe_every=50
+    torchrun --standalone --nproc_per_node=8 train.py --config clmr_mtat --train.precision=fp16
+
 ``python train.py --help`` lists the presets; ``--print-config`` prints every key of the resolved
 config as a ``--section.key=value`` line that can be overridden.
 
 :func:`train` reads top to bottom: join the job, check the config, build the model, the data and
 the logger, resume, then loop over :class:`training.step.TrainStep` (``train.grad_accum``
 micro-batches from ``pipeline.loader``, moved to the device and augmented there by
-``pipeline.augment`` as ``(B*V, C, T)``, forward under bf16 autocast on CUDA, one all-reduce per
-step) and checkpoint (``training.checkpoint``, docs/architecture.md §5: every rank's data-stream
-position, augmentation generator and RNG states, so a resumed run repeats an uninterrupted run's
-losses). Rank 0 logs through ``training.log.RunLogger`` (``<out_dir>/metrics.jsonl``, console, W&B).
+``pipeline.augment`` as ``(B*V, C, T)``, forward under ``--train.precision``'s autocast (bf16 on
+CUDA by default; fp16 with a gradient scaler), one all-reduce per step), score validation and the
+online probe when due (:class:`Evaluations`: ``training.validate``, ``training.online_probe``) and
+checkpoint (``training.checkpoint``, docs/architecture.md §5: every rank's data-stream position,
+augmentation generator and RNG states and the fp16 scaler, so a resumed run repeats an
+uninterrupted run's losses and validation curve). Rank 0 logs through ``training.log.RunLogger``
+(``<out_dir>/metrics.jsonl``, console, W&B).
 
 Call :func:`train` in-process for quickstarts and evaluation scripts: ``train(config) -> summary``.
 """
@@ -59,7 +69,7 @@ from training.distributed import Dist, StopFlag
 from training.distributed import setup as setup_distributed
 from training.errors import ConfigError, DataStreamError, TrainingDiverged
 from training.log import RunLogger, fmt, fmt_duration, numbers
-from training.step import StepResult, TrainStep, autocast_dtype, build_optimizer, describe_data_error
+from training.step import StepResult, TrainStep, build_optimizer, build_scaler, describe_data_error, precision_name
 
 # --------------------------------------------------------------------------------------------
 # Validation at start: every error names the flag to change.
@@ -131,6 +141,14 @@ def validate(cfg: Config, world_size: int) -> dict[str, Any]:
     min_crop = getattr(cfg.model, "input_samples", None)
     if min_crop is not None and crop < min_crop:
         raise ConfigError(f"--data.crop_samples={crop} is shorter than the model's input ({min_crop} samples)")
+    if cfg.eval.probe_data:  # the probe reads it on rank 0 only; a bad URL is every rank's error here
+        from pipeline.errors import UserError
+        from pipeline.manifest import load_manifest
+
+        try:
+            load_manifest(cfg.eval.probe_data)
+        except UserError as exc:
+            raise ConfigError(f"--eval.probe_data: {exc}") from None
     check_checkpoint_dir(cfg)
     return {"sample_rate": sample_rate, "crop_samples": crop}
 
@@ -151,6 +169,7 @@ class Parts:
     stream: Any  # the loader, or a DevicePrefetcher over it on CUDA
     augmenter: nn.Module  # pipeline.augment's Compose (identity when augmentation runs in the workers)
     logger: RunLogger
+    scaler: torch.amp.GradScaler  # --train.precision=fp16's gradient scaler (disabled otherwise)
 
 
 def build_model(cfg: Config, env: Dist) -> tuple[nn.Module, nn.Module, torch.optim.Optimizer, Any]:
@@ -215,6 +234,33 @@ class Prepare:
         return {**batch, "audio": audio, "lengths": batch["lengths"].to(self.device, non_blocking=True)}
 
 
+class Evaluations:
+    """Validation loss (``--data.valid_manifests`` every ``--train.eval_every`` steps, every rank;
+    training/validate.py) and the online probe (``--eval.probe_data`` every ``--eval.probe_every``
+    steps, rank 0; training/online_probe.py), both also at the last step. Neither touches the
+    training state, so a resumed run logs the same values."""
+
+    def __init__(self, cfg: Config, env: Dist, *, sample_rate: int, crop: int, micro_batch: int):
+        self.cfg, self.validator, self.probe = cfg, None, None
+        if cfg.data.valid_manifests:
+            from training.validate import Validator
+
+            self.validator = Validator(cfg, env, sample_rate=sample_rate, crop=crop, micro_batch=micro_batch)
+            if env.master:
+                print(f"[train] {self.validator.describe()}, every {cfg.train.eval_every} steps", flush=True)
+        if cfg.eval.probe_data and env.master:
+            from training.online_probe import OnlineProbe
+
+            self.probe = OnlineProbe(cfg, env, sample_rate=sample_rate)
+
+    def __call__(self, step: int, model: nn.Module, logger: RunLogger) -> None:
+        last = step == self.cfg.train.steps
+        if self.validator is not None and (step % self.cfg.train.eval_every == 0 or last):
+            logger.log_eval(step, self.validator(model))
+        if self.probe is not None and (step % self.cfg.eval.probe_every == 0 or last):
+            logger.log_eval(step, self.probe(model))
+
+
 # --------------------------------------------------------------------------------------------
 # Checkpoints (the artefact itself is training.checkpoint's)
 
@@ -273,6 +319,7 @@ def restore(state: dict[str, Any], url: str, cfg: Config, env: Dist, p: Parts) -
         raise ConfigError(f"--resume: {url}: {exc}") from None
     p.augmenter.load_state_dict(mine["augment"])
     p.logger.load_state_dict(state.get("counters", {}))
+    checkpoint.set_scaler_state(p.scaler, state.get("scaler"), say=print if env.master else lambda _: None)
     if env.master:
         changed = tc.diff(state["config"], tc.to_dict(cfg))
         print(f"[train] resuming from {url} at step {state['step']}"
@@ -289,7 +336,8 @@ def write_checkpoint(cfg: Config, env: Dist, p: Parts, step: int, *, rewind: int
     def shared() -> dict[str, Any]:
         return {"epoch": step // spe if spe else 0, "model_name": cfg.arch, "model": p.raw_model.state_dict(),
                 "optimizer": p.optimizer.state_dict(), "scheduler": p.scheduler.state_dict(),
-                "counters": p.logger.state_dict(), "config": tc.to_dict(cfg), "wandb_run_id": p.logger.run_id}
+                "counters": p.logger.state_dict(), "config": tc.to_dict(cfg), "wandb_run_id": p.logger.run_id,
+                "scaler": p.scaler.state_dict()}
 
     return checkpoint.save_run(cfg.checkpoint_dir, cfg.checkpoint.keep, env, step=step, mine=mine, shared=shared)
 
@@ -346,23 +394,25 @@ def train(cfg: Config) -> dict[str, Any]:
     losses in a row raise :class:`TrainingDiverged`, a failed data stream :class:`DataStreamError`,
     each after writing a checkpoint.
     """
-    env = setup_distributed(cfg.train.device)
+    env = setup_distributed(cfg.train.device, timeout_s=cfg.train.dist_timeout_s)
     facts = validate(cfg, env.world)
     sample_rate, crop, accum = facts["sample_rate"], facts["crop_samples"], cfg.train.grad_accum
     micro_batch = cfg.train.global_batch_size // (env.world * accum)
     if env.master:
         os.makedirs(cfg.out_dir, exist_ok=True)
-        bf16 = autocast_dtype(cfg.train.precision, env.device) is not None
         print(f"[train] {cfg.preset}: {cfg.arch} on {env.world} x {env.device.type}, global batch "
               f"{cfg.train.global_batch_size} = {env.world} ranks x {accum} micro-steps x {micro_batch} clips, "
-              f"{crop} samples @ {sample_rate} Hz, {'bf16' if bf16 else 'fp32'}, out {cfg.out_dir}")
+              f"{crop} samples @ {sample_rate} Hz, {precision_name(cfg.train.precision, env.device)}, "
+              f"out {cfg.out_dir}")
 
     raw_model, model, optimizer, scheduler = build_model(cfg, env)
     loader, stream, augmenter = build_data(cfg, env, sample_rate=sample_rate, crop=crop, micro_batch=micro_batch)
     logger = RunLogger(cfg.logging, env, out_dir=cfg.out_dir, total_steps=cfg.train.steps, run_name=cfg.preset,
                        config=tc.to_dict(cfg), audio_seconds=cfg.views * crop / sample_rate,
                        steps_per_epoch=loader.steps_per_epoch // accum)
-    p = Parts(raw_model, model, optimizer, scheduler, loader, stream, augmenter, logger)
+    p = Parts(raw_model, model, optimizer, scheduler, loader, stream, augmenter, logger,
+              build_scaler(cfg.train.precision, env.device))
+    evals = Evaluations(cfg, env, sample_rate=sample_rate, crop=crop, micro_batch=micro_batch)
 
     resume_url, state = checkpoint.resume_point(cfg.checkpoint.resume, cfg.checkpoint_dir,
                                                 say=print if env.master else lambda _: None)
@@ -385,7 +435,7 @@ def train(cfg: Config) -> dict[str, Any]:
     seed_or_restore_rng(cfg, env, rng)  # last: the loader iterator and W&B may draw from the global generators
     prepare = Prepare(cfg, env, augmenter, logger, sample_rate)
     train_step = TrainStep(model, optimizer, scheduler, env, accum=accum, grad_clip=cfg.optim.grad_clip,
-                           precision=cfg.train.precision, prepare=prepare)
+                           precision=cfg.train.precision, prepare=prepare, scaler=p.scaler)
 
     start_step, status, last_ckpt, nonfinite_run, ok = step, "completed", resume_url, 0, False
     try:
@@ -413,6 +463,7 @@ def train(cfg: Config) -> dict[str, Any]:
                     print(f"[train] stop requested: checkpoint {last_ckpt} written at step {step}; "
                           "continue with --resume auto", flush=True)
                 break
+            evals(step, raw_model, logger)
             if step % cfg.checkpoint.every == 0 or step == cfg.train.steps:
                 last_ckpt = write_checkpoint(cfg, env, p, step)
         ok = True
@@ -459,6 +510,8 @@ def print_summary(s: dict[str, Any]) -> None:
         f"  loop time          {fmt_duration(s['wall_s'])}  ({fmt(s['steps_per_s'], '.2f')} steps/s, "
         f"{fmt(s['clips_per_s'], '.1f')} clips/s, {fmt(s['audio_hours_per_s'], '.4f')} audio-h/s)",
         f"  data wait          {100 * s['data_wait_fraction']:.1f}% of step time",
+        *(["  last evaluation    " + ", ".join(f"{k} {v:.4g}" for k, v in s["last_eval"].items())]
+          if s.get("last_eval") else []),
         f"  loader             {json.dumps(s['loader_stats'])}",
         f"  checkpoint         {s['checkpoint']}",
         f"  metrics            {s['metrics']}",
@@ -481,7 +534,11 @@ def build_parser() -> argparse.ArgumentParser:
         + "\n\nexamples:\n  python train.py --config clmr_tiny --optim.lr=3e-4 --train.steps=500\n"
         "  python train.py --config clmr_tiny --train.steps=500 --print-config run.yaml   # write a config file\n"
         "  python train.py --config run.yaml --optim.lr=1e-3                              # train from it\n"
-        "  torchrun --standalone --nproc_per_node=8 train.py --config clmr_mtat --resume auto",
+        "  torchrun --standalone --nproc_per_node=8 train.py --config clmr_mtat --resume auto\n"
+        "  python train.py --config clmr_tiny --data.valid_manifests=VALID.manifest.json --train.eval_every=50 \\\n"
+        "      --eval.probe_data=LABELLED.manifest.json --eval.probe_every=50   # valid/ and probe/ curves\n"
+        "  python train.py --config clmr_mtat --train.precision=fp16 --train.dist_timeout_s=3600\n\n"
+        "docs/training.md: validation, the online probe, precision, long jobs.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", required=True, metavar="PRESET|FILE",

@@ -11,6 +11,7 @@ A run is described by one :class:`Config`::
       train      TrainConfig         steps, global batch, accumulation, device, precision
       logging    LoggingConfig       console / W&B cadence and mode
       checkpoint CheckpointConfig    where, how often, how many, resume
+      eval       EvalConfig          the online probe (validation loss: data.valid_manifests, train.eval_every)
 
 Presets are small functions (``PRESETS``). Code builds configs in Python (a preset, then
 ``dataclasses.replace``); the command line and config files go through one converter,
@@ -100,32 +101,46 @@ class DataConfig:
     variable_length: bool = False  # single-crop archs: clips shorter than the crop are taken whole
     pad_to: Literal["shortest", "longest"] = "shortest"  # variable_length batches: crop to shortest or pad
     short_policy: Literal["pad", "skip"] = "pad"
-    shuffle_buffer: int = 1000
+    shuffle_buffer_mb: float = 128.0  # MiB of compressed samples each loader worker's shuffle buffer holds
+    shuffle_buffer: int | None = None  # also at most this many samples; None = the MiB budget alone
     num_workers: int = 4
     prefetch_factor: int = 2  # batches each loader worker keeps ready
     pin_memory: bool = True  # only used on CUDA
     on_error: Literal["skip", "raise"] = "skip"
+    check_shards: bool = True  # at start: every shard exists with its manifest size (one LIST per bucket folder)
+    io_timeout_s: float = 60.0  # the longest one remote open/read may take before it is retried
+    io_retries: int = 3  # reopen attempts per shard read after a transient error or a timeout
+    cache_dir: str | None = None  # node-local folder caching remote shards (sha256-verified); None = no cache
+    cache_limit_gb: float = 100.0  # the most the shard cache holds; least recently used shards are evicted
+    # Held-out split(s) scored every --train.eval_every steps (training/validate.py); [] = no validation
+    valid_manifests: list[str] = field(default_factory=list)
     # Where augmentation runs is --augment.backend: "gpu" = batched on the training device after the
     # copy (which may be the CPU), "cpu" = pipeline.augment_cpu.CpuAugment in the loader workers.
 
     def __post_init__(self) -> None:
-        if isinstance(self.manifests, str):
-            self.manifests = [self.manifests]
-        self.manifests = list(self.manifests)
+        for name in ("manifests", "valid_manifests"):
+            value = getattr(self, name)
+            setattr(self, name, [value] if isinstance(value, str) else list(value))
 
     def loader_config(self, *, batch_size: int, views: int, crop_samples: int, sample_rate: int | None, seed: int,
-                      cuda: bool) -> LoaderConfig:
-        """The ``LoaderConfig`` of one rank; ``ValueError`` messages name the ``--data.*`` flag."""
+                      cuda: bool, valid: bool = False) -> LoaderConfig:
+        """The ``LoaderConfig`` of one rank; ``ValueError`` messages name the ``--data.*`` flag.
+
+        ``valid``: the validation stream (training/validate.py): ``valid_manifests`` read in the
+        main process (``num_workers=0``), everything else (the cache included) as training's."""
         from pipeline.loader import LoaderConfig
 
         shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                  if f.name not in ("crop_samples", "sample_rate", "pin_memory")}
+                  if f.name not in ("crop_samples", "sample_rate", "pin_memory", "valid_manifests")}
+        if valid:
+            shared |= {"manifests": self.valid_manifests, "weights": None, "num_workers": 0}
         try:
             return LoaderConfig(**shared, batch_size=batch_size, mode="pairs" if views == 2 else "single",
                                 crop_samples=crop_samples, sample_rate=sample_rate, mono=True, seed=seed,
                                 pin_memory=self.pin_memory and cuda)
         except ValueError as exc:
-            raise ValueError(re.sub(r"(?<![-\w])data\.", "--data.", str(exc))) from None
+            text = str(exc).replace("data.manifests", "data.valid_manifests") if valid else str(exc)
+            raise ValueError(re.sub(r"(?<![-\w])data\.", "--data.", text)) from None
 
 
 @dataclass(kw_only=True)
@@ -165,18 +180,25 @@ class TrainConfig:
     grad_accum: int = 1  # micro-steps per optimizer step (gradients synced on the last only)
     seed: int = 0
     device: str = "auto"  # auto = cuda:LOCAL_RANK when CUDA is available, else cpu
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
+    # auto = bf16 autocast on CUDA, fp32 on CPU; fp16 = fp16 autocast with a gradient scaler (GPUs without bf16)
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     compile: bool = False  # torch.compile the model
     sync_batchnorm: bool = False  # nn.SyncBatchNorm across ranks (CUDA + DDP only)
     find_unused_parameters: bool = False  # DDP flag, for models with branches unused in some steps
     max_nonfinite: int = 20  # stop after this many non-finite steps in a row
     out_dir: str = ""  # local run folder (metrics.jsonl, summary.json, wandb/); "" = runs/<preset>
+    dist_timeout_s: float = 1800.0  # torch.distributed collectives' timeout (a slow checkpoint upload by rank 0)
+    eval_every: int = 1000  # score --data.valid_manifests every N steps (and at the end)
+    eval_batches: int = 20  # validation micro-batches per rank, the same ones every time
 
     def __post_init__(self) -> None:
         _require(self.steps >= 1, "--train.steps", ">= 1", self.steps)
         _require(self.global_batch_size >= 1, "--train.global_batch_size", ">= 1", self.global_batch_size)
         _require(self.grad_accum >= 1, "--train.grad_accum", ">= 1", self.grad_accum)
         _require(self.max_nonfinite >= 1, "--train.max_nonfinite", ">= 1", self.max_nonfinite)
+        _require(self.dist_timeout_s > 0, "--train.dist_timeout_s", "> 0 seconds", self.dist_timeout_s)
+        _require(self.eval_every >= 1, "--train.eval_every", ">= 1", self.eval_every)
+        _require(self.eval_batches >= 1, "--train.eval_batches", ">= 1", self.eval_batches)
         _require(self.device == "auto" or self.device.startswith(("cpu", "cuda")), "--train.device", "auto, cpu or cuda[:N]",
                  self.device)
 
@@ -214,6 +236,26 @@ class CheckpointConfig:
 
 
 @dataclass(kw_only=True)
+class EvalConfig:
+    """The online probe during pretraining (training/online_probe.py); off unless ``probe_data`` is set.
+    Validation loss is ``--data.valid_manifests`` with ``--train.eval_every``."""
+
+    probe_data: str | None = None  # a labelled <split>.manifest.json; None = no online probe
+    probe_every: int = 1000  # probe every N steps (and at the last step)
+    probe_max_clips: int = 256  # clips of probe_data held in memory and embedded, evenly spaced through it
+    probe_max_seconds: float = 60.0  # a probe stops embedding after this long and scores what it has
+    probe_k: int = 10  # neighbours of the kNN
+    probe_batch: int = 16  # clips per embedding pass
+
+    def __post_init__(self) -> None:
+        _require(self.probe_every >= 1, "--eval.probe_every", ">= 1", self.probe_every)
+        _require(self.probe_max_clips >= 4, "--eval.probe_max_clips", ">= 4 (two per half)", self.probe_max_clips)
+        _require(self.probe_max_seconds > 0, "--eval.probe_max_seconds", "> 0", self.probe_max_seconds)
+        _require(self.probe_k >= 1, "--eval.probe_k", ">= 1", self.probe_k)
+        _require(self.probe_batch >= 1, "--eval.probe_batch", ">= 1", self.probe_batch)
+
+
+@dataclass(kw_only=True)
 class Config:
     """A whole run. Build it with a preset, then :func:`apply_overrides`."""
 
@@ -226,6 +268,7 @@ class Config:
     train: TrainConfig
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
         if self.arch not in MODELS:
@@ -580,7 +623,8 @@ def _sections(arch: str) -> dict[str, type]:
     if arch not in MODELS:
         raise ValueError(f"arch must be one of {sorted(MODELS)}, got {arch!r}")
     return {"data": DataConfig, "augment": _augment_config_class(), "model": model_classes(arch)[0],
-            "optim": OptimConfig, "train": TrainConfig, "logging": LoggingConfig, "checkpoint": CheckpointConfig}
+            "optim": OptimConfig, "train": TrainConfig, "logging": LoggingConfig, "checkpoint": CheckpointConfig,
+            "eval": EvalConfig}
 
 
 def from_dict(d: dict[str, Any]) -> Config:

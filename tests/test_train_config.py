@@ -173,3 +173,54 @@ def test_config_files_are_typed_partial_and_checked(tmp_path):
     with pytest.raises(ValueError, match="--train.compile=2: expected true or false"):
         tc.apply_overrides(tc.preset("clmr_tiny"), ["--train.compile=2"])
     assert train.main(["--config", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_loader_knobs_reach_the_loader_config():
+    cfg = tc.apply_overrides(tc.preset("clmr_tiny"), [
+        "--data.shuffle_buffer_mb=24.5", "--data.shuffle_buffer=none", "--data.cache_dir=/tmp/shard-cache",
+        "--data.cache_limit_gb=7", "--data.io_timeout_s=12", "--data.io_retries=0", "--data.check_shards=false",
+        "--data.valid_manifests=v1.json,v2.json",
+    ])
+    lc = cfg.data.loader_config(batch_size=4, views=2, crop_samples=729, sample_rate=8000, seed=5, cuda=False)
+    assert (lc.shuffle_buffer_mb, lc.shuffle_buffer, lc.cache_dir, lc.cache_limit_gb) == (24.5, None, "/tmp/shard-cache", 7.0)
+    assert (lc.io_timeout_s, lc.io_retries, lc.check_shards) == (12.0, 0, False)
+    assert lc.manifests == cfg.data.manifests and lc.num_workers == cfg.data.num_workers
+    # the validation stream: the held-out manifests, unweighted, read in the main process
+    vc = cfg.data.loader_config(batch_size=4, views=2, crop_samples=729, sample_rate=8000, seed=5, cuda=False, valid=True)
+    assert (vc.manifests, vc.weights, vc.num_workers, vc.cache_dir) == (["v1.json", "v2.json"], None, 0, "/tmp/shard-cache")
+    # the default budget is bytes: no sample cap unless a preset sets one
+    assert tc.DataConfig(manifests=["a.json"]).shuffle_buffer is None
+    assert tc.DataConfig(manifests=["a.json"]).shuffle_buffer_mb == 128.0
+    for bad, message in [("--data.shuffle_buffer_mb=0", "--data.shuffle_buffer_mb must be > 0"),
+                         ("--data.io_retries=-1", "--data.io_retries must be >= 0"),
+                         ("--data.cache_dir=s3://bucket/cache", "--data.cache_dir must be a local folder"),
+                         ("--data.io_timeout_s=0", "--data.io_timeout_s must be > 0")]:
+        with pytest.raises(ValueError, match=message):
+            tc.apply_overrides(cfg, [bad])
+
+
+def test_dist_timeout_reaches_init_process_group(monkeypatch):
+    import datetime
+
+    from training import distributed
+
+    seen = {}
+
+    class Joined(Exception):
+        pass
+
+    def fake_init(**kwargs):
+        seen.update(kwargs)
+        raise Joined
+
+    monkeypatch.setattr(distributed.dist, "init_process_group", fake_init)
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    for var, value in (("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(var, value)
+    cfg = tc.apply_overrides(tc.preset("clmr_tiny"), ["--train.dist_timeout_s=42.5"])
+    with pytest.raises(Joined):
+        train.train(cfg)  # joining the job is the first thing a run does
+    assert seen["timeout"] == datetime.timedelta(seconds=42.5) and seen["backend"] == "gloo"
+    assert tc.preset("clmr_mtat").train.dist_timeout_s == 1800.0
+    with pytest.raises(ValueError, match="--train.dist_timeout_s must be > 0 seconds"):
+        tc.apply_overrides(cfg, ["--train.dist_timeout_s=0"])

@@ -279,3 +279,47 @@ def test_a_second_trainer_from_the_parts_learns_and_resumes_exactly(tmp_path):
     assert sum(ref[-2:]) < sum(ref[:2]) - 0.5, ref  # it learns the pitch classes
     _second_trainer(man, str(tmp_path / "run"), 4, "none")
     assert _second_trainer(man, str(tmp_path / "run"), 8, "auto") == pytest.approx(ref, rel=1e-6)
+
+
+def test_fp16_step_on_cpu_is_finite_close_to_fp32_and_overflow_is_a_skipped_step():
+    """--train.precision=fp16 on CPU: autocast float16 + GradScaler, unscaled before clipping."""
+    results = {}
+    for precision in ("fp32", "fp16"):
+        # 2**10: torch's default first scale (2**16) overflows this model's fp16 gradients (~10) at once
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, enabled=precision == "fp16")
+        model, opt, sched, step = _setup(precision=precision, grad_clip=1.0, accum=2, scaler=scaler)
+        r = step(_batches(2, seed=4))
+        results[precision] = (r, [p.detach().clone() for p in model.parameters()], step.scaler)
+    (r32, w32, s32), (r16, w16, s16) = results["fp32"], results["fp16"]
+    assert not s32.is_enabled() and s16.is_enabled() and s16.get_scale() == 1024.0
+    assert not r16.skipped and torch.isfinite(torch.tensor(r16.loss))
+    assert r16.loss == pytest.approx(r32.loss, rel=5e-3) and r16.loss > 1.0  # fp16 rounds at ~1e-3
+    # the norm is of the unscaled gradients (not 65536 x them), so clipping sees the true size
+    assert r16.grad_norm == pytest.approx(r32.grad_norm, rel=5e-3)
+    for a, b in zip(w16, w32):
+        assert torch.allclose(a, b, atol=2e-3)  # the same update, up to fp16 rounding
+
+    # The default first scale overflows: the update is skipped (counted like a non-finite loss), the
+    # scale halves until the gradients fit, then steps go through
+    model, opt, sched, step = _setup(precision="fp16")
+    before = [p.detach().clone() for p in model.parameters()]
+    r = step(_batches(1))
+    assert r.skipped and not r.data_failed and step.scaler.get_scale() == 2.0**15
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    skipped = [step(_batches(1, seed=i)).skipped for i in range(1, 12)]
+    assert skipped[-1] is False and skipped.index(False) >= 1  # some halvings, then a finite update
+    assert step.scaler.state_dict()["_growth_tracker"] == len(skipped) - skipped.index(False)
+
+
+def test_scaler_state_round_trips_through_a_checkpoint(tmp_path):
+    _, _, _, step = _setup(precision="fp16", scaler=torch.amp.GradScaler("cpu", init_scale=1024.0))
+    step(_batches(1))
+    url = checkpoint.save(str(tmp_path), {"format": checkpoint.FORMAT, "step": 1, "scaler": step.scaler.state_dict()}, 1)
+    state = checkpoint.load(url)  # weights_only: the scaler's state is plain numbers
+    _, _, _, fresh = _setup(precision="fp16")
+    said = []
+    checkpoint.set_scaler_state(fresh.scaler, state["scaler"], say=said.append)
+    assert fresh.scaler.state_dict() == step.scaler.state_dict() and fresh.scaler.get_scale() == 1024.0 and not said
+    _, _, _, other = _setup(precision="fp16")
+    checkpoint.set_scaler_state(other.scaler, {}, say=said.append)  # a bf16 run's checkpoint
+    assert other.scaler.get_scale() == 2.0**16 and "starts afresh" in said[0]

@@ -9,7 +9,7 @@ Who uses what:
 
 - a trainer: :func:`save_run` (every rank calls it; per-rank states are gathered to rank 0),
   :func:`resume_point` (``--resume auto`` falls back past an unreadable newest file),
-  :func:`rank_state`, :func:`rng_state` / :func:`set_rng_state`;
+  :func:`rank_state`, :func:`rng_state` / :func:`set_rng_state`, :func:`set_scaler_state`;
 - evaluation: :func:`read` (the state and the file's sha256, for cache keys),
   :func:`model_from_state` and :func:`load_model_from_checkpoint`.
 """
@@ -176,6 +176,19 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     n = state["numpy"]
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     random.setstate(_to_tuples(state["python"]))
+
+
+def set_scaler_state(scaler: torch.amp.GradScaler, state: dict[str, Any] | None, *,
+                     say: Callable[[str], None] = print) -> None:
+    """Restore a checkpoint's ``"scaler"`` (``--train.precision=fp16``'s loss scale and growth
+    counter) into ``scaler``. A checkpoint without one (written under bf16/fp32, or before the key
+    existed) leaves a fresh scaler, said through ``say``; a disabled scaler ignores it."""
+    if not scaler.is_enabled():
+        return
+    if not state:
+        say("[train] note: the checkpoint holds no fp16 gradient-scaler state; the loss scale starts afresh")
+        return
+    scaler.load_state_dict(state)
 
 
 def _to_lists(x: Any) -> Any:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import signal
 import threading
@@ -60,11 +61,13 @@ class Dist:
             dist.destroy_process_group()
 
 
-def setup(device: str = "auto") -> Dist:
+def setup(device: str = "auto", *, timeout_s: float = 1800.0) -> Dist:
     """Join the torchrun job (NCCL on CUDA, gloo on CPU) and pick this rank's device.
 
     ``device``: ``auto`` = ``cuda:LOCAL_RANK`` when CUDA is available, else ``cpu``; ``cuda``
-    means ``cuda:LOCAL_RANK``; ``cpu`` or ``cuda:N`` as given.
+    means ``cuda:LOCAL_RANK``; ``cpu`` or ``cuda:N`` as given. ``timeout_s``
+    (``--train.dist_timeout_s``): how long a collective waits for the other ranks before the job
+    fails, e.g. while rank 0 uploads a checkpoint to a bucket.
     """
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -82,7 +85,8 @@ def setup(device: str = "auto") -> Dist:
     owns = False
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, device_id=dev if dev.type == "cuda" else None)
+        dist.init_process_group(backend=backend, device_id=dev if dev.type == "cuda" else None,
+                                timeout=datetime.timedelta(seconds=timeout_s))
         owns = True
     if dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()

@@ -1,6 +1,7 @@
 """What a run reports, behind one object: :class:`RunLogger`.
 
-Rank 0 appends every step to ``<out_dir>/metrics.jsonl``, prints a progress line every
+Rank 0 appends every step to ``<out_dir>/metrics.jsonl`` (and a row of its own for each validation,
+``valid/...``, and online probe, ``probe/...``), prints a progress line every
 ``logging.every`` steps and sends the same scalars (and audio examples) to W&B; every rank calls
 :meth:`RunLogger.log_step`, because the loader's skipped-sample counters are summed over ranks on
 those steps. The logger also owns the run's counters (non-finite steps, clips seen), which the
@@ -104,6 +105,7 @@ class RunLogger:
         self.first_loss: float | None = None
         self.last_loss = float("nan")
         self.audio_logged = 0
+        self.last_eval: dict[str, float] = {}  # the latest valid/ and probe/ values (rank 0)
         self.wandb: Any = None
         self.run_id: str | None = None
         self._window, self._totals = _Window(), _Window()
@@ -207,6 +209,23 @@ class RunLogger:
               f"{self.nonfinite_total} non-finite steps | eta {fmt_duration(eta)}", flush=True)
         self._window = _Window()
 
+    # --- validation and online probe --------------------------------------------------------
+
+    def log_eval(self, step: int, record: dict[str, float]) -> None:
+        """A validation (``valid/...``) or online-probe (``probe/...``) result at optimizer step
+        ``step``: its own metrics.jsonl row ``{"step", <keys>}``, W&B, one console line (rank 0)."""
+        if not self.env.master:
+            return
+        self.last_eval.update(record)
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps({"step": step, **record}) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(record, step=step)
+        kind = next(iter(record)).split("/", 1)[0]
+        shown = " | ".join(f"{k.split('/', 1)[1]} {v:.4g}" for k, v in record.items() if not k.endswith(("/clips", "/seconds")))
+        print(f"{kind} step {step}/{self.total_steps} | {shown} | {record.get(kind + '/clips', 0)} clips in "
+              f"{record.get(kind + '/seconds', 0):.1f} s", flush=True)
+
     # --- audio examples --------------------------------------------------------------------
 
     def audio_due(self, step: int) -> bool:
@@ -231,6 +250,7 @@ class RunLogger:
             "steps_per_s": t.steps / span, "clips_per_s": t.clips / span,
             "audio_hours_per_s": t.clips * self.audio_seconds / 3600 / span, "data_wait_fraction": t.wait / span,
             "audio_examples_logged": self.audio_logged, "metrics": self.metrics_path, "wandb_run_id": self.run_id,
+            "last_eval": dict(self.last_eval),
             "wandb_dir": self.wandb.dir if self.wandb is not None else None,
         }
 

@@ -3,7 +3,8 @@ optimizer and learning-rate schedule it steps.
 
 :class:`TrainStep` does, for ``accum`` micro-steps: take a batch, ``prepare`` it (move it to the
 device, augment it, ...), run the model under autocast and back-propagate (DDP synchronises the
-gradients on the last micro-step only); then it clips the gradients and makes **one** all-reduce
+gradients on the last micro-step only; under fp16 the loss is scaled by a ``torch.amp.GradScaler``
+and the gradients unscaled before clipping); then it clips the gradients and makes **one** all-reduce
 that agrees on the mean loss and metrics, on a non-finite loss (the step is skipped on every rank),
 on a stop request and on a failed data stream (any rank). Only then does it step the optimizer and
 the schedule. Another trainer plugs in its own model, ``prepare``, optimizer and schedule.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -59,8 +61,23 @@ def build_optimizer(o: OptimConfig, model: nn.Module, total_steps: int
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """``--train.precision``: auto = bf16 on CUDA, fp32 elsewhere; None = no autocast."""
+    """``--train.precision``: auto = bf16 on CUDA, fp32 elsewhere; fp16 = float16 (with a
+    :func:`build_scaler` gradient scaler); None = no autocast."""
+    if precision == "fp16":
+        return torch.float16
     return torch.bfloat16 if precision == "bf16" or (precision == "auto" and device.type == "cuda") else None
+
+
+def precision_name(precision: str, device: torch.device) -> str:
+    """What ``--train.precision`` means on ``device``: ``bf16`` | ``fp16`` | ``fp32``."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[autocast_dtype(precision, device)]
+
+
+def build_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
+    """The gradient scaler of ``--train.precision=fp16`` (disabled, a no-op, otherwise). Its
+    ``state_dict()`` (the scale and its growth counter; ``{}`` when disabled) is the checkpoint's
+    ``"scaler"``."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:
@@ -109,12 +126,15 @@ class TrainStep:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, env: Dist, *,
                  accum: int = 1, grad_clip: float = 0.0, precision: str = "auto",
-                 prepare: Callable[[Batch, int], Batch] | None = None):
+                 prepare: Callable[[Batch, int], Batch] | None = None, scaler: torch.amp.GradScaler | None = None):
         self.model, self.optimizer, self.scheduler, self.env, self.accum = model, optimizer, scheduler, env, accum
         self.ddp = model if isinstance(model, nn.parallel.DistributedDataParallel) else None
         self.clip = grad_clip if grad_clip > 0 else float("inf")
         dtype = autocast_dtype(precision, env.device)
         self.autocast = torch.autocast(device_type=env.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+        # fp16: losses are scaled before backward and gradients unscaled before clipping; a step
+        # whose gradients overflow is skipped like a non-finite one and lowers the scale.
+        self.scaler = scaler if scaler is not None else build_scaler(precision, env.device)
         self.prepare = prepare or (lambda batch, micro: to_device(batch, env.device))
         self.metric_names: list[str] | None = None
         self._last: Batch | None = None  # the last prepared batch, for a stand-in backward (DDP only)
@@ -143,7 +163,7 @@ class TrainStep:
             with sync:
                 with self.autocast:
                     loss, metrics = self.model(batch)
-                (loss / self.accum).backward()
+                self.scaler.scale(loss / self.accum).backward()
             loss_sum += loss.detach().float()
             for k, v in metrics.items():
                 metric_sum[k] = metric_sum.get(k, 0) + v.detach().float()
@@ -154,6 +174,9 @@ class TrainStep:
 
     def _finish(self, loss_sum: torch.Tensor, metric_sum: dict[str, torch.Tensor], stop: bool, error: str | None,
                 consumed: int, wait: float, t0: float) -> StepResult:
+        scaled = self.scaler.is_enabled()
+        if scaled:
+            self.scaler.unscale_(self.optimizer)  # the norm, the clip and the overflow check see true gradients
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
         # One all-reduce (and one host sync) agrees on the loss, the model metrics, a non-finite
         # loss on any rank, a stop request and a data failure; the grad norm is already the same
@@ -181,10 +204,16 @@ class TrainStep:
         skipped = values[1] > 0 or not math.isfinite(gnorm)
         lr = self.scheduler.get_last_lr()[0]
         if not (skipped or failed):
-            self.optimizer.step()
+            self.scaler.step(self.optimizer) if scaled else self.optimizer.step()
+        if scaled:
+            # a failed step did not happen: the scale and its growth counter stay as they were
+            self.scaler.update(self.scaler.get_scale() if failed else None)
         self.optimizer.zero_grad(set_to_none=True)
         if not failed:
-            self.scheduler.step()
+            with warnings.catch_warnings():
+                # a skipped step (non-finite, or fp16's scaler backing off) advances the schedule on purpose
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+                self.scheduler.step()
         return StepResult(
             loss=loss, metrics={k: values[5 + i] for i, k in enumerate(names)}, grad_norm=gnorm, lr=lr,
             skipped=skipped, stop=values[2] > 0, data_failed=failed, data_error=error, consumed=consumed, wait_s=wait,
@@ -201,7 +230,7 @@ class TrainStep:
         with torch.random.fork_rng(devices=devices):
             with self.autocast:
                 loss, metrics = self.model(self._last)
-            (loss * 0).backward()
+            self.scaler.scale(loss * 0).backward()
         with torch.no_grad():
             for b, saved in zip(self.model.buffers(), buffers):
                 b.copy_(saved)
