@@ -1,6 +1,7 @@
 """Signal-processing kernels the batched transforms of ``pipeline.augment`` apply: FFT sizes, the
 high/low-pass filters (julius' windowed sinc, essentia's first-order IIR, Butterworth magnitudes)
-and sox's reverb (freeverb) rendered as impulse responses. Everything is batched over a leading
+sox's reverb (freeverb) rendered as impulse responses, the pitch shifters (WSOLA-aligned granular
+and phase vocoder), generated noise impulse responses and the Schroeder RT60 estimate. Everything is batched over a leading
 example dimension and runs on the device of its tensor arguments, except ``freeverb_filter``, sox's
 reverb run as its recursion on CPU tensors (the compiled kernel is ``pipeline.dsp_cpu``).
 """
@@ -19,6 +20,7 @@ __all__ = [
     "FREEVERB_ALLPASSES", "FREEVERB_COMBS", "FREEVERB_STEREO_SPREAD", "butterworth_mag", "causal_filter",
     "fast_fft_len", "fir_filter", "fir_half_sizes", "fir_lowpass_kernels", "first_order_kernels",
     "freeverb_apply", "freeverb_coefficients", "freeverb_delays", "freeverb_filter", "freeverb_irs",
+    "estimate_rt60", "generate_irs", "pitch_shift_granular", "pitch_shift_vocoder",
 ]
 
 
@@ -288,3 +290,170 @@ def freeverb_filter(x: Tensor, reverberance: Tensor, damping: Tensor, room_scale
         with ThreadPoolExecutor(max_workers=workers) as pool:
             list(pool.map(one, range(n)))
     return torch.from_numpy(out).to(x.dtype)
+
+
+# Pitch shifting, generated impulse responses, RT60 (moved from pipeline/augment.py)
+
+
+def _rms(x: Tensor) -> Tensor:
+    """Per-example RMS over channels and time: ``(n, C, T) -> (n, 1, 1)``."""
+    return x.pow(2).mean(dim=(1, 2), keepdim=True).sqrt()
+
+
+def estimate_rt60(ir: np.ndarray, sample_rate: int) -> float:
+    """RT60 of an impulse response by Schroeder backward integration (fit -5..-25 dB, times 3)."""
+    e = np.asarray(ir, dtype=np.float64).reshape(-1) ** 2
+    edc = np.cumsum(e[::-1])[::-1]
+    if edc[0] <= 0:
+        return 0.0
+    db = 10 * np.log10(np.maximum(edc / edc[0], 1e-30))
+    sel = np.nonzero((db <= -5) & (db >= -25))[0]
+    if sel.size < 2:
+        sel = np.nonzero((db <= -1) & (db >= -15))[0]
+    if sel.size < 2:
+        return 0.0
+    slope = np.polyfit(sel / sample_rate, db[sel], 1)[0]
+    return float(-60.0 / slope) if slope < 0 else 0.0
+
+
+def _mirror_pad(x: Tensor, left: int, right: int) -> Tensor:
+    """Pad rows ``(m, T)`` by reflection, so reads past either end run back into the signal (no
+    clamped, DC-like samples); beyond one reflection (clips shorter than the pad) with zeros."""
+    t = x.shape[-1]
+    rl, rr = min(left, t - 1), min(right, t - 1)
+    xp = torch.nn.functional.pad(x.unsqueeze(1), (rl, rr), mode="reflect").squeeze(1) if rl or rr else x
+    return torch.nn.functional.pad(xp, (left - rl, right - rr)) if left > rl or right > rr else xp
+
+
+def pitch_shift_granular(x: Tensor, factor: Tensor, *, grain: int = 2048) -> Tensor:
+    """Pitch-shift each row of ``x`` (m, T) by its frequency ``factor`` (m,): aligned two-grain OLA.
+
+    Time is cut into blocks of ``hop = grain / 2``; grain j is centred at ``c_j = j * hop`` and
+    reads ``x(c_j + d_j + f * (t - c_j))``: f times faster around its own centre, so the pitch is
+    scaled and the timing kept. In block j grain j fades out while grain j+1 fades in
+    (``sin^2`` crossfade). Plain granular shifting joins grains with arbitrary phase, which puts a
+    comb of grain-rate lines on every partial; here each grain's small offset ``d_j`` (at most
+    ``hop / 4``) is chosen, as in WSOLA, to maximise the normalised cross-correlation between the
+    two grains over the crossfade, so they join in phase. The correlations of every block come from
+    one batched FFT; only the choice of offsets, which chains from block to block, is a loop over
+    blocks of (m,)-sized ops.
+    """
+    m, t = x.shape
+    fmax = max(1.0, float(factor.max()))
+    hop = grain // 2
+    while hop > 16 and math.ceil(fmax * hop) + hop // 2 + 2 >= t:  # short clips: shrink the grains
+        hop //= 2
+    hop -= hop % 2  # even, for the half-rate correlation
+    search = hop // 4  # max |d_j|: covers periods up to 2 * search + 1 samples
+    region = hop // 2  # samples correlated per crossfade
+    pad = 2 * math.ceil((fmax * hop + 2 * search + 2) / 2)  # even: the half-rate frames line up
+    n_blocks = -(-t // hop)
+    win = 2 * pad + hop
+    right = (n_blocks - 1) * hop + win - pad - t + 1
+    xp = _mirror_pad(x, pad, right)
+    frames = xp.unfold(-1, win, hop)[:, :n_blocks]  # (m, J, win) view: block j's neighbourhood, local 0 = c_j - pad
+    frames_next = xp[:, 1:].unfold(-1, win, hop)[:, :n_blocks]  # the same, one sample later (interpolation's right tap)
+    f = factor.to(device=x.device, dtype=torch.float32).view(-1, 1)
+
+    # Offset between the two grains' reads in block j: hop * (1 - f) + d_{j+1} - d_j. Correlate
+    # the fading-out grain's region with every candidate start of the fading-in one. This runs at
+    # half rate (pairs of samples averaged): half the FFT work, offsets in steps of 2 samples.
+    half = xp.shape[-1] // 2
+    xd = 0.5 * (xp[:, 0: 2 * half: 2] + xp[:, 1: 2 * half: 2])
+    frames_d = xd.unfold(-1, win // 2, hop // 2)[:, :n_blocks]  # local 0 = (c_j - pad) / 2
+    pd, sd, rd = pad // 2, search // 2, region // 2
+    lag0 = torch.round(hop * (1 - f) / 2).long()  # (m, 1)
+    n_lags = 4 * sd + 1
+    a = frames_d[..., pd: pd + rd]  # (m, J, rd)
+    b_idx = (pd + lag0 - 2 * sd + torch.arange(rd + n_lags - 1, device=x.device)).unsqueeze(1)
+    b = frames_d.gather(-1, b_idx.expand(m, n_blocks, -1))  # (m, J, rd + n_lags - 1)
+    n_fft = fast_fft_len(rd + n_lags - 1)
+    corr = torch.fft.irfft(torch.fft.rfft(a, n=n_fft).conj() * torch.fft.rfft(b, n=n_fft), n=n_fft)[..., :n_lags]
+    energy = torch.nn.functional.pad(b.pow(2).cumsum(-1), (1, 0))
+    energy = energy[..., rd: rd + n_lags] - energy[..., :n_lags]
+    score = corr * torch.rsqrt(energy.clamp_min(1e-12))  # (m, J, n_lags), lag l <-> (d_{j+1} - d_j) / 2 + 2 * sd
+    delta = 2 * _chain_offsets(score, sd)  # (m, J + 1), in samples
+
+    k = torch.arange(hop, device=x.device, dtype=torch.float32)
+    w1 = torch.sin(0.5 * math.pi * k / hop).pow(2)
+
+    def read(off: Tensor, shift: Tensor) -> Tensor:  # off (m, hop) from the block start, shift (m, J)
+        base = off.floor()
+        frac = (off - base).unsqueeze(1)  # (m, 1, hop)
+        idx = (base.long() + pad).unsqueeze(1) + shift.unsqueeze(-1)  # (m, J, hop)
+        return torch.lerp(frames.gather(-1, idx), frames_next.gather(-1, idx), frac)
+
+    y0 = read(f * k, delta[:, :-1])  # grain j, fading out
+    y1 = read(hop - f * (hop - k), delta[:, 1:])  # grain j + 1, fading in
+    return torch.lerp(y0, y1, w1).reshape(m, -1)[:, :t]
+
+
+def _chain_offsets(score: Tensor, search: int) -> Tensor:
+    """Grain offsets d_0 = 0, d_{j+1} = argmax over [-search, search] of score[:, j, search - d_j + .] - search.
+
+    The choice chains from block to block, so it is a loop over blocks of (m,)-sized steps: on the
+    CPU in NumPy (many tiny torch ops would each pay thread-pool overhead), on an accelerator in
+    torch (no host round trip).
+    """
+    m, n_blocks, _ = score.shape
+    width = 2 * search + 1
+    if score.device.type == "cpu":
+        sc = score.detach().numpy()
+        rows, window = np.arange(m)[:, None], np.arange(width)[None, :]
+        d = np.zeros(m, dtype=np.int64)
+        out = np.zeros((m, n_blocks + 1), dtype=np.int64)
+        for j in range(n_blocks):
+            d = sc[rows, j, (search - d)[:, None] + window].argmax(-1) - search
+            out[:, j + 1] = d
+        return torch.from_numpy(out)
+    window = torch.arange(width, device=score.device).view(1, -1)
+    d = torch.zeros(m, dtype=torch.long, device=score.device)
+    offsets = [d]
+    for j in range(n_blocks):
+        d = score[:, j].gather(-1, (search - d).view(-1, 1) + window).argmax(-1) - search
+        offsets.append(d)
+    return torch.stack(offsets, dim=1)
+
+
+def pitch_shift_vocoder(x: Tensor, factor: Tensor, *, n_fft: int, hop: int, window: Tensor) -> Tensor:
+    """Pitch-shift each row of ``x`` (m, T) by its frequency ``factor`` (m,) with a phase vocoder."""
+    m, t = x.shape
+    spec = torch.stft(x, n_fft, hop, window=window, center=True, return_complex=True)  # (m, F, M)
+    n_bins = spec.shape[1]
+    re, im = torch.view_as_real(spec).unbind(-1)
+    mag, phase = torch.sqrt(re * re + im * im), torch.atan2(im, re)
+    two_pi = 2 * math.pi
+    expected = (two_pi * hop / n_fft) * torch.arange(n_bins, device=x.device, dtype=x.dtype).view(1, -1, 1)
+    dphi = phase[..., 1:] - phase[..., :-1] - expected
+    dphi = dphi - two_pi * torch.round(dphi / two_pi)
+    advance = expected + dphi  # true phase advance per hop, (m, F, M-1)
+
+    src = torch.arange(n_bins, device=x.device, dtype=x.dtype).view(1, -1) / factor.view(-1, 1)  # (m, F)
+    valid = (src <= n_bins - 1).to(x.dtype).unsqueeze(-1)
+    i0 = src.floor().long().clamp_max(n_bins - 1)
+    i1 = (i0 + 1).clamp_max(n_bins - 1)
+    frac = (src - i0).unsqueeze(-1)
+    ir = src.round().long().clamp_max(n_bins - 1)
+
+    def take(a: Tensor, idx: Tensor) -> Tensor:
+        return a.gather(1, idx.unsqueeze(-1).expand(-1, -1, a.shape[-1]))
+
+    mag_out = (take(mag, i0) * (1 - frac) + take(mag, i1) * frac) * valid
+    adv_out = take(advance, ir) * factor.view(-1, 1, 1)
+    # Wrap each increment before the cumulative sum so float32 phase stays small and exact enough.
+    adv_out = adv_out - two_pi * torch.round(adv_out / two_pi)
+    phase_out = torch.cat([take(phase[..., :1], ir), adv_out], dim=-1).cumsum(dim=-1)
+    out = torch.complex(mag_out * torch.cos(phase_out), mag_out * torch.sin(phase_out))
+    return torch.istft(out, n_fft, hop, window=window, center=True, length=t)
+
+
+def generate_irs(rt60_s: Tensor, channels: int, length: int, sample_rate: int, generator: torch.Generator,
+                 device: torch.device) -> Tensor:
+    """Exponentially decaying Gaussian noise IRs with the given RT60s: ``(n,) -> (n, C, L)``, unit energy.
+
+    Amplitude falls 60 dB at RT60: ``exp(-ln(1000) * t / rt60)``.
+    """
+    t = torch.arange(length, device=device, dtype=torch.float32) / sample_rate
+    env = torch.exp(-math.log(1000.0) * t.view(1, 1, -1) / rt60_s.to(device).float().view(-1, 1, 1))
+    ir = torch.randn((rt60_s.shape[0], channels, length), generator=generator, device=device) * env
+    return ir * torch.rsqrt(ir.pow(2).sum(-1, keepdim=True))
