@@ -171,6 +171,9 @@ class TrainConfig:
     find_unused_parameters: bool = False  # DDP flag, for models with branches unused in some steps
     max_nonfinite: int = 20  # stop after this many non-finite steps in a row
     out_dir: str = ""  # local run folder (metrics.jsonl, summary.json, wandb/); "" = runs/<preset>
+    # warm start (eval_tools/weights.py warm_start): an export folder, a Hugging Face wav2vec2 folder, a
+    # train.py checkpoint or a CLMR file of the same architecture; "" = fresh init. --resume wins.
+    init_from: str = ""
 
     def __post_init__(self) -> None:
         _require(self.steps >= 1, "--train.steps", ">= 1", self.steps)
