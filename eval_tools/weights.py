@@ -214,7 +214,7 @@ def model_card(info: dict, scores: list[dict], *, fmt: str) -> str:
     load = ("```python\nfrom transformers import AutoModel\nmodel = AutoModel.from_pretrained(\"DIR\")  # Wav2Vec2Model\n```"
             if fmt == "hf" else
             "```python\nfrom eval_tools.weights import load_export\nenc = load_export(\"DIR\")\nx = enc.embed([clip])  "
-            "# clip: mono float32 at the sample rate below -> (1, D)\n```\n\n"
+            "# clip: mono float32 at enc.sample_rate -> (1, D)\n```\n\n"
             "or `evaluate.py probe --checkpoint export:DIR ...` / `--baselines export:DIR`")
     lines = [
         f"# musicssl {info['arch']} encoder", "",
@@ -591,8 +591,8 @@ def _musicssl_or_clmr(path: str, flag: str) -> str:
         try:
             clmr_key_map(_clmr_state(path, flag), where=f"{flag} {path}")
         except UserError:
-            raise UserError(f"{flag} {path}: neither a train.py checkpoint ({checkpoint.FORMAT}) nor CLMR's SampleCNN "
-                            "weights; pass a ckpt-<step>.pt, export:DIR, hf:DIR or clmr:PATH") from None
+            raise UserError(f"{exc}; nor is it CLMR's SampleCNN weights: pass a ckpt-<step>.pt, export:DIR, hf:DIR "
+                            "or clmr:PATH") from None
         return "clmr"
 
 

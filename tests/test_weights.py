@@ -228,7 +228,7 @@ def test_clmr_bad_files_name_the_keys(tmp_path, original_clmr):
         weights.read_clmr(cut)
     junk = str(tmp_path / "junk.pt")
     torch.save({"weight": torch.zeros(2)}, junk)
-    with pytest.raises(UserError, match="neither a train.py checkpoint"):
+    with pytest.raises(UserError, match="is not a musicssl-ckpt/1 checkpoint .*; nor is it CLMR's SampleCNN weights"):
         weights.open_encoder(junk)
 
 
