@@ -284,7 +284,7 @@ def _save_heads(enc, ds, protocol, rows: list[dict], heads: list, opts: EvalOpti
 
     top = max(r["fraction"] for r in rows)
     keep = [(r, h) for r, h in zip(rows, heads) if r["fraction"] == top]
-    folder = os.path.join(opts.out, "models", f"{ds.name}-{enc.name.replace(' ', '_')}")
+    folder = os.path.join(opts.out, "models", f"{ds.name}-{enc.name.replace(' ', '_').replace(':', '-')}")
     view = protocol.views(protocol.crop_for(enc), opts.seed)["test"]
     save_model(folder, enc, [h for _, h in keep], view=view,
                meta={"dataset": ds.name, "protocol": protocol.name, "fraction": top, "encoder_meta": enc.meta},

@@ -388,3 +388,49 @@ def test_warm_start_from_hf_export_and_checkpoint(tmp_path):
                                                           "--model.ffn_dim=96"])
     with pytest.raises(train.ConfigError, match=r"other shapes: .*\(64,\) vs \(48,\)"):
         train.build_model(cfg, cpu)
+
+
+_REMOTE_CODE = '''
+from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+
+class ToyMERTConfig(Wav2Vec2Config):
+    model_type = "toy_mert"
+
+
+class ToyMERTModel(Wav2Vec2Model):
+    config_class = ToyMERTConfig
+'''
+
+
+def test_a_folder_shipping_its_own_code_needs_trust_remote_code(tmp_path):
+    """A MERT-style folder: config.json's auto_map names classes in a .py file of the folder."""
+    folder = _hf_folder(tmp_path / "mert", normalize=True, sr=24000)
+    (tmp_path / "mert" / "modeling_toy_mert.py").write_text(_REMOTE_CODE)
+    cfg = json.load(open(os.path.join(folder, "config.json")))
+    cfg |= {"model_type": "toy_mert", "architectures": ["ToyMERTModel"],
+            "auto_map": {"AutoConfig": "modeling_toy_mert.ToyMERTConfig", "AutoModel": "modeling_toy_mert.ToyMERTModel"}}
+    (tmp_path / "mert" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match="--trust-remote-code"):
+        weights.hf_encoder(folder)
+    enc = weights.hf_encoder(folder, trust_remote_code=True, layer=1)
+    assert enc.arch == "hf-toy_mert" and enc.sample_rate == 24000 and type(enc.model.model).__name__ == "ToyMERTModel"
+    assert enc.embed(_clips(2)).shape == (2, 32)
+
+
+def test_probe_save_models_and_predict_with_an_hf_encoder(tmp_path):
+    from eval_tools.heads import load_model
+
+    data = evaldata.write_toy(str(tmp_path / "toy"), sizes=(16, 8, 8))
+    hf = _hf_folder(tmp_path / "hfw2v", sr=16000)
+    out = str(tmp_path / "eval")
+    assert evaluate.main(["probe", "--data", data, "--hf-model", hf, "--out", out, "--no-progress", "--baselines", "",
+                          "--max-epochs", "5", "--tasks", "pitch", "--save-models"]) == 0
+    saved = os.path.join(out, "models", "toy-hf-hfw2v")
+    model = load_model(saved)
+    assert model.encoder.arch == "hf-wav2vec2" and os.path.isfile(os.path.join(saved, "encoder_hf", "model.safetensors"))
+    clips = _clips(2)
+    ref = weights.hf_encoder(hf).embed(clips)
+    assert np.abs(model.encoder.embed(clips) - ref).max() <= 1e-6
+    probs = model.predict(clips)["pitch"]
+    assert probs.shape == (2, 4) and np.allclose(probs.sum(1), 1, atol=1e-5)
