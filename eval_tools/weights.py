@@ -165,7 +165,7 @@ def _embedding_dim(cfg) -> int:
 
 
 def _export_hf(model: nn.Module, out: str, sr: int) -> list[str]:
-    import transformers
+    transformers = _transformers("--format hf")
 
     from models.wav2vec2 import to_hf
 
@@ -323,6 +323,14 @@ def check_hf_folder(path: str, *, flag: str = "--hf-model") -> str:
         raise UserError(f"{flag} {path}: no weights there (expected {' or '.join(HF_WEIGHT_FILES[:3])}; found {have}); "
                         "download the model's weight files too")
     return path
+
+
+def _transformers(flag: str):
+    try:
+        import transformers
+    except ImportError:
+        raise UserError(f"{flag}: Hugging Face models need transformers: pip install 'musicssl[hf]'") from None
+    return transformers
 
 
 def _hf_json(path: str, name: str) -> dict:
@@ -605,9 +613,10 @@ def open_encoder(spec: str, *, name: str = "pretrained", layer: int | str = -1, 
     kind, path = source_kind(spec)
     if kind == "musicssl":
         kind = _musicssl_or_clmr(path, flag)
-    if kind == "hf":
+    if kind == "hf":  # --checkpoint hf:DIR is --hf-model DIR
         return hf_encoder(path, name=name if name != "pretrained" else None, layer=layer, sample_rate=sample_rate,
-                          trust_remote_code=trust_remote_code, max_window_seconds=max_window_seconds, flag=flag)
+                          trust_remote_code=trust_remote_code, max_window_seconds=max_window_seconds,
+                          flag="--hf-model" if flag == "--checkpoint" else flag)
     if kind == "export":
         return load_export(path, name=name, layer=layer, sample_rate=sample_rate, max_window_seconds=max_window_seconds,
                            flag=flag)
@@ -629,6 +638,7 @@ def arch_config(spec: str, *, flag: str = "--checkpoint"):
     if kind == "musicssl":
         kind = _musicssl_or_clmr(path, flag)
     if kind == "hf":
+        check_hf_folder(path, flag="--hf-model" if flag == "--checkpoint" else flag)
         return None
     if kind == "export":
         return tc.from_dict(_read_export(path, flag=flag)[0]["train_config"])
