@@ -81,8 +81,10 @@ def read_safetensors(path: str, *, flag: str) -> dict[str, Tensor]:
     if not os.path.isfile(path):
         raise UserError(f"{flag} {path}: no such file; expected a {WEIGHTS} (evaluate.py export writes one)")
     with open(path, "rb") as f:
-        head = f.read(8)
-    if head[:2] == b"PK" or head[:1] == b"\x80":  # torch.save's zip, or a bare pickle stream
+        head = f.read(9)
+    # safetensors: an 8-byte little-endian header length, then the JSON header's "{"
+    looks_safetensors = len(head) == 9 and head[8:9] == b"{"
+    if not looks_safetensors and (head[:2] == b"PK" or head[:1] == b"\x80"):  # torch.save's zip, or a bare pickle
         raise UserError(f"{flag} {path} is a pickle (torch.save) file where safetensors was expected; it is not "
                         "loaded here: pass the train.py checkpoint with --checkpoint, or re-export it with evaluate.py export")
     try:
@@ -399,11 +401,10 @@ def hf_encoder(path: str, *, name: str | None = None, layer: int | str = -1, sam
     The sample rate is ``sample_rate`` if given, else the folder's ``preprocessor_config.json``
     ``sampling_rate``. ``trust_remote_code`` lets ``AutoModel`` run the Python a folder ships
     (MERT); without it such a folder is refused with that advice."""
-    import transformers
-
     from eval_tools.encoders import FrameEncoder
 
     check_hf_folder(path, flag=flag)
+    transformers = _transformers(flag)
     pre = _hf_json(path, "preprocessor_config.json")
     sr = sample_rate or pre.get("sampling_rate")
     if not sr:
@@ -590,6 +591,14 @@ def _musicssl_or_clmr(path: str, flag: str) -> str:
     from training import checkpoint
     from training.errors import CheckpointError
 
+    if "://" in path or not os.path.isfile(path):
+        return "musicssl"  # a bucket URL or a missing file: the checkpoint reader says what is wrong
+    try:  # a cheap look (tensors memory-mapped, not read) before the reader's full one
+        peek = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - the full read below names the problem
+        peek = None
+    if isinstance(peek, dict) and peek.get("format") == checkpoint.FORMAT:
+        return "musicssl"
     try:
         checkpoint.read(path, flag=flag)
         return "musicssl"

@@ -434,3 +434,36 @@ def test_probe_save_models_and_predict_with_an_hf_encoder(tmp_path):
     assert np.abs(model.encoder.embed(clips) - ref).max() <= 1e-6
     probs = model.predict(clips)["pitch"]
     assert probs.shape == (2, 4) and np.allclose(probs.sum(1), 1, atol=1e-5)
+
+
+def test_finetune_an_hf_encoder_saves_its_tuned_weights(tmp_path):
+    from eval_tools.heads import load_model
+
+    data = evaldata.write_toy(str(tmp_path / "toy"), sizes=(16, 8, 8))
+    hf = _hf_folder(tmp_path / "hfw2v", sr=16000)
+    out = str(tmp_path / "ft")
+    assert evaluate.main(["finetune", "--data", data, "--hf-model", hf, "--steps", "3", "--eval-every", "3", "--batch-size", "4",
+                          "--workers", "0", "--out", out, "--no-progress", "--tasks", "pitch", "--encoder-lr", "1e-2"]) == 0
+    tuned = load_model(os.path.join(out, "models", "pitch")).encoder
+    clips = _clips(2)
+    before = weights.hf_encoder(hf).embed(clips)
+    assert np.abs(tuned.embed(clips) - before).max() > 1e-4  # the saved encoder is the fine-tuned one
+
+
+def test_an_export_with_unknown_or_missing_tensors_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    out = str(tmp_path / "exp")
+    weights.export(_checkpoint(tmp_path / "ckpt.pt", "clmr_tiny"), out)
+    path = os.path.join(out, "model.safetensors")
+    tensors = load_file(path)
+    save_file(tensors | {"encoder.extra.weight": torch.zeros(2)}, path)
+    with pytest.raises(UserError, match=r"exp/model.safetensors does not fit a clmr model .*unexpected keys: encoder\.extra\.weight"):
+        weights.load_export(out)
+    save_file({k: v for k, v in tensors.items() if k != "encoder.blocks.0.0.weight"}, path)
+    with pytest.raises(UserError, match=r"missing keys: encoder\.blocks\.0\.0\.weight"):
+        weights.load_export(out)
+    info = json.load(open(os.path.join(out, "config.json")))
+    (tmp_path / "exp" / "config.json").write_text(json.dumps(info | {"format": "something/2"}))
+    with pytest.raises(UserError, match="is not a musicssl-export/1 export"):
+        weights.load_export(out)
