@@ -226,7 +226,8 @@ def model_card(info: dict, scores: list[dict], *, fmt: str) -> str:
         f"- input: mono, {info['sample_rate']} Hz; trained on crops of {info['input_samples']} samples; "
         f"shortest input {info['min_samples']} samples",
         f"- training data: {', '.join(src['data']) or '(not recorded)'}",
-        f"- weights: {'Hugging Face Wav2Vec2Model (safetensors)' if fmt == 'hf' else WEIGHTS + ' (encoder only; no projection head / quantizer)'}",
+        "- weights: " + ("Hugging Face Wav2Vec2Model (safetensors)" if fmt == "hf"
+                         else f"{WEIGHTS} (encoder only; no projection head / quantizer)"),
     ]
     if info["heads"]:
         lines.append("- label vocabularies (config.json `heads`): "
@@ -428,7 +429,9 @@ def hf_encoder(path: str, *, name: str | None = None, layer: int | str = -1, sam
     if layer != "all" and not -n <= int(layer) < n:
         raise UserError(f"--layer {layer}: {path} has hidden states 0..{n - 1} (0 = transformer input, -1 = last) or 'all'")
     weights = next(os.path.join(path, w) for w in HF_WEIGHT_FILES if os.path.isfile(os.path.join(path, w)))
-    ident = hashlib.sha256((_file_sha(weights) + _file_sha(os.path.join(path, "config.json"))).encode()).hexdigest()[:16]
+    # the weights, the architecture and the input preprocessing (do_normalize) identify the embeddings
+    ident = hashlib.sha256((_file_sha(weights) + _file_sha(os.path.join(path, "config.json"))
+                            + json.dumps(pre, sort_keys=True)).encode()).hexdigest()[:16]
     return FrameEncoder(
         name=name or f"hf:{os.path.basename(os.path.normpath(path))}", arch=f"hf-{cfg.model_type}", sample_rate=int(sr),
         model=HFEmbedder(model, normalize=bool(pre.get("do_normalize", False))), layer=layer,
@@ -538,7 +541,8 @@ def clmr_config_from(tensors: dict[str, Tensor], *, where: str):
         raise UserError(f"{where}: SampleCNN blocks {idx} found; expected sequential.0 .. sequential.N in order (missing keys)")
     bad = [f"sequential.{i} kernel {convs[i].shape[-1]}" for i in idx if convs[i].dim() != 3 or convs[i].shape[-1] != 3]
     if bad:
-        raise UserError(f"{where}: {', '.join(bad)}: our SampleCNN has kernel/stride 3 (CLMR's 3 x 9 strides); other strides are not supported")
+        raise UserError(f"{where}: {', '.join(bad)}: our SampleCNN has kernel/stride 3 (CLMR's 3 x 9 strides); "
+                        "other strides are not supported")
     return CLMRConfig(channels=tuple(int(convs[i].shape[0]) for i in idx[1:-1]), first_channels=int(convs[0].shape[0]),
                       last_channels=int(convs[idx[-1]].shape[0]))
 
@@ -665,7 +669,8 @@ def warm_start(model: nn.Module, arch: str, source: str, *, flag: str = "--train
 
     ``source``: an export folder, a Hugging Face wav2vec2 folder (wav2vec2 only), a train.py
     checkpoint (all of its model, training-only parts too where their shapes still fit) or a CLMR
-    file. Training-only parts the source lacks (projection head, quantizer) keep their fresh init. Returns ``{"source", "kind", "loaded", "kept_init"}``."""
+    file. Training-only parts the source lacks (projection head, quantizer) keep their fresh init.
+    Returns ``{"source", "kind", "loaded", "kept_init", "ignored"}``."""
     from models.wav2vec2 import hf_config_mismatches, state_dict_from_hf
     from training import checkpoint
     import train_config as tc
