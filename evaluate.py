@@ -10,6 +10,12 @@ On the demo shards (``shard-tools demo --out demo_shards``) after ``python train
     python evaluate.py embed --checkpoint ... --out emb/ song1.wav folder_of_audio/ shards/test.manifest.json
     python evaluate.py probe --data demo_shards/mtat --checkpoint ... --save-models --out runs/eval
     python evaluate.py predict --model runs/eval/models/mtat-pretrained song.mp3 folder_of_audio/
+    python evaluate.py export --checkpoint ... --out exported/ [--format hf]
+    python evaluate.py probe --data demo_shards/nsynth --checkpoint ... --baselines random,logmel,hf:path/to/hf_folder
+
+Encoders from elsewhere (docs/weights.md): ``--checkpoint export:DIR`` (an export), ``--hf-model DIR``
+(a local Hugging Face folder, every layer probeable), ``--checkpoint clmr:PATH`` (CLMR's released
+SampleCNN weights); ``--baselines hf:DIR,export:DIR`` put them in the same table.
 
 Protocols (``probe``/``sweep`` ``--protocol``, eval_tools/protocols.py cites each rule's source):
 
@@ -49,6 +55,7 @@ import numpy as np
 from pipeline.errors import UserError
 
 BASELINES = ("random", "supervised", "logmel")
+EXTERNAL = ("hf:", "export:")  # --baselines hf:DIR / export:DIR: any encoder folder (eval_tools/weights.py)
 
 
 class OptionError(UserError, ValueError):
@@ -66,7 +73,8 @@ class EvalOptions:
 
     data: list[str]  # dataset folders holding {train,valid,test}.manifest.json
     out: str = "runs/eval"
-    checkpoint: str | None = None
+    checkpoint: str | None = None  # a train.py checkpoint, or hf:DIR / export:DIR / clmr:PATH (eval_tools/weights.py)
+    trust_remote_code: bool = False  # HF folders that ship their own model code (MERT)
     preset: str | None = None  # architecture for random/supervised baselines when no checkpoint
     overrides: list[str] = field(default_factory=list)  # --set section.key=value on that preset
     baselines: list[str] = field(default_factory=lambda: ["random", "logmel"])
@@ -104,9 +112,9 @@ class EvalOptions:
     def __post_init__(self) -> None:
         if not self.data:
             raise OptionError("--data: give at least one dataset folder (e.g. demo_shards/nsynth)")
-        bad = [b for b in self.baselines if b not in BASELINES]
+        bad = [b for b in self.baselines if b not in BASELINES and not b.startswith(EXTERNAL)]
         if bad:
-            raise OptionError(f"--baselines: unknown {bad}; choose from {', '.join(BASELINES)}")
+            raise OptionError(f"--baselines: unknown {bad}; choose from {', '.join(BASELINES)}, hf:DIR or export:DIR")
         if self.checkpoint is not None and (self.preset is not None or self.overrides):
             raise OptionError(_PRESET_WITH_CHECKPOINT)
         if self.checkpoint is None and self.preset is None and any(b in ("random", "supervised") for b in self.baselines):
@@ -140,14 +148,18 @@ def run_evaluation(opts: EvalOptions) -> dict | None:
     results, the other ranks return None."""
     from eval_tools import runtime
     from eval_tools.data import Dataset
-    from eval_tools.encoders import checkpoint_config, preset_config
+    from eval_tools.encoders import preset_config
+    from eval_tools.weights import arch_config
 
     t_start = time.perf_counter()
     rt = runtime.setup(opts.device, opts.precision, timeout_s=opts.dist_timeout)
     log = _log if rt.is_main else (lambda msg: None)
     log(f"device {rt.device}, precision {rt.precision}" + (f", {rt.world_size} ranks" if rt.distributed else ""))
-    arch_cfg = (checkpoint_config(opts.checkpoint) if opts.checkpoint
-                else preset_config(opts.preset, opts.overrides) if opts.preset else None)  # None: log-mel only
+    arch_cfg = (preset_config(opts.preset, opts.overrides) if opts.preset
+                else arch_config(opts.checkpoint) if opts.checkpoint else None)  # None: log-mel and external only
+    if arch_cfg is None and any(b in ("random", "supervised") for b in opts.baselines):
+        raise OptionError(f"--baselines random/supervised: {opts.checkpoint} is not a musicssl architecture; pass --preset "
+                          "(e.g. wav2vec2_tiny) for those baselines, or drop them")
     datasets = [Dataset.from_dir(folder) for folder in opts.data]
     _check_tasks(opts.tasks, datasets)
     results = {
@@ -196,9 +208,10 @@ def encoder_rate(ds, arch_cfg, opts: EvalOptions) -> int:
 def _evaluate_dataset(ds, requested: list[str] | None, arch_cfg, opts: EvalOptions, rt, results: dict, log) -> None:
     """Every encoder (checkpoint, baselines) on one dataset: extraction on all ranks, probes on rank 0."""
     from eval_tools import protocols
-    from eval_tools.encoders import encoder_from_checkpoint, logmel_encoder, random_encoder
+    from eval_tools.encoders import logmel_encoder, random_encoder
     from eval_tools.finetune import FinetuneConfig
     from eval_tools.runner import check_labels, embed_splits, make_tasks, probe_encoder
+    from eval_tools.weights import open_encoder
 
     tasks = make_tasks(ds, requested, {k: f"{ds.name} {TITLES.get(k, k)}" for k in ds.spec})
     sr = encoder_rate(ds, arch_cfg, opts)
@@ -245,7 +258,11 @@ def _evaluate_dataset(ds, requested: list[str] | None, arch_cfg, opts: EvalOptio
 
     ckpt_step = None
     if opts.checkpoint:
-        enc = encoder_from_checkpoint(opts.checkpoint, layer=opts.layer, sample_rate=sr, fallback_rate=ds.sample_rate)
+        from eval_tools.weights import source_kind
+
+        own_rate = source_kind(opts.checkpoint)[0] in ("hf", "export")  # the folder names its rate
+        enc = open_encoder(opts.checkpoint, layer=opts.layer, sample_rate=opts.sample_rate if own_rate else sr,
+                           fallback_rate=ds.sample_rate, trust_remote_code=opts.trust_remote_code)
         ckpt_step = enc.meta.get("step")
         add_rows(enc, opts.fractions)
     if "random" in opts.baselines:
@@ -257,6 +274,14 @@ def _evaluate_dataset(ds, requested: list[str] | None, arch_cfg, opts: EvalOptio
             add_rows(enc, [f])
     if "logmel" in opts.baselines:
         add_rows(logmel_encoder(sr), opts.fractions)
+    for b in opts.baselines:
+        if b.startswith(EXTERNAL):  # its own rate: the shards are resampled to it
+            kind, folder = b.split(":", 1)
+            enc = open_encoder(b, name=f"{kind}:{os.path.basename(os.path.normpath(folder))}", layer=opts.layer,
+                               trust_remote_code=opts.trust_remote_code, flag="--baselines")
+            if enc.sample_rate != sr:
+                log(f"{ds.name}: {enc.name} runs at {enc.sample_rate} Hz: resampling on the fly")
+            add_rows(enc, opts.fractions)
 
 
 def _save_heads(enc, ds, protocol, rows: list[dict], heads: list, opts: EvalOptions, log) -> None:
@@ -265,7 +290,7 @@ def _save_heads(enc, ds, protocol, rows: list[dict], heads: list, opts: EvalOpti
 
     top = max(r["fraction"] for r in rows)
     keep = [(r, h) for r, h in zip(rows, heads) if r["fraction"] == top]
-    folder = os.path.join(opts.out, "models", f"{ds.name}-{enc.name.replace(' ', '_')}")
+    folder = os.path.join(opts.out, "models", f"{ds.name}-{enc.name.replace(' ', '_').replace(':', '-')}")
     view = protocol.views(protocol.crop_for(enc), opts.seed)["test"]
     save_model(folder, enc, [h for _, h in keep], view=view,
                meta={"dataset": ds.name, "protocol": protocol.name, "fraction": top, "encoder_meta": enc.meta},
@@ -374,7 +399,13 @@ def _layer(text: str) -> int | str:
 
 
 def _add_encoder_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", help="a train.py checkpoint (ckpt-<step>.pt); its config rebuilds the encoder")
+    p.add_argument("--checkpoint", help="a train.py checkpoint (ckpt-<step>.pt; its config rebuilds the encoder), "
+                   "export:DIR (evaluate.py export), hf:DIR (a local Hugging Face folder) or clmr:PATH (CLMR's released "
+                   ".ckpt/.pt); folders and CLMR files are also recognised without the prefix")
+    p.add_argument("--hf-model", metavar="DIR", help="a local Hugging Face model folder (Wav2Vec2Model, HubertModel, "
+                   "anything AutoModel loads) as the encoder; the same as --checkpoint hf:DIR. Nothing is downloaded")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let an HF folder that ships its own model code (MERT) run it")
     p.add_argument("--preset", help="train.py preset whose architecture the random/supervised baselines use when "
                    "there is no --checkpoint (e.g. clmr_tiny, wav2vec2_tiny, cpc_tiny)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -446,9 +477,16 @@ def _add_eval_args(p: argparse.ArgumentParser, *, sweep: bool) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+def _checkpoint_arg(a: argparse.Namespace) -> str | None:
+    if a.hf_model and a.checkpoint:
+        raise OptionError("pass --checkpoint or --hf-model, not both (use --baselines hf:DIR to compare an HF model)")
+    return f"hf:{a.hf_model}" if a.hf_model else a.checkpoint
+
+
 def _opts_from_args(a: argparse.Namespace, *, sweep: bool) -> EvalOptions:
     return EvalOptions(
-        data=a.data, out=a.out, checkpoint=a.checkpoint, preset=a.preset, overrides=a.overrides,
+        data=a.data, out=a.out, checkpoint=_checkpoint_arg(a), trust_remote_code=a.trust_remote_code, preset=a.preset,
+        overrides=a.overrides,
         baselines=[b for b in a.baselines.split(",") if b], tasks=a.tasks.split(",") if a.tasks else None,
         fractions=a.fractions if sweep else [a.label_fraction], layer=a.layer, protocol=a.protocol, probe=a.probe, lr=a.lr,
         max_epochs=a.max_epochs,
@@ -522,6 +560,7 @@ def cmd_finetune(argv: list[str]) -> int:
     p.add_argument("--wandb-project", default="musicssl-eval")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
+    a.checkpoint = _checkpoint_arg(a)
     if not a.checkpoint and not a.preset:
         p.error("pass --checkpoint (fine-tune a pretrained encoder) or --preset (train that architecture from scratch)")
     if a.checkpoint and (a.preset or a.overrides):
@@ -574,13 +613,15 @@ def cmd_finetune(argv: list[str]) -> int:
 
 def _finetune_run(a: argparse.Namespace, ds, tasks: list, ft, rt, name: str):
     """One fine-tune from a fresh encoder (the checkpoint's weights, or the preset's seeded init)."""
-    from eval_tools.encoders import encoder_from_checkpoint, preset_config, random_encoder
+    from eval_tools.encoders import preset_config, random_encoder
     from eval_tools.extract import View
+    from eval_tools.weights import open_encoder
     from eval_tools.finetune import as_saved_heads, finetune
     from eval_tools.heads import save_model
 
     if a.checkpoint:
-        enc = encoder_from_checkpoint(a.checkpoint, layer=-1, sample_rate=a.sample_rate, fallback_rate=ds.sample_rate, name="fine-tuned")
+        enc = open_encoder(a.checkpoint, layer=-1, sample_rate=a.sample_rate, fallback_rate=ds.sample_rate, name="fine-tuned",
+                           trust_remote_code=a.trust_remote_code)
     else:
         cfg = preset_config(a.preset, a.overrides)
         enc = random_encoder(cfg, sample_rate=a.sample_rate or cfg.data.sample_rate or ds.sample_rate, seed=a.seed, name="from scratch")
@@ -614,10 +655,13 @@ def _expand_inputs(inputs: list[str], command: str = "embed") -> tuple[list[str]
 
 
 def _embed_encoder(a: argparse.Namespace, p: argparse.ArgumentParser):
-    from eval_tools.encoders import encoder_from_checkpoint, logmel_encoder, preset_config, random_encoder
+    from eval_tools.encoders import logmel_encoder, preset_config, random_encoder
+    from eval_tools.weights import open_encoder
 
+    a.checkpoint = _checkpoint_arg(a)
     if a.checkpoint:
-        return encoder_from_checkpoint(a.checkpoint, layer=a.layer, sample_rate=a.sample_rate, fallback_rate=16000)
+        return open_encoder(a.checkpoint, layer=a.layer, sample_rate=a.sample_rate, fallback_rate=16000,
+                            trust_remote_code=a.trust_remote_code)
     if a.logmel:
         return logmel_encoder(a.sample_rate or 16000)
     if a.preset:
@@ -760,12 +804,42 @@ def cmd_predict(argv: list[str]) -> int:
     return 0
 
 
+def cmd_export(argv: list[str]) -> int:
+    from eval_tools.weights import export
+
+    p = argparse.ArgumentParser(
+        prog="evaluate.py export",
+        description="Write a checkpoint's encoder for others to load (docs/weights.md): OUT/model.safetensors (the "
+                    "tensors embed() needs, no projection head or quantizer; never a pickle), OUT/config.json "
+                    "(architecture, sample rate, input length, the run config, label vocabularies of --heads) and "
+                    "OUT/README.md (a model card). Load it back with eval_tools.weights.load_export(OUT) or "
+                    "--checkpoint export:OUT. --format hf writes a wav2vec2 checkpoint as a Hugging Face "
+                    "Wav2Vec2Model folder (transformers.AutoModel.from_pretrained(OUT)).")
+    p.add_argument("--checkpoint", required=True, help="a train.py checkpoint (ckpt-<step>.pt)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--format", choices=["musicssl", "hf"], default="musicssl",
+                   help="musicssl (default): safetensors + config.json; hf: a transformers Wav2Vec2Model folder (wav2vec2 only)")
+    p.add_argument("--heads", metavar="DIR", help="a saved-model folder (probe --save-models, finetune) whose label "
+                   "vocabularies go into config.json")
+    p.add_argument("--results", metavar="FILE", help="an evaluate.py results.json whose rows for this checkpoint go into the model card")
+    p.add_argument("--sample-rate", type=int, help="the encoder's rate when the run config does not name one")
+    a = p.parse_args(argv)
+    r = export(a.checkpoint, a.out, fmt=a.format, heads=a.heads, results=a.results, sample_rate=a.sample_rate)
+    size = sum(os.path.getsize(os.path.join(a.out, f)) for f in r["files"] if os.path.isfile(os.path.join(a.out, f)))
+    print(f"exported {r['arch']} encoder (step {r['step']}, {r['parameters']:,} parameters, {r['sample_rate']} Hz) "
+          f"-> {a.out} [{r['format']}]: {', '.join(r['files'])} ({size / 1e6:.1f} MB)")
+    print("load it: " + ("transformers.AutoModel.from_pretrained(" + repr(a.out) + ")" if r["format"] == "hf"
+                         else f"eval_tools.weights.load_export({a.out!r}), or evaluate.py probe --checkpoint export:{a.out}"))
+    return 0
+
+
 COMMANDS = {
     "probe": lambda argv: cmd_probe(argv, sweep=False),
     "sweep": lambda argv: cmd_probe(argv, sweep=True),
     "finetune": cmd_finetune,
     "embed": cmd_embed,
     "predict": cmd_predict,
+    "export": cmd_export,
 }
 
 

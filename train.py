@@ -176,7 +176,19 @@ def build_model(cfg: Config, env: Dist) -> tuple[nn.Module, nn.Module, torch.opt
     """``(raw_model, model, optimizer, scheduler)``; the same init on every rank (DDP also broadcasts rank 0's)."""
     torch.manual_seed(cfg.train.seed)
     _, model_cls = tc.model_classes(cfg.arch)
-    raw_model = model_cls(cfg.model).to(env.device)
+    raw_model = model_cls(cfg.model)
+    if cfg.train.init_from:  # a resumed run then loads its checkpoint's weights over these
+        from eval_tools.weights import warm_start
+        from pipeline.errors import UserError
+
+        try:
+            got = warm_start(raw_model, cfg.arch, cfg.train.init_from)
+        except UserError as exc:
+            raise ConfigError(str(exc)) from None
+        if env.master:
+            kept = f"; fresh init kept for {len(got['kept_init'])} training-only tensors" if got["kept_init"] else ""
+            print(f"[train] warm start from {got['source']} ({got['kind']}): {got['loaded']} tensors{kept}", flush=True)
+    raw_model = raw_model.to(env.device)
     if cfg.train.sync_batchnorm and env.world > 1 and env.device.type == "cuda":
         raw_model = nn.SyncBatchNorm.convert_sync_batchnorm(raw_model)
     optimizer, scheduler = build_optimizer(cfg.optim, raw_model, cfg.train.steps)

@@ -190,6 +190,9 @@ class TrainConfig:
     dist_timeout_s: float = 1800.0  # torch.distributed collectives' timeout (a slow checkpoint upload by rank 0)
     eval_every: int = 1000  # score --data.valid_manifests every N steps (and at the end)
     eval_batches: int = 20  # validation micro-batches per rank, the same ones every time
+    # warm start (eval_tools/weights.py warm_start): an export folder, a Hugging Face wav2vec2 folder, a
+    # train.py checkpoint or a CLMR file of the same architecture; "" = fresh init. --resume wins.
+    init_from: str = ""
 
     def __post_init__(self) -> None:
         _require(self.steps >= 1, "--train.steps", ">= 1", self.steps)

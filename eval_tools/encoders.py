@@ -100,6 +100,10 @@ class Encoder:
 
     autocast_ok = True  # False: the forward pass always runs in float32 (e.g. STFTs)
 
+    def embed(self, clips: list[np.ndarray]) -> np.ndarray:
+        """The embeddings of ``clips`` (1-D float32 at ``sample_rate``): :meth:`embed_clips`."""
+        return self.embed_clips(clips)
+
     # --- the batching machinery -------------------------------------------------------------------
     @torch.no_grad()
     def embed_clips(self, clips: list[np.ndarray]) -> np.ndarray:

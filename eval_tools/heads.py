@@ -4,7 +4,8 @@ that ``evaluate.py predict --model DIR`` loads to tag a user's own audio.
 The folder (this module is the one reader and writer of the format)::
 
     DIR/model.json   {"format": "musicssl-model/1", "encoder": {...}, "view": {...}, "tasks": [...], ...}
-    DIR/encoder.pt   {"config": <train.py config dict>, "model": <state_dict>}   (absent for log-mel)
+    DIR/encoder.pt   {"config": <train.py config dict>, "model": <state_dict>}   (absent for log-mel and HF)
+    DIR/encoder_hf/  a Hugging Face model folder (save_pretrained, safetensors) for ``--hf-model`` encoders
     DIR/heads.pt     {<task name>: <Probe state_dict>}
 
 ``encoder`` holds ``arch``, ``name``, ``sample_rate``, ``layer``, ``max_window_seconds`` (and the
@@ -80,6 +81,10 @@ def save_model(folder: str, enc: Encoder, heads: list[Head], *, view: View, meta
     if enc.arch == "logmel":
         mel = enc.model
         encoder["logmel"] = {"n_mels": mel.n_mels, "n_fft": mel.n_fft, "hop": mel.hop_length}
+    elif enc.arch.startswith("hf-"):  # a Hugging Face model (eval_tools/weights.py): its own folder format
+        enc.model.model.save_pretrained(os.path.join(folder, "encoder_hf"), safe_serialization=True)
+        encoder["hf_model"] = "encoder_hf"
+        encoder["normalize"] = bool(enc.model.normalize)
     else:
         train_cfg = enc.train_config
         if train_cfg is None:
@@ -140,6 +145,12 @@ def load_model(folder: str, *, device: torch.device | str = "cpu", precision: st
     e = doc["encoder"]
     if e["arch"] == "logmel":
         enc = logmel_encoder(int(e["sample_rate"]), **e["logmel"])
+    elif "hf_model" in e:
+        from eval_tools.weights import hf_encoder
+
+        enc = hf_encoder(os.path.join(folder, e["hf_model"]), name=e["name"], layer=e["layer"], sample_rate=int(e["sample_rate"]),
+                         max_window_seconds=float(e["max_window_seconds"]), flag="--model")
+        enc.model.normalize = bool(e.get("normalize", False))
     else:
         import train_config
 

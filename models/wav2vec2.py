@@ -60,6 +60,8 @@ __all__ = [
     "sample_negatives",
     "frame_lengths",
     "gumbel_temperature",
+    "hf_config_mismatches",
+    "state_dict_from_hf",
     "to_hf",
 ]
 
@@ -793,4 +795,78 @@ def hf_negative_indices(mask: Tensor, negatives: Tensor) -> Tensor:
     flat = pos.gather(1, negatives.flatten(1)).view_as(negatives) + torch.arange(b, device=mask.device)[:, None, None] * t
     out = torch.zeros(b, t, negatives.shape[-1], dtype=torch.long, device=mask.device)
     out[mask] = flat.reshape(-1, negatives.shape[-1])
+    return out
+
+
+def state_dict_from_hf(config: Wav2Vec2Config, hf: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
+    """The inverse of :func:`hf_state_dict` for the encoder: a ``Wav2Vec2Model`` state dict (keys
+    with or without ``wav2vec2.``, as ``Wav2Vec2ForPreTraining`` saves them) under our names.
+
+    Returns ``(ours, unused)``: the tensors our encoder takes, and the HF keys nothing here reads
+    (heads such as ``lm_head``, the quantizer, ``masked_spec_embed`` ...). A key our encoder needs and
+    ``hf`` lacks is simply absent from ``ours``; the caller names it."""
+    c = config
+    src = {(k[len("wav2vec2."):] if k.startswith("wav2vec2.") else k): v for k, v in hf.items()}
+    used: set[str] = set()
+    out: dict[str, Tensor] = {}
+
+    def take(theirs: str, ours: str) -> None:
+        if theirs in src:
+            out[ours] = src[theirs]
+            used.add(theirs)
+
+    fe = "feature_extractor.conv_layers"
+    for i in range(len(c.conv_layers)):
+        take(f"{fe}.{i}.conv.weight", f"feature_extractor.convs.{i}.weight")
+        take(f"{fe}.{i}.conv.bias", f"feature_extractor.convs.{i}.bias")
+        for p in ("weight", "bias"):
+            take(f"{fe}.{i}.layer_norm.{p}", f"feature_extractor.norms.{i}.{p}")
+    for p in ("weight", "bias"):
+        take(f"feature_projection.layer_norm.{p}", f"layer_norm.{p}")
+        take(f"feature_projection.projection.{p}", f"post_extract_proj.{p}")
+        take(f"encoder.layer_norm.{p}", f"encoder.layer_norm.{p}")
+    take("encoder.pos_conv_embed.conv.bias", "encoder.pos_conv.conv.bias")
+    for j in ("original0", "original1"):
+        take(f"encoder.pos_conv_embed.conv.parametrizations.weight.{j}", f"encoder.pos_conv.conv.parametrizations.weight.{j}")
+    # older transformers saved the weight norm as weight_g / weight_v (the same two tensors)
+    take("encoder.pos_conv_embed.conv.weight_g", "encoder.pos_conv.conv.parametrizations.weight.original0")
+    take("encoder.pos_conv_embed.conv.weight_v", "encoder.pos_conv.conv.parametrizations.weight.original1")
+    for i in range(c.num_layers):
+        s, d = f"encoder.layers.{i}", f"encoder.layers.{i}"
+        names = [f"{s}.attention.{n}_proj" for n in ("q", "k", "v")]
+        if all(f"{n}.weight" in src and f"{n}.bias" in src for n in names):
+            out[f"{d}.qkv.weight"] = torch.cat([src[f"{n}.weight"] for n in names])
+            out[f"{d}.qkv.bias"] = torch.cat([src[f"{n}.bias"] for n in names])
+            used.update(f"{n}.{p}" for n in names for p in ("weight", "bias"))
+        pairs = (("out_proj", "attention.out_proj"), ("attn_norm", "layer_norm"),
+                 ("fc1", "feed_forward.intermediate_dense"), ("fc2", "feed_forward.output_dense"),
+                 ("final_norm", "final_layer_norm"))
+        for ours, theirs in pairs:
+            for p in ("weight", "bias"):
+                take(f"{s}.{theirs}.{p}", f"{d}.{ours}.{p}")
+    unused = sorted(k for k in hf if (k[len("wav2vec2."):] if k.startswith("wav2vec2.") else k) not in used)
+    return out, unused
+
+
+def hf_config_mismatches(config: Wav2Vec2Config, hf: dict[str, Any]) -> list[str]:
+    """Where an HF ``Wav2Vec2Config`` (its config.json as a dict) builds another network than
+    ``config``: ``"<hf field> <theirs> vs <ours>"`` for each. Shapes alone miss some (pre- vs
+    post-LN, the activation, the epsilon), so a warm start checks these first."""
+    c = config
+    ours = {
+        "hidden_size": c.embed_dim, "num_hidden_layers": c.num_layers, "num_attention_heads": c.num_heads,
+        "intermediate_size": c.ffn_dim, "do_stable_layer_norm": c.layer_norm_first,
+        "feat_extract_norm": "group" if c.extractor_mode == "group_norm" else "layer", "conv_bias": c.conv_bias,
+        "conv_dim": [ch for ch, _, _ in c.conv_layers], "conv_kernel": [k for _, k, _ in c.conv_layers],
+        "conv_stride": [s for _, _, s in c.conv_layers], "num_conv_pos_embeddings": c.conv_pos,
+        "num_conv_pos_embedding_groups": c.conv_pos_groups, "hidden_act": "gelu", "feat_extract_activation": "gelu",
+        "layer_norm_eps": c.layer_norm_eps,
+    }
+    out = []
+    for k, v in ours.items():
+        theirs = hf.get(k)
+        if k in ("conv_dim", "conv_kernel", "conv_stride") and theirs is not None:
+            theirs = list(theirs)
+        if theirs is not None and theirs != v and not (isinstance(v, float) and abs(float(theirs) - v) < 1e-12):
+            out.append(f"{k} {theirs} vs {v}")
     return out
