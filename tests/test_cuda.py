@@ -85,6 +85,12 @@ def _clips(n: int = 6, channels: int = 1, seconds: float = 1.0, seed: int = 0) -
     return torch.stack(out).view(n, channels, -1).float()
 
 
+def _device(device: str) -> torch.device:
+    """``cuda`` -> ``cuda:<current>`` (DDP and NCCL want an index)."""
+    dev = torch.device(device)
+    return torch.device("cuda", torch.cuda.current_device()) if dev.type == "cuda" and dev.index is None else dev
+
+
 def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a - b).flatten(1).norm(dim=1) / b.flatten(1).norm(dim=1).clamp_min(1e-12)
 
@@ -234,7 +240,7 @@ def one_step(cfg: tc.Config, model: torch.nn.Module, batch: dict, device: torch.
 
 def check_bf16_step(preset: str, device: str) -> None:
     cfg = tc.preset(preset)
-    dev = torch.device(device)
+    dev = _device(device)
     _, model_cls = tc.model_classes(cfg.arch)
     torch.manual_seed(0)
     fp32_model = model_cls(cfg.model).to(dev)
@@ -269,7 +275,7 @@ def check_prefetcher(manifest: str, device: str) -> None:
     yields the loader's batches unchanged, on the device."""
     cfg = tc.apply_overrides(tc.preset("clmr_tiny"), [f"--data.manifests={manifest}", "--data.num_workers=2",
                                                       "--data.sample_rate=8000"])
-    dev = torch.device(device)
+    dev = _device(device)
     lc = cfg.data.loader_config(batch_size=4, views=2, crop_samples=2187, sample_rate=8000, seed=0,
                                 cuda=dev.type == "cuda")
     ref = list(itertools.islice(StreamingLoader(lc), 8))  # 12 batches an epoch
@@ -333,9 +339,17 @@ def test_torchrun_one_process_on_cuda_then_resume_repeats_the_losses(manifest, t
 # torch.compile
 
 
+def _assert_same_update(after: list[torch.Tensor], ref: list[torch.Tensor], lr: float, *, exact: bool) -> None:
+    """Parameters after one Adam step agree: to 1e-6 where the arithmetic is the same; else within
+    2.5 x lr, as Adam's first step moves each weight by about lr x sign(grad) and a near-zero gradient
+    may change sign under other rounding."""
+    worst = max(float((a - b).abs().max()) for a, b in zip(after, ref))
+    assert worst <= (1e-6 if exact else 2.5 * lr), worst
+
+
 def check_compile_step(device: str, backend: str) -> None:
     cfg = tc.apply_overrides(tc.preset("clmr_tiny"), ["--model.channels=16,16,32,32,32"])
-    dev = torch.device(device)
+    dev = _device(device)
     _, model_cls = tc.model_classes(cfg.arch)
     torch.manual_seed(0)
     eager = model_cls(cfg.model).to(dev)
@@ -347,8 +361,7 @@ def check_compile_step(device: str, backend: str) -> None:
     rel = 2e-2 if dev.type == "cuda" else 1e-5  # bf16 on CUDA: fused kernels round differently
     assert np.isfinite(lc) and abs(lc - le) <= rel * abs(le), (le, lc)
     # the compiled module stepped the raw module's parameters (what checkpoints hold) as eager did
-    worst = max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-12)) for a, b in zip(pc, pe))
-    assert worst <= (2e-2 if dev.type == "cuda" else 1e-5), worst
+    _assert_same_update(pc, pe, cfg.optim.lr, exact=dev.type == "cpu")
     raw_after = [q.detach().float().cpu() for q in raw.parameters()]
     assert all(torch.equal(a, b) for a, b in zip(raw_after, pc))
 
@@ -373,8 +386,8 @@ def check_ddp_step(device: str) -> None:
     gloo and plain BatchNorm on the CPU): the step equals the unwrapped model's."""
     import torch.distributed as dist
 
-    cfg = tc.apply_overrides(tc.preset("clmr_tiny"), ["--model.channels=16,16,32,32,32", "--optim.lr=1e-2"])
-    dev = torch.device(device)
+    cfg = tc.apply_overrides(tc.preset("clmr_tiny"), ["--model.channels=16,16,32,32,32"])
+    dev = _device(device)
     _, model_cls = tc.model_classes(cfg.arch)
     torch.manual_seed(0)
     plain = model_cls(cfg.model).to(dev)
@@ -389,13 +402,13 @@ def check_ddp_step(device: str) -> None:
     dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}",
                             rank=0, world_size=1, device_id=dev if dev.type == "cuda" else None)
     try:
-        ddp = torch.nn.parallel.DistributedDataParallel(raw, device_ids=[dev.index or 0] if dev.type == "cuda" else None)
+        ddp = torch.nn.parallel.DistributedDataParallel(raw, device_ids=[dev.index] if dev.type == "cuda" else None)
         ld, _, pd = one_step(cfg, ddp, batch, dev, "fp32")
     finally:
         dist.destroy_process_group()
-    tol = 1e-3 if dev.type == "cuda" else 1e-6  # cuDNN (TF32 convolutions) against the plain step
-    assert abs(ld - lp) <= tol * abs(lp), (lp, ld)
-    assert max(float(_rel_l2(a.view(1, -1), b.view(1, -1))) for a, b in zip(pd, pp)) <= 10 * tol
+    # the same forward (the update differs at most by cuDNN's backward summing in another order)
+    assert abs(ld - lp) <= (1e-5 if dev.type == "cuda" else 1e-6) * abs(lp), (lp, ld)
+    _assert_same_update(pd, pp, cfg.optim.lr, exact=dev.type == "cpu")
 
 
 @pytest.mark.parametrize("device", DEVICES)
