@@ -225,7 +225,8 @@ def summarise(done: dict[str, dict]) -> tuple[dict, dict]:
         "augment_gpu_vs_audiomentations": _get(aug, "ratios", "ours_vs_audiomentations"),
         "wav2vec2_vs_hf": _get(mod, "ratios", "wav2vec2_vs_hf"),
         "train_vs_data_wait_goal": _get(trn, "ratios", "train_vs_data_wait_goal"),
-        "extraction_bf16_vs_fp32": e["bf16_batched"] / e["fp32_batched"] if e["bf16_batched"] and e["fp32_batched"] else None,
+        "extraction_bf16_vs_fp32": (e["bf16_batched"] / e["fp32_batched"]
+                                    if e["bf16_batched"] and e["fp32_batched"] else None),
         "extraction_batched_vs_per_clip": (e["bf16_batched"] / e["bf16_per_clip"]
                                            if e["bf16_batched"] and e["bf16_per_clip"] else None),
     }
@@ -234,7 +235,7 @@ def summarise(done: dict[str, dict]) -> tuple[dict, dict]:
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 epilog="Sizes and timeouts of each part: see the module docstring (python -m pydoc benchmarks/gpu.py).")
+                                 epilog="Sizes and timeouts of each part: the docstring of benchmarks/gpu.py.")
     mode_group = ap.add_mutually_exclusive_group()
     mode_group.add_argument("--quick", action="store_true", help="a two-minute subset")
     mode_group.add_argument("--dry-run", action="store_true", help="the same parts on the CPU at tiny sizes (CI)")

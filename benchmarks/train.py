@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
                         "59049-sample crops at 22.05 kHz)")
     p.add_argument("--device", default="cpu", help="--train.device (default cpu; cuda: bf16 autocast, pinned prefetch)")
     p.add_argument("--paths", default="device,workers",
-                   help="comma-separated runs: device (augment on the training device), workers (in the loader workers)")
+                   help="comma-separated runs: device (augment on the training device), workers (in the loader "
+                        "workers)")
     p.add_argument("--clips", type=int, default=None, help="generated clips (default 128; --quick 32)")
     args = p.parse_args(argv)
     if args.quick:
@@ -115,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{'met' if first['data_wait_fraction'] < GOAL_WAIT_FRACTION else 'NOT met'})")
     ratios = {}
     if len(results) == 2:
-        ratios["device_augment_vs_worker_augment"] = results["device"]["clips_per_s"] / results["workers"]["clips_per_s"]
+        dev, wrk = results["device"], results["workers"]
+        ratios["device_augment_vs_worker_augment"] = dev["clips_per_s"] / wrk["clips_per_s"]
     ratios["train_vs_data_wait_goal"] = GOAL_WAIT_FRACTION / max(first["data_wait_fraction"], 1e-6)
     report = {
         "benchmark": "train", "quick": args.quick, "preset": args.preset, "device": args.device, "steps": args.steps,

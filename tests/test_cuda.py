@@ -309,7 +309,8 @@ def check_torchrun_resume(manifest: str, out: str, device: str) -> None:
            os.path.join(ROOT, "train.py"), "--config", "clmr_tiny", f"--data.manifests={manifest}",
            f"--train.out_dir={out}", f"--train.device={device}", "--model.channels=16,16,32,32,32",
            "--logging.wandb_mode=disabled", "--train.steps=4", "--train.global_batch_size=8",
-           f"--data.num_workers={1 if device == 'cuda' else 0}", "--checkpoint.every=2", "--checkpoint.keep=3", "--logging.every=2"]
+           f"--data.num_workers={1 if device == 'cuda' else 0}", "--checkpoint.every=2", "--checkpoint.keep=3",
+           "--logging.every=2"]
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONPATH=ROOT)
     res = subprocess.run(cmd, cwd=out.rsplit("/", 1)[0], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
