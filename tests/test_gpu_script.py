@@ -68,3 +68,20 @@ def test_a_failing_or_hanging_part_is_recorded_and_summarised_as_missing(tmp_pat
 def test_without_cuda_it_says_to_use_a_gpu_node_or_dry_run():
     with pytest.raises(UserError, match="no CUDA device here.*--dry-run"):
         gpu.main([])
+
+
+@pytest.mark.parametrize("mode", ["full", "quick"])
+def test_the_gpu_modes_pass_only_flags_their_benchmarks_define(mode, tmp_path):
+    """The full and quick sizes never run in CI (they need CUDA): every flag they pass must at least
+    be one the benchmark's parser defines, so a renamed flag fails here and not on the GPU node."""
+    seen = set()
+    for part in gpu.parts(mode, str(tmp_path), 16):
+        script = part.argv[1] if part.argv[1].endswith(".py") else None  # else python -m pytest
+        if script is None:
+            assert part.name == "tests" and part.argv[1:5] == ["-m", "pytest", "-m", "cuda"]
+            continue
+        source = open(script).read()
+        for flag in (a for a in part.argv if a.startswith("--")):
+            assert f'add_argument("{flag}"' in source, (part.name, flag)
+        seen.add(part.name)
+    assert seen == set(PARTS) - {"tests"}
