@@ -17,7 +17,8 @@ own data. Parts run in order, each a subprocess with its own timeout; its output
                 (2 batches / 1); torch-audiomentations left out. 75 s / 20 s.
 - ``models``    benchmarks/models.py, bf16 autocast: our wav2vec2 BASE against HF
                 ``Wav2Vec2ForPreTraining`` on 4 / 2 crops of 250,000 samples (fairseq's), CLMR and CPC
-                at their default presets, batch 48; 10 / 3 timed steps each. 75 s / 20 s.
+                at their default presets, batch 48; 10 / 3 timed steps each (a step: zero_grad, forward,
+                backward, as benchmarks/models.py times it; no optimizer). 75 s / 20 s.
 - ``train``     benchmarks/train.py: train.py with clmr_mtat's model, crops and augmentation on the GPU,
                 CLMR's batch of 48, one loader worker per core, 80 steps of which the first 20 are left
                 out / 30 and 10; the trainer's data wait. 90 s / 25 s.
