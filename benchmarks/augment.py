@@ -163,7 +163,7 @@ def run_ours(clips: np.ndarray, batches: int, args, pitch_only: bool, overrides:
         chain = PitchShift(sample_rate=args.sr, p=1.0).to(device)
     else:
         cfg = AugmentConfig(**{f"{n}_p": p for n, p in CLMR.items()}, **(overrides or {}))
-        chain = build_augment(cfg, sample_rate=args.sr, seed=0)
+        chain = build_augment(cfg, sample_rate=args.sr, seed=0).to(device)  # buffers (IR bank, windows) too
     chain(x)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()

@@ -17,8 +17,10 @@ interleaved rounds (median of ``--rounds``):
 Fine-tune: ``eval_tools.finetune.finetune`` on generated shards (the same clips' lengths), steps/s
 over ``--ft-steps`` steps of batch ``--ft-batch`` (valid scoring excluded).
 
-GPU rows run when ``torch.cuda.is_available()``: the same extraction on ``cuda`` in fp32 and in bf16
-autocast, with ``--gpu-preset`` (default wav2vec2_musicnet, the fairseq BASE size).
+GPU rows run when ``torch.cuda.is_available()`` (or on ``--gpu-device``): the same extraction on
+``cuda`` in fp32 and in bf16 autocast, with ``--gpu-preset`` (default wav2vec2_musicnet, the fairseq
+BASE size), and fine-tuning in bf16. ``--gpu-only`` leaves the CPU rows out (benchmarks/gpu.py);
+``--gpu-device cpu`` runs the GPU rows' code on the CPU (its ``--dry-run``).
 
 The last line printed is one JSON object. ``ratios``: ``batched_vs_per_clip`` (clips/s, CPU),
 and with a GPU ``batched_vs_per_clip_cuda`` (bf16) and ``bf16_vs_fp32_cuda`` (batched clips/s).
@@ -111,21 +113,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ft-batch", type=int, default=16)
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: on a shared CPU, OpenMP spin-waits swamp small per-clip passes)")
     p.add_argument("--quick", action="store_true", help="tiny sizes (a few seconds), for CI")
+    p.add_argument("--gpu-device", default="auto",
+                   help="device of the GPU rows: auto (cuda when available, else none), cuda[:N], cpu, or none")
+    p.add_argument("--gpu-only", action="store_true", help="leave out the CPU rows (extraction and fine-tune)")
     a = p.parse_args(argv)
+    gpu_device = ("cuda" if torch.cuda.is_available() else "none") if a.gpu_device == "auto" else a.gpu_device
+    if gpu_device == "none" and a.gpu_only:
+        p.error("--gpu-only: no GPU rows to run (no CUDA device; pass --gpu-device cpu to run their code on the CPU)")
     if a.quick:
         a.clips, a.seconds, a.rounds, a.ft_steps, a.ft_batch, a.batch = 8, 0.5, 1, 3, 4, 4
     torch.set_num_threads(a.threads)
     clips = make_clips(a.clips, a.seconds)
-    rows = [extraction(a.preset, clips, batch=a.batch, rounds=a.rounds, device="cpu", precision="fp32")]
-    ft = [finetune_speed(a.preset, clips, steps=a.ft_steps, batch=a.ft_batch, device="cpu", precision="fp32")]
-    ratios = {"batched_vs_per_clip": rows[0]["batched_clips_per_s"] / rows[0]["per_clip_clips_per_s"]}
-    if torch.cuda.is_available():
-        gpu = {prec: extraction(a.gpu_preset, clips, batch=a.batch, rounds=a.rounds, device="cuda", precision=prec)
+    rows, ft, ratios = [], [], {}
+    if not a.gpu_only:
+        rows.append(extraction(a.preset, clips, batch=a.batch, rounds=a.rounds, device="cpu", precision="fp32"))
+        ft.append(finetune_speed(a.preset, clips, steps=a.ft_steps, batch=a.ft_batch, device="cpu", precision="fp32"))
+        ratios["batched_vs_per_clip"] = rows[0]["batched_clips_per_s"] / rows[0]["per_clip_clips_per_s"]
+    if gpu_device != "none":
+        tag = torch.device(gpu_device).type  # "cuda"; "cpu" when the GPU rows' code runs on the CPU
+        gpu = {prec: extraction(a.gpu_preset, clips, batch=a.batch, rounds=a.rounds, device=gpu_device, precision=prec)
                for prec in ("fp32", "bf16")}
         rows += list(gpu.values())
-        ft.append(finetune_speed(a.gpu_preset, clips, steps=a.ft_steps, batch=a.ft_batch, device="cuda", precision="bf16"))
-        ratios["batched_vs_per_clip_cuda"] = gpu["bf16"]["batched_clips_per_s"] / gpu["bf16"]["per_clip_clips_per_s"]
-        ratios["bf16_vs_fp32_cuda"] = gpu["bf16"]["batched_clips_per_s"] / gpu["fp32"]["batched_clips_per_s"]
+        ft.append(finetune_speed(a.gpu_preset, clips, steps=a.ft_steps, batch=a.ft_batch, device=gpu_device,
+                                 precision="bf16"))
+        ratios[f"batched_vs_per_clip_{tag}"] = gpu["bf16"]["batched_clips_per_s"] / gpu["bf16"]["per_clip_clips_per_s"]
+        ratios[f"bf16_vs_fp32_{tag}"] = gpu["bf16"]["batched_clips_per_s"] / gpu["fp32"]["batched_clips_per_s"]
     print(f"\n{'extraction':34s} {'per clip':>10s} {'batched':>10s}  clips/s")
     for r in rows:
         print(f"{r['preset'] + ' ' + r['device'] + ' ' + r['precision']:34s} {r['per_clip_clips_per_s']:10.1f} "

@@ -3,9 +3,12 @@
     .venv/bin/python benchmarks/models.py            # small preset, batch 8 x 2 s at 16 kHz
     .venv/bin/python benchmarks/models.py --quick    # tiny sizes (what the test runs)
     .venv/bin/python benchmarks/models.py --profile  # also print where the wav2vec2 step spends time
+    .venv/bin/python benchmarks/models.py --device cuda --precision bf16 --w2v-config base \
+        --batch 4 --seconds 15.625 --seam-batch 48      # the GPU rows of benchmarks/gpu.py
 
 wav2vec2: one training step = zero_grad + forward + backward on the same batch, same config, same
-threads, both in train mode (dropout, layerdrop, Gumbel noise on). HF is given the mask and negative
+threads, both in train mode (dropout, layerdrop, Gumbel noise on), both under the same autocast
+(``--precision bf16``) or none. HF is given the mask and negative
 indices we drew (converted to its layout) outside its timed region, so its numpy samplers are not
 charged to it; ours samples them inside the step. Steps of the two models are interleaved and the
 median is reported, which keeps a machine shared with other jobs from favouring either side.
@@ -98,8 +101,15 @@ def benchmark_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, st
     return result
 
 
+def _autocast(device: str, precision: str):
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+W2V_CONFIGS = {"tiny": Wav2Vec2Config.tiny, "small": Wav2Vec2Config.small, "base": Wav2Vec2Config.base}
+
+
 def wav2vec2_vs_hf(config: Wav2Vec2Config, *, batch: int, seconds: float, steps: int, warmup: int,
-                   device: str, profile: bool) -> dict:
+                   device: str, profile: bool, precision: str = "fp32") -> dict:
     torch.manual_seed(0)
     ours = Wav2Vec2Pretrain(config).to(device).train()
     hf = to_hf(ours).to(device).train()
@@ -117,12 +127,14 @@ def wav2vec2_vs_hf(config: Wav2Vec2Config, *, batch: int, seconds: float, steps:
 
     def step_ours() -> None:
         ours.zero_grad(set_to_none=True)
-        loss, _ = ours(b_ours)
+        with _autocast(device, precision):
+            loss, _ = ours(b_ours)
         loss.backward()
 
     def step_hf() -> None:
         hf.zero_grad(set_to_none=True)
-        out = hf(audio, mask_time_indices=mask, sampled_negative_indices=hf_neg)
+        with _autocast(device, precision):
+            out = hf(audio, mask_time_indices=mask, sampled_negative_indices=hf_neg)
         out.loss.backward()
 
     times = _interleaved({"ours": step_ours, "hf": step_hf}, steps, warmup, sync)
@@ -136,7 +148,7 @@ def wav2vec2_vs_hf(config: Wav2Vec2Config, *, batch: int, seconds: float, steps:
             print(f"--- profile: {name} ---")
             print(p.key_averages().table(sort_by="cpu_time_total", row_limit=18))
     return {
-        "config": "small" if config == Wav2Vec2Config.small() else "tiny",
+        "config": next((k for k, f in W2V_CONFIGS.items() if f() == config), "custom"), "precision": precision,
         "batch": batch, "seconds": seconds, "frames": t, "masked_per_clip": int(mask[0].sum()),
         "params": sum(p.numel() for p in ours.parameters()),
         "ours_ms": 1000 * med["ours"], "hf_ms": 1000 * med["hf"],
@@ -146,7 +158,7 @@ def wav2vec2_vs_hf(config: Wav2Vec2Config, *, batch: int, seconds: float, steps:
 
 
 def seam_step(module: str, cls_name: str, cfg_name: str, preset: str, *, batch: int, views: int,
-              steps: int, warmup: int, device: str) -> dict:
+              steps: int, warmup: int, device: str, precision: str = "fp32") -> dict:
     """Time forward+backward of ``module.cls_name(cfg_name.preset())`` through the model seam."""
     try:
         mod = importlib.import_module(module)
@@ -161,11 +173,12 @@ def seam_step(module: str, cls_name: str, cfg_name: str, preset: str, *, batch: 
 
     def step() -> None:
         model.zero_grad(set_to_none=True)
-        loss, _ = model(b)
+        with _autocast(device, precision):
+            loss, _ = model(b)
         loss.backward()
 
     times = _interleaved({"step": step}, steps, warmup, sync)["step"]
-    return {"preset": preset, "batch": batch, "input_samples": samples,
+    return {"preset": preset, "precision": precision, "batch": batch, "input_samples": samples,
             "params": sum(p.numel() for p in model.parameters()),
             "ms": 1000 * statistics.median(times)}
 
@@ -180,32 +193,42 @@ def main(argv: list[str] | None = None) -> dict:
                     help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     ap.add_argument("--profile", action="store_true", help="print a CPU op profile of one step each")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                    help="bf16: every model's forward under bf16 autocast, ours and HF alike (default fp32)")
+    ap.add_argument("--w2v-config", choices=list(W2V_CONFIGS), default=None,
+                    help="wav2vec2 size (default: small; --quick: tiny); base = fairseq's BASE")
+    ap.add_argument("--seam-batch", type=int, default=None, help="clips per CLMR / CPC step (default: --batch)")
+    ap.add_argument("--presets", nargs="+", choices=["tiny", "default"], default=None,
+                    help="CLMR / CPC presets to time (default: tiny default; --quick: tiny)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     steps, warmup = (2, 1) if args.quick else (args.steps, 2)
-    w2v_cfg = Wav2Vec2Config.tiny() if args.quick else Wav2Vec2Config.small()
+    w2v_cfg = W2V_CONFIGS[args.w2v_config or ("tiny" if args.quick else "small")]()
     batch, seconds = (2, 1.0) if args.quick else (args.batch, args.seconds)
+    seam_batch = args.seam_batch or batch
 
     print(f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}", flush=True)
     w2v = wav2vec2_vs_hf(w2v_cfg, batch=batch, seconds=seconds, steps=steps, warmup=warmup,
-                         device=args.device, profile=args.profile)
+                         device=args.device, profile=args.profile, precision=args.precision)
     print(f"wav2vec2 {w2v['config']} (batch {batch} x {seconds} s, {w2v['params'] / 1e6:.1f}M params): "
           f"ours {w2v['ours_ms']:.1f} ms, HF {w2v['hf_ms']:.1f} ms per step", flush=True)
     others = {}
-    presets = ("tiny",) if args.quick else ("tiny", "default")
+    presets = args.presets or (("tiny",) if args.quick else ("tiny", "default"))
     for preset in presets:
-        others[f"clmr_{preset}"] = seam_step("models.clmr", "CLMR", "CLMRConfig", preset, batch=batch,
-                                             views=2, steps=steps, warmup=warmup, device=args.device)
-    for preset in ("tiny",) if args.quick else ("tiny", "default"):
-        others[f"cpc_{preset}"] = seam_step("models.cpc", "CPC", "CPCConfig", preset, batch=batch,
-                                            views=1, steps=steps, warmup=warmup, device=args.device)
+        others[f"clmr_{preset}"] = seam_step("models.clmr", "CLMR", "CLMRConfig", preset, batch=seam_batch,
+                                             views=2, steps=steps, warmup=warmup, device=args.device,
+                                             precision=args.precision)
+    for preset in presets:
+        others[f"cpc_{preset}"] = seam_step("models.cpc", "CPC", "CPCConfig", preset, batch=seam_batch,
+                                            views=1, steps=steps, warmup=warmup, device=args.device,
+                                            precision=args.precision)
     for name, r in others.items():
         print(f"{name}: " + (r["missing"] if "missing" in r else
                              f"{r['ms']:.1f} ms per step (batch {r['batch']} x {r['input_samples']} samples, "
                              f"{r['params'] / 1e6:.2f}M params)"), flush=True)
     result = {
-        "benchmark": "models", "device": args.device, "threads": torch.get_num_threads(),
+        "benchmark": "models", "device": args.device, "precision": args.precision, "threads": torch.get_num_threads(),
         "quick": args.quick, "wav2vec2": w2v, **others,
         "ratios": {"wav2vec2_vs_hf": w2v["hf_ms"] / w2v["ours_ms"]},
     }

@@ -18,7 +18,8 @@ from tests.test_augment_helpers import (
     SR, active_seconds, f0_hz, render_note, schroeder_rt60, semitones, tone_level,
 )
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# the cuda case carries the `cuda` marker, so `pytest -m cuda` (benchmarks/gpu.py) runs it
+DEVICES = ["cpu"] + ([pytest.param("cuda", marks=pytest.mark.cuda)] if torch.cuda.is_available() else [])
 
 
 @pytest.fixture(params=DEVICES)

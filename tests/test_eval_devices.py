@@ -82,15 +82,15 @@ def toy(tmp_path_factory) -> str:
     return evaldata.write_toy(str(tmp_path_factory.mktemp("devdata") / "toy"), sizes=(24, 12, 12))
 
 
+def _probe_accuracy(toy: str, out: str, device: str, precision: str) -> float:
+    opts = evaluate.EvalOptions(data=[toy], out=out, preset="cpc_tiny", baselines=["random"], tasks=["pitch"],
+                                max_epochs=40, patience=10, device=device, precision=precision, progress=False, cache="")
+    return evaluate.run_evaluation(opts)["rows"][0]["test"]["accuracy"]
+
+
 def test_bf16_probe_scores_match_fp32(toy, tmp_path) -> None:
     """The metric a user reads does not move with bf16 autocast beyond noise (here: not at all)."""
-    scores = {}
-    for precision in ("fp32", "bf16"):
-        opts = evaluate.EvalOptions(data=[toy], out=str(tmp_path / precision), preset="cpc_tiny", baselines=["random"],
-                                    tasks=["pitch"], max_epochs=40, patience=10, device="cpu", precision=precision,
-                                    progress=False, cache="")
-        res = evaluate.run_evaluation(opts)
-        scores[precision] = res["rows"][0]["test"]["accuracy"]
+    scores = {p: _probe_accuracy(toy, str(tmp_path / p), "cpu", p) for p in ("fp32", "bf16")}
     assert abs(scores["fp32"] - scores["bf16"]) <= 1 / 12 + 1e-9, scores
 
 
@@ -186,3 +186,13 @@ def test_cuda_extraction_matches_cpu_within_bf16_tolerance() -> None:
         assert _rel(gpu, cpu).max() < BF16_REL_L2, preset
         fp32 = _encoder(preset).to("cuda", "fp32").embed_clips(clips)
         assert _rel(fp32, cpu).max() < 1e-3, preset  # TF32 matmuls may differ from the CPU slightly
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_probe_scores_match_cpu(toy, tmp_path) -> None:
+    """Extraction and probe training on CUDA give the CPU's test accuracy within one of the 12 test clips."""
+    scores = {(d, p): _probe_accuracy(toy, str(tmp_path / f"{d}-{p}"), d, p)
+              for d, p in (("cpu", "fp32"), ("cuda", "fp32"), ("cuda", "bf16"))}
+    for key, acc in scores.items():
+        assert abs(acc - scores["cpu", "fp32"]) <= 1 / 12 + 1e-9, scores

@@ -292,6 +292,7 @@ def test_device_prefetcher_cpu_passes_through(data):
     assert all(a is b for a, b in zip(got, src))
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_device_prefetcher_cuda(data):
     ld = StreamingLoader(_cfg(data["manifest"], pin_memory=True))

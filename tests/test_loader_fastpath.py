@@ -135,6 +135,7 @@ def test_direct_reads_equal_public_reads_batch_for_batch(long, monkeypatch):
         assert f["keys"] == p["keys"] and torch.equal(f["audio"], p["audio"])
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_pinned_batches_from_worker_slots(short):
     """With pin_memory the slot is copied into pinned memory and released at once."""

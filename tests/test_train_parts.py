@@ -113,6 +113,7 @@ def test_loader_state_before_held_batches_yields_them_again(tmp_path):
     assert ahead.state_dict()["step"] == 6
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_prefetcher_state_counts_only_the_batches_it_yielded(tmp_path):
     clips = shardgen.make_clips(24, sample_rate=8000, seconds=(0.3, 0.3), seed=1)
