@@ -94,7 +94,7 @@ def finetune_speed(preset: str, clips: list[np.ndarray], *, steps: int, batch: i
         ds = Dataset.from_dir(tmp)
         enc = random_encoder(preset_config(preset), sample_rate=SR, seed=0).to(device, precision)
         cfg = FinetuneConfig(steps=steps, batch_size=batch, eval_every=steps, seed=0)
-        summary = finetune(enc, ds, make_tasks(ds, ["pitch"]), cfg, progress=False)
+        summary = finetune(enc, ds, make_tasks(ds, ["pitch"]), cfg, run_dir=os.path.join(tmp, "run"), progress=False)
     return {"preset": preset, "device": device, "precision": precision, "steps": summary["steps"], "batch": batch,
             "steps_per_s": summary["steps"] / summary["loop_seconds"]}
 

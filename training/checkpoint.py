@@ -7,9 +7,10 @@ is refused in our words, never loaded.
 
 Who uses what:
 
-- a trainer: :func:`save_run` (every rank calls it; per-rank states are gathered to rank 0),
+- a trainer: :func:`refuse_fresh_run` (a fresh run must not rotate an earlier run's files away),
+  :func:`save_run` (every rank calls it; per-rank states are gathered to rank 0),
   :func:`resume_point` (``--resume auto`` falls back past an unreadable newest file),
-  :func:`rank_state`, :func:`rng_state` / :func:`set_rng_state`;
+  :func:`rank_state`, :func:`rng_state` / :func:`set_rng_state` / :func:`seed_or_restore_rng`;
 - evaluation: :func:`read` (the state and the file's sha256, for cache keys),
   :func:`model_from_state` and :func:`load_model_from_checkpoint`.
 """
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 
 from pipeline import fsio
-from training.errors import CheckpointError
+from training.errors import CheckpointError, ConfigError
 
 if TYPE_CHECKING:
     from torch import nn
@@ -131,6 +132,19 @@ def resume_point(resume: str, folder: str, *, say: Callable[[str], None] = print
     return None, None
 
 
+def refuse_fresh_run(folder: str, resume: str, *, flag: str, elsewhere: str) -> None:
+    """A fresh run (``resume == "none"``) in a ``folder`` that holds checkpoints is a :class:`ConfigError`:
+    it would rotate them away. ``flag`` names the folder's flag, ``elsewhere`` how to start afresh."""
+    if resume != "none":
+        return
+    found = list_checkpoints(folder)
+    if found:
+        raise ConfigError(
+            f"{flag} {folder} already holds checkpoints of an earlier run (newest {found[-1][1]}); continue it with "
+            f"--resume auto, or start afresh {elsewhere} (a new run there would rotate the old checkpoints away)"
+        )
+
+
 def save_run(folder: str, keep: int, env: Dist, *, step: int, mine: dict[str, Any],
              shared: Callable[[], dict[str, Any]]) -> str | None:
     """Write one checkpoint of a (possibly distributed) run; every rank calls this.
@@ -176,6 +190,16 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     n = state["numpy"]
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     random.setstate(_to_tuples(state["python"]))
+
+
+def seed_or_restore_rng(rng: dict[str, Any] | None, *, seed: int, rank: int, device: torch.device) -> None:
+    """Restore a checkpoint's RNG states, or seed torch, numpy and Python with ``seed + rank`` (fresh run)."""
+    if rng is not None:
+        set_rng_state(rng, device)
+    else:
+        torch.manual_seed(seed + rank)
+        np.random.seed((seed + rank) % 2**32)
+        random.seed(seed + rank)
 
 
 def _to_lists(x: Any) -> Any:

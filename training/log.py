@@ -92,11 +92,12 @@ class RunLogger:
     """Console, metrics.jsonl, W&B and audio examples of one run (see the module docstring).
 
     ``audio_seconds``: seconds of audio one clip stands for (views x crop / rate), for audio-h/s.
+    ``tag``: what its own console lines start with (``[train]``, ``[finetune]``).
     """
 
     def __init__(self, cfg: LoggingConfig, env: Dist, *, out_dir: str, total_steps: int, run_name: str,
-                 config: dict[str, Any], audio_seconds: float, steps_per_epoch: int = 0):
-        self.cfg, self.env, self.out_dir, self.total_steps = cfg, env, out_dir, total_steps
+                 config: dict[str, Any], audio_seconds: float, steps_per_epoch: int = 0, tag: str = "train"):
+        self.cfg, self.env, self.out_dir, self.total_steps, self.tag = cfg, env, out_dir, total_steps, tag
         self.run_name, self.config, self.audio_seconds, self.steps_per_epoch = run_name, config, audio_seconds, steps_per_epoch
         self.metrics_path = os.path.join(out_dir, "metrics.jsonl")
         self.nonfinite_total, self.clips = 0, 0  # the run's counters, kept in checkpoints
@@ -131,7 +132,7 @@ class RunLogger:
         self.run_id = run_id or self.env.broadcast_object(secrets.token_hex(4))
         if self.env.master:
             self.wandb = init_wandb(self.cfg, run_id=self.run_id, out_dir=self.out_dir, name=self.run_name,
-                                    config=self.config)
+                                    config=self.config, tag=self.tag)
         self._start_step, self._t_start = step, time.perf_counter()
         if self.env.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.env.device)
@@ -207,6 +208,16 @@ class RunLogger:
               f"{self.nonfinite_total} non-finite steps | eta {fmt_duration(eta)}", flush=True)
         self._window = _Window()
 
+    def log_eval(self, step: int, scores: dict[str, float], *, prefix: str = "valid") -> None:
+        """Rank 0: an evaluation at optimizer step ``step`` as ``<prefix>/<name>`` in metrics.jsonl and W&B."""
+        if not self.env.master:
+            return
+        record = {f"{prefix}/{k}": float(v) for k, v in scores.items()}
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps({"step": step, **record}) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(record, step=step)
+
     # --- audio examples --------------------------------------------------------------------
 
     def audio_due(self, step: int) -> bool:
@@ -239,7 +250,7 @@ class RunLogger:
 # Weights & Biases (rank 0 only; imported when used)
 
 
-def init_wandb(cfg: LoggingConfig, *, run_id: str, out_dir: str, name: str, config: dict[str, Any]) -> Any:
+def init_wandb(cfg: LoggingConfig, *, run_id: str, out_dir: str, name: str, config: dict[str, Any], tag: str = "train") -> Any:
     """Start or continue W&B run ``run_id``; None when disabled. Offline when no API key is set."""
     mode = cfg.wandb_mode
     if mode == "auto":
@@ -252,10 +263,10 @@ def init_wandb(cfg: LoggingConfig, *, run_id: str, out_dir: str, name: str, conf
             mode = "online"
         else:
             mode = "offline"
-            print("[train] W&B: WANDB_API_KEY is not set, logging offline under "
+            print(f"[{tag}] W&B: WANDB_API_KEY is not set, logging offline under "
                   f"{os.path.join(out_dir, 'wandb')} (upload later with `wandb sync <run folder>`)")
     if mode == "disabled":
-        print("[train] W&B: disabled (--logging.wandb_mode=disabled)")
+        print(f"[{tag}] W&B: disabled" + (" (--logging.wandb_mode=disabled)" if tag == "train" else ""))
         return None
     import wandb
 
@@ -270,10 +281,10 @@ def init_wandb(cfg: LoggingConfig, *, run_id: str, out_dir: str, name: str, conf
     except Exception as exc:  # noqa: BLE001 - no network or a bad key must not cost the training run
         if mode != "online":
             raise
-        print(f"[train] W&B: online start failed ({exc}); logging offline instead (`wandb sync` it later)")
+        print(f"[{tag}] W&B: online start failed ({exc}); logging offline instead (`wandb sync` it later)")
         mode = "offline"
         run = start(mode)
-    print(f"[train] W&B: {mode} run {run_id} ({run.dir})")
+    print(f"[{tag}] W&B: {mode} run {run_id} ({run.dir})")
     return run
 
 
