@@ -1,0 +1,170 @@
+"""Fine-tuning runs like training: kill -9 and ``--resume auto`` repeat the uninterrupted run, two
+gloo ranks under torchrun, and the bad inputs a user can give (another sample rate, a split without
+a task's labels, out of memory, a used run folder) are one line naming what to change."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import evaluate
+from tests import evaldata, shardgen
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONPATH=ROOT)
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory) -> str:
+    return evaldata.write_toy(str(tmp_path_factory.mktemp("ftrun") / "toy"), sizes=(48, 12, 12))
+
+
+def _records(out: str, run: str = "pitch") -> tuple[list[float], list[dict]]:
+    """(the step losses, the valid evaluations) of ``out/runs/<run>/metrics.jsonl``."""
+    with open(os.path.join(out, "runs", run, "metrics.jsonl")) as f:
+        recs = [json.loads(line) for line in f if line.endswith("\n")]
+    return [r["loss"] for r in recs if "loss" in r], [r for r in recs if "valid/score" in r]
+
+
+def _wait_for_losses(out: str, n: int, proc: subprocess.Popen, timeout: float = 240.0) -> None:
+    deadline = time.time() + timeout
+    path = os.path.join(out, "runs", "pitch", "metrics.jsonl")
+    while time.time() < deadline:
+        if os.path.exists(path) and len(_records(out)[0]) >= n:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"finetune exited ({proc.returncode}) before step {n}:\n{proc.stdout.read()}")
+        time.sleep(0.02)
+    proc.kill()
+    raise AssertionError(f"no step {n} in {path} after {timeout}s")
+
+
+def test_kill9_then_resume_auto_repeats_the_uninterrupted_run(toy, tmp_path) -> None:
+    # one loader worker process (its shuffle buffer's position must come back), a checkpoint with every valid scoring
+    common = ["finetune", "--data", toy, "--preset", "cpc_tiny", "--tasks", "pitch", "--steps", "30", "--eval-every", "6",
+              "--batch-size", "8", "--workers", "1", "--device", "cpu", "--no-progress"]
+    ref, out = str(tmp_path / "ref"), str(tmp_path / "killed")
+    assert evaluate.main([*common, "--out", ref]) == 0
+    ref_losses, ref_valid = _records(ref)
+    assert len(ref_losses) == 30 and [r["step"] for r in ref_valid] == [6, 12, 18, 24, 30]
+
+    proc = subprocess.Popen([sys.executable, "evaluate.py", *common, "--out", out], cwd=ROOT, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for_losses(out, 14, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    assert proc.returncode == -signal.SIGKILL
+    from training import checkpoint
+
+    ckpts = checkpoint.list_checkpoints(os.path.join(out, "runs", "pitch", "checkpoints"))
+    assert ckpts and ckpts[-1][0] in (12, 18, 24)
+    state = checkpoint.load(ckpts[-1][1])
+    assert state["best"]["step"] in (6, 12, 18, 24) and state["best"]["model"] is not None  # the best weights travel
+
+    # a fresh run into the same folder would rotate the killed run's checkpoints away: refused
+    assert evaluate.main([*common, "--out", out]) != 0
+    assert evaluate.main([*common, "--out", out, "--resume", "auto"]) == 0
+    losses, valid = _records(out)
+    assert losses == pytest.approx(ref_losses, rel=1e-6, abs=1e-7)  # metrics.jsonl cut back to the checkpoint, then the same steps
+    assert [(r["step"], r["valid/score"]) for r in valid] == [(r["step"], r["valid/score"]) for r in ref_valid]
+    assert len(set(round(x, 4) for x in ref_losses)) > 10  # not trivially constant
+    r1, r2 = (json.load(open(os.path.join(d, "results.json"))) for d in (ref, out))
+    assert r2["finetune"]["pitch"]["resumed_from"] == ckpts[-1][1] and r2["finetune"]["pitch"]["steps_run"] == 30 - ckpts[-1][0]
+    assert r2["finetune"]["pitch"]["best_step"] == r1["finetune"]["pitch"]["best_step"]
+    assert r2["rows"][0]["test"] == r1["rows"][0]["test"]  # the best weights were restored, not the last ones
+
+
+def test_two_gloo_ranks_under_torchrun(toy, tmp_path) -> None:
+    """Each rank streams its half of the training split (4 crops a step each), DDP averages the
+    gradients, both ranks embed half of valid/test, rank 0 writes the results."""
+    out = str(tmp_path / "two")
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "evaluate.py"]
+    res = subprocess.run([*run, "finetune", "--data", toy, "--preset", "cpc_tiny", "--tasks", "pitch", "--steps", "4",
+                          "--eval-every", "2", "--batch-size", "8", "--workers", "0", "--device", "cpu", "--no-progress",
+                          "--out", out], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    doc = json.load(open(os.path.join(out, "results.json")))
+    ft = doc["finetune"]["pitch"]
+    assert doc["config"]["world_size"] == 2 and ft["world_size"] == 2 and ft["steps"] == 4
+    assert ft["labels_seen"] == {"pitch": 4 * 8}  # summed over both ranks
+    assert doc["rows"][0]["test"]["n"] == 12  # both halves of the test split gathered
+    from training import checkpoint
+
+    state = checkpoint.load(checkpoint.list_checkpoints(os.path.join(out, "runs", "pitch", "checkpoints"))[-1][1])
+    ranks = state["ranks"]
+    assert len(ranks) == 2 and [r["loader"]["world_size"] for r in ranks] == [2, 2]
+    assert [r["loader"]["step"] for r in ranks] == [4, 4] and ranks[0]["loader"]["batch_size"] == 4
+    assert not torch.equal(ranks[0]["rng"]["torch"], ranks[1]["rng"]["torch"])  # each rank its own generator
+
+
+def _write(folder: str, *, drop: dict[str, str] | None = None, sample_rate: int = evaldata.SR) -> str:
+    """The toy splits; ``drop``: split -> a label field its clips do not carry."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 16), ("valid", 8), ("test", 8)):
+        clips = [evaldata.toy_clip(rng, i, split, sample_rate=sample_rate) for i in range(n)]
+        for c in clips:
+            if drop and split in drop:
+                c["labels"].pop(drop[split])
+        shardgen.write_split(folder, clips, [n // 2, n - n // 2], split=split, dataset="toy", labels=evaldata.SPEC)
+    return folder
+
+
+def _finetune(data: str, out: str, *extra: str) -> list[str]:
+    return ["finetune", "--data", data, "--preset", "cpc_tiny", "--tasks", "pitch", "--steps", "2", "--eval-every", "2",
+            "--batch-size", "4", "--workers", "0", "--device", "cpu", "--no-progress", "--out", out, *extra]
+
+
+def test_another_sample_rate_is_resampled_or_refused_naming_both(tmp_path, capsys) -> None:
+    data = _write(str(tmp_path / "sr"), sample_rate=22050)  # an encoder trained at 16 kHz (its config says so)
+    assert evaluate.main(_finetune(data, str(tmp_path / "no"), "--set", "data.sample_rate=16000", "--no-resample")) == 2
+    err = capsys.readouterr().err
+    assert "22050 Hz" in err and "16000 Hz" in err and "--no-resample" in err and len(err.strip().splitlines()) == 1
+    assert evaluate.main(_finetune(data, str(tmp_path / "yes"), "--set", "data.sample_rate=16000")) == 0
+    printed = capsys.readouterr().out
+    assert "shards are 22050 Hz, the encoder expects 16000 Hz: resampling on the fly" in printed
+
+
+@pytest.mark.parametrize("split", ["train", "valid", "test"])
+def test_a_split_without_the_task_labels_names_task_and_split(tmp_path, capsys, split) -> None:
+    data = _write(str(tmp_path / split / "toy"), drop={split: "pitch"})
+    assert evaluate.main(_finetune(data, str(tmp_path / "out"))) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("evaluate.py: error: --tasks pitch:") and f"the {split} split of toy " in err
+    # train: noticed in the stream at the first valid scoring (no separate pass over a big split)
+    assert ("gave no pitch labels in 2 steps" if split == "train" else "has no pitch labels") in err
+
+
+def test_a_label_fraction_of_a_train_split_without_labels_is_named(tmp_path, capsys) -> None:
+    """--label-fraction < 1 reads the training labels once to draw its subset: an empty one is named then."""
+    data = _write(str(tmp_path / "d" / "toy"), drop={"train": "pitch"})
+    assert evaluate.main(_finetune(data, str(tmp_path / "out"), "--label-fraction", "0.5")) == 2
+    assert "the train split of toy has no pitch labels" in capsys.readouterr().err
+
+
+def test_out_of_memory_names_the_batch_flag(toy, tmp_path, capsys, monkeypatch) -> None:
+    from models.supervised import Supervised
+
+    def oom(self, batch):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(Supervised, "forward", oom)
+    assert evaluate.main(_finetune(toy, str(tmp_path / "ft"))) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("evaluate.py: error: out of memory") and "lower --batch-size" in err
+    # the supervised baseline of probe/sweep names its own flag
+    argv = ["probe", "--data", toy, "--preset", "cpc_tiny", "--baselines", "supervised", "--tasks", "pitch", "--supervised-steps",
+            "2", "--supervised-batch-size", "4", "--workers", "0", "--device", "cpu", "--no-progress", "--out", str(tmp_path / "p")]
+    assert evaluate.main(argv) == 2
+    assert "lower --supervised-batch-size" in capsys.readouterr().err
