@@ -311,9 +311,12 @@ def finetune(enc: Encoder, ds: Dataset, tasks: list[Task], cfg: FinetuneConfig, 
 
     stop = StopFlag()
     stop.install()
-    stream_iter = iter(stream)
+    stream_iter: Any = iter(())  # a finished run (``done``) starts no loader workers
+    batches, waited = stream_iter, 0.0
     try:
-        batches, waited = first_batch(stream_iter)
+        if step < cfg.steps and not done:
+            stream_iter = iter(stream)
+            batches, waited = first_batch(stream_iter)
     except BaseException:
         stop.restore()
         raise

@@ -84,6 +84,10 @@ def test_kill9_then_resume_auto_repeats_the_uninterrupted_run(toy, tmp_path) -> 
     assert r2["finetune"]["pitch"]["resumed_from"] == ckpts[-1][1] and r2["finetune"]["pitch"]["steps_run"] == 30 - ckpts[-1][0]
     assert r2["finetune"]["pitch"]["best_step"] == r1["finetune"]["pitch"]["best_step"]
     assert r2["rows"][0]["test"] == r1["rows"][0]["test"]  # the best weights were restored, not the last ones
+    # a finished run resumed again trains nothing and gives the same scores
+    assert evaluate.main([*common, "--out", out, "--resume", "auto"]) == 0
+    r3 = json.load(open(os.path.join(out, "results.json")))
+    assert r3["finetune"]["pitch"]["steps_run"] == 0 and r3["rows"][0]["test"] == r1["rows"][0]["test"]
 
 
 def test_two_gloo_ranks_under_torchrun(toy, tmp_path) -> None:
@@ -153,6 +157,24 @@ def test_a_label_fraction_of_a_train_split_without_labels_is_named(tmp_path, cap
     assert "the train split of toy has no pitch labels" in capsys.readouterr().err
 
 
+def test_the_supervised_baseline_reruns_from_its_own_run_folder(toy, tmp_path) -> None:
+    """probe's supervised baseline is a fine-tune run in OUT/runs/supervised-<dataset>-f<fraction>-<config hash>:
+    the same command again reuses the finished run; another step count is another folder."""
+    argv = ["probe", "--data", toy, "--preset", "cpc_tiny", "--baselines", "supervised", "--tasks", "pitch", "--supervised-batch-size",
+            "8", "--workers", "0", "--device", "cpu", "--no-progress", "--cache", "", "--max-epochs", "5", "--out", str(tmp_path)]
+    assert evaluate.main([*argv, "--supervised-steps", "4"]) == 0
+    first = json.load(open(tmp_path / "results.json"))
+    run = first["encoders"]["supervised"]["supervised_run"]
+    assert os.path.basename(run).startswith("supervised-toy-f1-") and os.path.exists(os.path.join(run, "scores.json"))
+    mtime = os.path.getmtime(os.path.join(run, "checkpoints", "ckpt-00000004.pt"))
+    assert evaluate.main([*argv, "--supervised-steps", "4"]) == 0
+    again = json.load(open(tmp_path / "results.json"))
+    assert again["rows"][0]["test"] == first["rows"][0]["test"]
+    assert os.path.getmtime(os.path.join(run, "checkpoints", "ckpt-00000004.pt")) == mtime  # nothing retrained
+    assert evaluate.main([*argv, "--supervised-steps", "2"]) == 0
+    assert json.load(open(tmp_path / "results.json"))["encoders"]["supervised"]["supervised_run"] != run
+
+
 def test_out_of_memory_names_the_batch_flag(toy, tmp_path, capsys, monkeypatch) -> None:
     from models.supervised import Supervised
 
@@ -168,3 +190,22 @@ def test_out_of_memory_names_the_batch_flag(toy, tmp_path, capsys, monkeypatch) 
             "2", "--supervised-batch-size", "4", "--workers", "0", "--device", "cpu", "--no-progress", "--out", str(tmp_path / "p")]
     assert evaluate.main(argv) == 2
     assert "lower --supervised-batch-size" in capsys.readouterr().err
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_bf16_finetune_checkpoints_and_scores(toy, tmp_path) -> None:
+    """On a GPU: bf16 autocast (the default there), the CUDA prefetcher's look-ahead kept out of the
+    checkpointed loader position, and scores from the best weights."""
+    out = str(tmp_path / "gpu")
+    argv = ["finetune", "--data", toy, "--preset", "wav2vec2_tiny", "--tasks", "pitch", "--steps", "6", "--eval-every", "3",
+            "--batch-size", "8", "--workers", "1", "--device", "cuda", "--no-progress", "--out", out]
+    assert evaluate.main(argv) == 0
+    doc = json.load(open(os.path.join(out, "results.json")))
+    assert doc["config"]["precision"] == "bf16" and doc["finetune"]["pitch"]["steps"] == 6
+    from training import checkpoint
+
+    state = checkpoint.load(checkpoint.list_checkpoints(os.path.join(out, "runs", "pitch", "checkpoints"))[-1][1])
+    assert state["loader"]["step"] == 6 and state["done"]
+    losses, _ = _records(out)
+    assert len(losses) == 6 and all(np.isfinite(losses))
