@@ -32,6 +32,13 @@ Scores: accuracy for single-label fields (NSynth pitch, instrument family), macr
 PR-AUC for multi-label tags. Writes ``results.json``, ``results.md`` and PNG plots to ``--out`` and
 logs them to W&B (``--wandb-mode``). ``--device``/``--precision`` pick the hardware (bf16 autocast on
 CUDA by default); under ``torchrun`` every rank embeds its share of each split.
+
+``finetune`` (and the ``supervised`` baseline) train through ``training/`` like ``train.py``: DDP
+under ``torchrun``, a checkpoint with every valid scoring in ``OUT/runs/<run>/checkpoints``, and
+``--resume auto`` to continue after a kill or preemption (docs/evaluation.md)::
+
+    torchrun --standalone --nproc_per_node=8 evaluate.py finetune --data nsynth --checkpoint ckpt.pt --tasks pitch
+    python evaluate.py finetune --data nsynth --checkpoint ckpt.pt --tasks pitch --resume auto
 """
 
 from __future__ import annotations

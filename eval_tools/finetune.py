@@ -193,7 +193,10 @@ def _mean_primary(res: dict[str, dict], tasks: list[Task]) -> float:
 
 def _scalars(res: dict[str, dict]) -> dict[str, dict[str, float]]:
     """The scalar scores (plain floats: a checkpoint holds no numpy objects)."""
-    return {k: {m: float(v) for m, v in d.items() if isinstance(v, (int, float, np.number))} for k, d in res.items()}
+    def plain(v: Any) -> int | float:
+        return int(v) if isinstance(v, (int, np.integer)) else float(v)
+
+    return {k: {m: plain(v) for m, v in d.items() if isinstance(v, (int, float, np.number))} for k, d in res.items()}
 
 
 # What a resumed fine-tune must share with its checkpoint, and the flag that sets each.
