@@ -15,7 +15,8 @@ interleaved rounds (median of ``--rounds``):
                 zero-padded with ``lengths``, pinned and copied non-blocking on CUDA.
 
 Fine-tune: ``eval_tools.finetune.finetune`` on generated shards (the same clips' lengths), steps/s
-over ``--ft-steps`` steps of batch ``--ft-batch`` (valid scoring excluded).
+over ``--ft-steps`` steps of batch ``--ft-batch``: the trainer's machinery (``training.step.TrainStep``,
+``RunLogger``, the checkpoint written at the end; valid scoring excluded).
 
 GPU rows run when ``torch.cuda.is_available()``: the same extraction on ``cuda`` in fp32 and in bf16
 autocast, with ``--gpu-preset`` (default wav2vec2_musicnet, the fairseq BASE size).
