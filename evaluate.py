@@ -362,7 +362,8 @@ def write_outputs(results: dict, opts: EvalOptions) -> None:
     results["plots"] = images
     results["table_markdown"] = md
     results["wandb_run_id"] = report.log_wandb(results, mode=opts.wandb_mode, project=opts.wandb_project,
-                                               run_name=os.path.basename(opts.out.rstrip("/")), images=images, table_md=md)
+                                               run_name=os.path.basename(opts.out.rstrip("/")), images=images, table_md=md,
+                                               out_dir=opts.out)
     report.write_json(results, os.path.join(opts.out, "results.json"))
 
 
@@ -603,7 +604,8 @@ def cmd_finetune(argv: list[str]) -> int:
     results["table_markdown"] = md
     results["plots"] = []
     results["seconds"] = round(time.perf_counter() - t0, 1)
-    results["wandb_run_id"] = report.log_wandb(results, mode=a.wandb_mode, project=a.wandb_project, run_name="finetune", images=[], table_md=md)
+    results["wandb_run_id"] = report.log_wandb(results, mode=a.wandb_mode, project=a.wandb_project, run_name="finetune", images=[], table_md=md,
+                                               out_dir=a.out)
     report.write_json(results, os.path.join(a.out, "results.json"))
     print_summary(results, a.out)
     print("tag your own audio: " + "; ".join(f"evaluate.py predict --model {f} song.wav" for f in results["models"].values()))

@@ -257,11 +257,12 @@ def finetune(enc: Encoder, ds: Dataset, tasks: list[Task], cfg: FinetuneConfig, 
                                                     find_unused_parameters=True)
     loader = _loader(enc, ds, cfg, crop, rt)
     stream = DevicePrefetcher(loader, env.device) if env.device.type == "cuda" else loader
-    log_cfg = tc.LoggingConfig(every=cfg.log_every if progress else cfg.steps, wandb_mode=wandb_mode,
+    log_cfg = tc.LoggingConfig(every=cfg.log_every, wandb_mode=wandb_mode,
                                wandb_project=wandb_project, run_name=run_name, audio_every=0)
     config = {"finetune": dataclasses.asdict(cfg), **fixed, "encoder_config": enc.train_config}
     logger = RunLogger(log_cfg, env, out_dir=run_dir, total_steps=cfg.steps, run_name=run_name, config=config,
-                       audio_seconds=crop / enc.sample_rate, steps_per_epoch=loader.steps_per_epoch, tag="finetune")
+                       audio_seconds=crop / enc.sample_rate, steps_per_epoch=loader.steps_per_epoch, tag="finetune",
+                       console=progress)
     prepare = Prepare(enc, tasks, subsets)
 
     say = print if env.master else (lambda _: None)

@@ -175,6 +175,36 @@ def test_the_supervised_baseline_reruns_from_its_own_run_folder(toy, tmp_path) -
     assert json.load(open(tmp_path / "results.json"))["encoders"]["supervised"]["supervised_run"] != run
 
 
+def test_wandb_offline_gets_the_training_curve_and_the_valid_scores(toy, tmp_path) -> None:
+    import glob
+
+    from tests.test_train import wandb_records
+
+    out = str(tmp_path / "wb")
+    argv = _finetune(toy, out, "--wandb-mode", "offline", "--log-every", "1")
+    argv[argv.index("--steps") + 1] = "4"
+    assert evaluate.main(argv) == 0
+    doc = json.load(open(os.path.join(out, "results.json")))
+    run_dirs = glob.glob(os.path.join(out, "runs", "pitch", "wandb", "offline-run-*"))
+    assert len(run_dirs) == 1 and run_dirs[0].endswith(doc["finetune"]["pitch"]["wandb_run_id"])
+    history: dict[int, dict] = {}
+    config = {}
+    for rec in wandb_records(glob.glob(os.path.join(run_dirs[0], "run-*.wandb"))[0]):
+        kind = rec.WhichOneof("record_type")
+        if kind == "history":
+            items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item}
+            history.setdefault(int(items["_step"]), {}).update(items)
+        elif kind == "run":
+            config.update({u.key: json.loads(u.value_json) for u in rec.run.config.update})
+    assert sorted(history) == [1, 2, 3, 4] and all("train/loss" in h for h in history.values())
+    valid = [r for r in _records(out)[1]]
+    assert [r["step"] for r in valid] == [2, 4]
+    for r in valid:  # the same valid scores as metrics.jsonl, at the same steps
+        assert history[r["step"]]["valid/score"] == pytest.approx(r["valid/score"])
+    assert config["tasks"] == ["pitch"] and config["finetune"]["value"]["eval_every"] == 2 if "value" in config.get("finetune", {}) \
+        else config["finetune"]["eval_every"] == 2
+
+
 def test_out_of_memory_names_the_batch_flag(toy, tmp_path, capsys, monkeypatch) -> None:
     from models.supervised import Supervised
 

@@ -92,12 +92,15 @@ class RunLogger:
     """Console, metrics.jsonl, W&B and audio examples of one run (see the module docstring).
 
     ``audio_seconds``: seconds of audio one clip stands for (views x crop / rate), for audio-h/s.
-    ``tag``: what its own console lines start with (``[train]``, ``[finetune]``).
+    ``tag``: what its own console lines start with (``[train]``, ``[finetune]``); ``console=False``
+    keeps the progress lines off the console (metrics.jsonl and W&B still get them).
     """
 
     def __init__(self, cfg: LoggingConfig, env: Dist, *, out_dir: str, total_steps: int, run_name: str,
-                 config: dict[str, Any], audio_seconds: float, steps_per_epoch: int = 0, tag: str = "train"):
+                 config: dict[str, Any], audio_seconds: float, steps_per_epoch: int = 0, tag: str = "train",
+                 console: bool = True):
         self.cfg, self.env, self.out_dir, self.total_steps, self.tag = cfg, env, out_dir, total_steps, tag
+        self.console = console
         self.run_name, self.config, self.audio_seconds, self.steps_per_epoch = run_name, config, audio_seconds, steps_per_epoch
         self.metrics_path = os.path.join(out_dir, "metrics.jsonl")
         self.nonfinite_total, self.clips = 0, 0  # the run's counters, kept in checkpoints
@@ -199,6 +202,9 @@ class RunLogger:
             torch.cuda.reset_peak_memory_stats(self.env.device)
         if self.wandb is not None:
             self.wandb.log(record, step=step)
+        self._window = _Window()
+        if not self.console:
+            return
         done = step - self._start_step
         eta = (self.total_steps - step) * (time.perf_counter() - self._t_start) / max(1, done)
         extras = "".join(f" | {k} {v:.3g}" for k, v in r.metrics.items())
@@ -206,7 +212,6 @@ class RunLogger:
               f"gnorm {r.grad_norm:.3g}{extras} | {clips_s:.1f} clips/s | "
               f"wait {100 * record['perf/data_wait_fraction']:.1f}% | skipped {self.samples_skipped} samples, "
               f"{self.nonfinite_total} non-finite steps | eta {fmt_duration(eta)}", flush=True)
-        self._window = _Window()
 
     def log_eval(self, step: int, scores: dict[str, float], *, prefix: str = "valid") -> None:
         """Rank 0: an evaluation at optimizer step ``step`` as ``<prefix>/<name>`` in metrics.jsonl and W&B."""
