@@ -604,8 +604,8 @@ def cmd_finetune(argv: list[str]) -> int:
     results["table_markdown"] = md
     results["plots"] = []
     results["seconds"] = round(time.perf_counter() - t0, 1)
-    results["wandb_run_id"] = report.log_wandb(results, mode=a.wandb_mode, project=a.wandb_project, run_name="finetune", images=[], table_md=md,
-                                               out_dir=a.out)
+    results["wandb_run_id"] = report.log_wandb(results, mode=a.wandb_mode, project=a.wandb_project, run_name="finetune",
+                                               images=[], table_md=md, out_dir=a.out)
     report.write_json(results, os.path.join(a.out, "results.json"))
     print_summary(results, a.out)
     print("tag your own audio: " + "; ".join(f"evaluate.py predict --model {f} song.wav" for f in results["models"].values()))

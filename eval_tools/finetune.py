@@ -218,6 +218,7 @@ def finetune(enc: Encoder, ds: Dataset, tasks: list[Task], cfg: FinetuneConfig, 
     ``stopped`` after SIGTERM/Ctrl-C: checkpointed, no test scores). An out-of-memory is a
     :class:`UserError` naming ``batch_flag``."""
     import train_config as tc
+    from eval_tools.extract import LOCAL
     from pipeline.loader import DevicePrefetcher
     from training import checkpoint
     from training.distributed import Dist, StopFlag
@@ -227,8 +228,6 @@ def finetune(enc: Encoder, ds: Dataset, tasks: list[Task], cfg: FinetuneConfig, 
 
     if enc.model is None:
         raise UserError("fine-tuning needs a neural encoder (--checkpoint or --preset), not log-mel statistics")
-    from eval_tools.extract import LOCAL
-
     rt = rt or dataclasses.replace(LOCAL, device=enc.device, precision=enc.precision)
     if cfg.batch_size % rt.world_size:
         raise ConfigError(f"{batch_flag} {cfg.batch_size} is not divisible by the {rt.world_size} ranks; "
@@ -311,7 +310,8 @@ def finetune(enc: Encoder, ds: Dataset, tasks: list[Task], cfg: FinetuneConfig, 
         for t, n in zip(tasks, seen.tolist()):
             if n == 0:
                 raise UserError(f"--tasks {t.name}: the train split of {ds.name} gave no {t.name} labels in {at} steps "
-                                f"({at * cfg.batch_size} crops from {ds.manifests['train']}); pick other --tasks or rebuild the split")
+                                f"({at * cfg.batch_size} crops from {ds.manifests['train']}); pick other --tasks or "
+                                "rebuild the split")
 
     stop = StopFlag()
     stop.install()
@@ -391,7 +391,8 @@ def finetune(enc: Encoder, ds: Dataset, tasks: list[Task], cfg: FinetuneConfig, 
                 "test": evaluate_heads(enc, raw.heads, ds, "test", tasks, cfg.min_read, rt)}
     if env.master:
         with open(os.path.join(run_dir, "scores.json"), "w") as f:
-            json.dump({"best_step": best["step"], "valid": _scalars(summary["valid"]), "test": _scalars(summary["test"])}, f, indent=2)
+            json.dump({"best_step": best["step"], "valid": _scalars(summary["valid"]), "test": _scalars(summary["test"])}, f,
+                      indent=2)
     return summary
 
 
