@@ -91,6 +91,28 @@ def test_kill9_then_resume_auto_repeats_the_uninterrupted_run(toy, tmp_path) -> 
     assert r3["finetune"]["pitch"]["steps_run"] == 0 and r3["rows"][0]["test"] == r1["rows"][0]["test"]
 
 
+def test_sigterm_checkpoints_and_exits_0_then_resume_finishes(toy, tmp_path) -> None:
+    out = str(tmp_path / "term")
+    common = ["finetune", "--data", toy, "--preset", "cpc_tiny", "--tasks", "pitch", "--eval-every", "1000", "--batch-size", "8",
+              "--workers", "1", "--device", "cpu", "--no-progress", "--out", out]
+    proc = subprocess.Popen([sys.executable, "evaluate.py", *common, "--steps", "5000"], cwd=ROOT, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for_losses(out, 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stdout
+    assert "SIGTERM received" in stdout and "Continue with the same command and --resume auto" in stdout
+    from training import checkpoint
+
+    (at, url), = checkpoint.list_checkpoints(os.path.join(out, "runs", "pitch", "checkpoints"))
+    assert at == len(_records(out)[0]) >= 3 and not checkpoint.load(url)["done"]
+    assert not os.path.exists(os.path.join(out, "results.json"))  # no scores from a stopped run
+    # --steps is not part of what a resume must match: finish two steps later
+    assert evaluate.main([*common, "--steps", str(at + 2), "--resume", "auto"]) == 0
+    doc = json.load(open(os.path.join(out, "results.json")))
+    assert doc["finetune"]["pitch"]["steps"] == at + 2 and doc["finetune"]["pitch"]["steps_run"] == 2
+
+
 def test_two_gloo_ranks_under_torchrun(toy, tmp_path) -> None:
     """Each rank streams its half of the training split (4 crops a step each), DDP averages the
     gradients, both ranks embed half of valid/test, rank 0 writes the results."""
