@@ -509,15 +509,16 @@ def cmd_finetune(argv: list[str]) -> int:
     d = FinetuneConfig()
     p = argparse.ArgumentParser(
         prog="evaluate.py finetune",
-        description="Fine-tune an encoder end to end (or train one from scratch with --preset): the encoder's pooled "
-                    "output + a linear head per task (models/supervised.py), trained by the trainer's own machinery "
-                    "(training/: DDP under torchrun, bf16 per --precision, checkpoints in OUT/runs/<run>/checkpoints and "
-                    "--resume auto, metrics.jsonl, W&B), the encoder with its own learning rate, crops streamed from the "
-                    "training shards, the valid split scored every --eval-every steps with the best weights kept (in the "
-                    "checkpoint too), the test split scored once at the end. One run per task by default (the "
-                    "wav2vec2-music paper reports NSynth pitch and instrument separately); --joint trains one model with "
-                    f"every head. Defaults are sized for NSynth (289,205 training notes): {d.steps:,} steps x {d.batch_size} "
-                    "crops.",
+        description=(
+            "Fine-tune an encoder end to end (or train one from scratch with --preset): the encoder's pooled\n"
+            "output + a linear head per task (models/supervised.py), trained by the trainer's own machinery\n"
+            "(training/: DDP under torchrun, bf16 per --precision, checkpoints in OUT/runs/<run>/checkpoints,\n"
+            "--resume auto, metrics.jsonl, W&B). The encoder has its own learning rate; crops are streamed from\n"
+            "the training shards; the valid split is scored every --eval-every steps and the best weights are\n"
+            "kept (in the checkpoint too); the test split is scored once, at the end.\n\n"
+            "One run per task by default (the wav2vec2-music paper reports NSynth pitch and instrument\n"
+            "separately); --joint trains one model with every head. Defaults are sized for NSynth (289,205\n"
+            f"training notes): {d.steps:,} steps x {d.batch_size} crops."),
         epilog="examples:\n  python evaluate.py finetune --data nsynth --checkpoint ckpt.pt --tasks pitch\n"
                "  torchrun --standalone --nproc_per_node=8 evaluate.py finetune --data nsynth --checkpoint ckpt.pt "
                "--batch-size 256\n  python evaluate.py finetune --data nsynth --checkpoint ckpt.pt --resume auto   "
