@@ -205,6 +205,33 @@ RESUME_FIXED = {"tasks": "--tasks", "batch_size": "--batch-size", "seed": "--see
                 "encoder": "--checkpoint/--preset", "freeze_encoder": "--encoder-lr"}
 
 
+def _restore(state: dict, url: str, fixed: dict, env: Any, *, raw: nn.Module, optimizer: Any, scheduler: Any, stream: Any,
+             logger: Any, prepare: Prepare) -> tuple[int, str | None, dict, dict, list, bool]:
+    """Load a fine-tune checkpoint into the run's parts; ``(step, W&B run id, this rank's RNG
+    state, best, history, done)``. A checkpoint of another run is a ConfigError naming the flags."""
+    from training import checkpoint
+    from training.errors import ConfigError
+
+    was = state.get("finetune") or {}
+    changed = [f"{flag} ({was.get(k)!r} -> {fixed[k]!r})" for k, flag in RESUME_FIXED.items() if was.get(k) != fixed[k]]
+    if changed:
+        raise ConfigError(f"--resume: {url} cannot continue with a changed {'; '.join(changed)}; drop those changes, "
+                          "or start afresh in another --out")
+    raw.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    mine, exact = checkpoint.rank_state(state, env.rank, env.world)
+    try:
+        stream.load_state_dict(mine["loader"], strict=exact)
+    except ValueError as exc:
+        raise ConfigError(f"--resume: {url}: {exc}") from None
+    logger.load_state_dict(state.get("counters", {}))
+    for k, v in mine.get("labels_seen", {}).items():
+        prepare.seen[k] += int(v)
+    return (int(state["step"]), state.get("wandb_run_id"), mine["rng"], state["best"], list(state["history"]),
+            bool(state.get("done")))
+
+
 def finetune(enc: Encoder, ds: Dataset, tasks: list[Task], cfg: FinetuneConfig, *, run_dir: str, fraction: float = 1.0,
              resume: str = "none", rt: Runtime | None = None, progress: bool = True, wandb_mode: str = "disabled",
              wandb_project: str = "musicssl-eval", run_name: str = "finetune", batch_flag: str = "--batch-size") -> dict:
@@ -270,24 +297,8 @@ def finetune(enc: Encoder, ds: Dataset, tasks: list[Task], cfg: FinetuneConfig, 
     best: dict[str, Any] = {"step": 0, "score": -math.inf, "model": None}
     history: list[dict] = []
     if state is not None:
-        was = state.get("finetune") or {}
-        changed = [f"{flag} ({was.get(k)!r} -> {fixed[k]!r})" for k, flag in RESUME_FIXED.items() if was.get(k) != fixed[k]]
-        if changed:
-            raise ConfigError(f"--resume: {url} cannot continue with a changed {'; '.join(changed)}; drop those changes, "
-                              "or start afresh in another --out")
-        raw.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        mine, exact = checkpoint.rank_state(state, env.rank, env.world)
-        try:
-            stream.load_state_dict(mine["loader"], strict=exact)
-        except ValueError as exc:
-            raise ConfigError(f"--resume: {url}: {exc}") from None
-        logger.load_state_dict(state.get("counters", {}))
-        for k, v in mine.get("labels_seen", {}).items():
-            prepare.seen[k] += int(v)
-        step, run_id, rng = int(state["step"]), state.get("wandb_run_id"), mine["rng"]
-        best, history, done = state["best"], list(state["history"]), bool(state.get("done"))
+        step, run_id, rng, best, history, done = _restore(state, url, fixed, env, raw=raw, optimizer=optimizer,
+                                                          scheduler=scheduler, stream=stream, logger=logger, prepare=prepare)
         say(f"[finetune] resuming from {url} at step {step} (best valid {best['score']:.4g} at step {best['step']})")
     del state
     logger.start(step=step, resumed=url is not None, run_id=run_id)

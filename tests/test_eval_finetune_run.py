@@ -91,7 +91,7 @@ def test_kill9_then_resume_auto_repeats_the_uninterrupted_run(toy, tmp_path) -> 
     assert r3["finetune"]["pitch"]["steps_run"] == 0 and r3["rows"][0]["test"] == r1["rows"][0]["test"]
 
 
-def test_sigterm_checkpoints_and_exits_0_then_resume_finishes(toy, tmp_path) -> None:
+def test_sigterm_checkpoints_and_exits_0_then_resume_finishes(toy, tmp_path, capsys) -> None:
     out = str(tmp_path / "term")
     common = ["finetune", "--data", toy, "--preset", "cpc_tiny", "--tasks", "pitch", "--eval-every", "1000", "--batch-size", "8",
               "--workers", "1", "--device", "cpu", "--no-progress", "--out", out]
@@ -107,6 +107,11 @@ def test_sigterm_checkpoints_and_exits_0_then_resume_finishes(toy, tmp_path) -> 
     (at, url), = checkpoint.list_checkpoints(os.path.join(out, "runs", "pitch", "checkpoints"))
     assert at == len(_records(out)[0]) >= 3 and not checkpoint.load(url)["done"]
     assert not os.path.exists(os.path.join(out, "results.json"))  # no scores from a stopped run
+    # another batch size cannot continue this data stream: one line naming the flag
+    bad = [*common, "--steps", str(at + 2), "--resume", "auto"]
+    bad[bad.index("--batch-size") + 1] = "4"
+    assert evaluate.main(bad) == 2
+    assert "cannot continue with a changed --batch-size (8 -> 4)" in capsys.readouterr().err
     # --steps is not part of what a resume must match: finish two steps later
     assert evaluate.main([*common, "--steps", str(at + 2), "--resume", "auto"]) == 0
     doc = json.load(open(os.path.join(out, "results.json")))
