@@ -311,6 +311,7 @@ def load_checkpoint(path: str) -> dict:
     from training import checkpoint
 
     ckpt, sha = checkpoint.read(path, flag="--checkpoint")
+    checkpoint.refuse_finetune_state(ckpt, url=path)
     ckpt["_sha"] = sha[:16]
     return ckpt
 

@@ -107,6 +107,9 @@ def test_sigterm_checkpoints_and_exits_0_then_resume_finishes(toy, tmp_path, cap
     (at, url), = checkpoint.list_checkpoints(os.path.join(out, "runs", "pitch", "checkpoints"))
     assert at == len(_records(out)[0]) >= 3 and not checkpoint.load(url)["done"]
     assert not os.path.exists(os.path.join(out, "results.json"))  # no scores from a stopped run
+    # a fine-tune checkpoint is not an encoder checkpoint: said in one line
+    assert evaluate.main(["probe", "--data", toy, "--checkpoint", url, "--baselines", "", "--out", str(tmp_path / "p")]) == 2
+    assert "fine-tuning run's checkpoint" in capsys.readouterr().err
     # another batch size cannot continue this data stream: one line naming the flag
     bad = [*common, "--steps", str(at + 2), "--resume", "auto"]
     bad[bad.index("--batch-size") + 1] = "4"

@@ -217,10 +217,20 @@ def load_model_from_checkpoint(url: str, *, map_location: str | torch.device = "
     return model.to(map_location), cfg
 
 
+def refuse_finetune_state(state: dict[str, Any], *, flag: str = "--checkpoint", url: str = "") -> None:
+    """A fine-tuning run's checkpoint (eval_tools/finetune.py) where a train.py one is needed: a CheckpointError."""
+    if state.get("model_name") == "supervised":
+        where = f"{flag} {url}" if url else flag
+        raise CheckpointError(f"{where}: a fine-tuning run's checkpoint (encoder + heads), not a train.py one; use "
+                              "the model folder the run saved (evaluate.py predict --model OUT/models/<run>), or the "
+                              "train.py checkpoint it started from")
+
+
 def model_from_state(state: dict[str, Any]) -> tuple[nn.Module, Config]:
     """The model of a loaded checkpoint, rebuilt from its resolved config, with its weights (CPU)."""
     import train_config as tc
 
+    refuse_finetune_state(state)
     cfg = tc.from_dict(state["config"])
     _, model_cls = tc.model_classes(cfg.arch)
     model = model_cls(cfg.model)
