@@ -38,6 +38,13 @@ Scores: accuracy for single-label fields (NSynth pitch, instrument family), macr
 PR-AUC for multi-label tags. Writes ``results.json``, ``results.md`` and PNG plots to ``--out`` and
 logs them to W&B (``--wandb-mode``). ``--device``/``--precision`` pick the hardware (bf16 autocast on
 CUDA by default); under ``torchrun`` every rank embeds its share of each split.
+
+``finetune`` (and the ``supervised`` baseline) train through ``training/`` like ``train.py``: DDP
+under ``torchrun``, a checkpoint with every valid scoring in ``OUT/runs/<run>/checkpoints``, and
+``--resume auto`` to continue after a kill or preemption (docs/evaluation.md)::
+
+    torchrun --standalone --nproc_per_node=8 evaluate.py finetune --data nsynth --checkpoint ckpt.pt --tasks pitch
+    python evaluate.py finetune --data nsynth --checkpoint ckpt.pt --tasks pitch --resume auto
 """
 
 from __future__ import annotations
@@ -89,7 +96,7 @@ class EvalOptions:
     sample_rate: int | None = None
     recalibrate_bn: bool = True
     calib_crops: int = 512
-    supervised_steps: int | None = None  # None = the checkpoint's step count, else 500
+    supervised_steps: int | None = None  # None = the checkpoint's step count, else fine-tuning's 20,000
     supervised_steps_per_dataset: dict[str, int] = field(default_factory=dict)  # dataset name -> steps (wins)
     supervised_seconds: float | None = None
     supervised_batch_size: int = 32
@@ -197,12 +204,18 @@ def encoder_rate(ds, arch_cfg, opts: EvalOptions) -> int:
     sr = opts.sample_rate or (arch_cfg.data.sample_rate if arch_cfg is not None and arch_cfg.data.sample_rate else None) or ds.sample_rate
     if sr is None:
         raise UserError(f"--data {ds.name}: its shards mix sample rates and the encoder names none; pass --sample-rate")
+    check_rate(ds, int(sr), resample=opts.resample)
+    return int(sr)
+
+
+def check_rate(ds, sr: int, *, resample: bool) -> None:
+    """Shards at another rate than the encoder's ``sr``: said (and resampled on the fly), or refused
+    with ``--no-resample``; either way naming both rates."""
     if ds.sample_rate is not None and ds.sample_rate != sr:
-        if not opts.resample:
+        if not resample:
             raise UserError(f"--data {ds.name}: the shards are {ds.sample_rate} Hz but the encoder expects {sr} Hz; "
                             "drop --no-resample to resample on the fly, or rebuild the shards with --sample-rate")
         _log(f"{ds.name}: shards are {ds.sample_rate} Hz, the encoder expects {sr} Hz: resampling on the fly")
-    return int(sr)
 
 
 def _evaluate_dataset(ds, requested: list[str] | None, arch_cfg, opts: EvalOptions, rt, results: dict, log) -> None:
@@ -321,28 +334,34 @@ def incomplete_banner(results: dict) -> str:
 
 
 def _supervised_baseline(ds, tasks, arch_cfg, sr: int, steps: int, fraction: float, opts: EvalOptions, rt, log):
-    """A random init of the architecture trained on the labels. Under torchrun rank 0 trains and
-    the weights are broadcast (the streaming, DDP fine-tune is eval_tools/finetune.py's job)."""
-    import torch
+    """A random init of the architecture trained on the labels by ``eval_tools.finetune.finetune``
+    (every torchrun rank takes part). Its run folder is named by everything that shapes it, and
+    resumed with ``auto``: a rerun of the same command continues (or reuses) the same run."""
+    import hashlib
 
     from eval_tools.encoders import random_encoder
     from eval_tools.finetune import FinetuneConfig, finetune
-    from eval_tools.runtime import broadcast_from_main
 
-    torch.manual_seed(opts.seed)
     enc = random_encoder(arch_cfg, sample_rate=sr, seed=opts.seed, layer=opts.layer, name="supervised").to(rt.device, rt.precision)
-    ft_cfg = FinetuneConfig(steps=steps, seconds=opts.supervised_seconds, batch_size=opts.supervised_batch_size,
-                            head_lr=opts.supervised_lr, encoder_lr=opts.supervised_lr, eval_every=max(1, steps // 5), seed=opts.seed,
-                            num_workers=opts.workers, min_read=0.0 if opts.allow_incomplete else opts.min_read)
-    log(f"supervised baseline on {ds.name} train labels (fraction {fraction:g}): {steps} steps, batch {ft_cfg.batch_size}")
-    summary = finetune(enc, ds, tasks, ft_cfg, fraction=fraction, progress=opts.progress) if rt.is_main else None
-    if rt.distributed:
-        state = broadcast_from_main({k: v.cpu() for k, v in enc.model.state_dict().items()} if rt.is_main else None, rt)
-        enc.model.load_state_dict(state)
-        summary = broadcast_from_main({k: summary[k] for k in ("steps", "train_seconds", "best_step")} if summary else None, rt)
+    try:
+        ft_cfg = FinetuneConfig(steps=steps, seconds=opts.supervised_seconds, batch_size=opts.supervised_batch_size,
+                                head_lr=opts.supervised_lr, encoder_lr=opts.supervised_lr, eval_every=max(1, steps // 5),
+                                seed=opts.seed, num_workers=opts.workers, min_read=0.0 if opts.allow_incomplete else opts.min_read)
+    except ValueError as exc:
+        raise OptionError(str(exc).replace("--steps", "--supervised-steps").replace("--batch-size", "--supervised-batch-size")) from None
+    ident = f"{enc.ident},{ds.manifest_hash('train')},{fraction},{dataclasses.asdict(ft_cfg)},{rt.world_size}"
+    run_dir = os.path.join(opts.out, "runs", f"supervised-{ds.name}-f{fraction:g}-{hashlib.sha256(ident.encode()).hexdigest()[:10]}")
+    log(f"supervised baseline on {ds.name} train labels (fraction {fraction:g}): {steps} steps, batch {ft_cfg.batch_size} "
+        f"in {run_dir}")
+    summary = finetune(enc, ds, tasks, ft_cfg, run_dir=run_dir, fraction=fraction, resume="auto", rt=rt, progress=opts.progress,
+                       wandb_mode=opts.wandb_mode, wandb_project=opts.wandb_project, run_name=f"supervised-{ds.name}",
+                       batch_flag="--supervised-batch-size")
+    if summary["status"] != "completed":
+        raise UserError(f"the supervised baseline stopped at step {summary['steps']} ({summary['status']}); rerun the same "
+                        f"command to continue it from {summary['checkpoint']}")
     enc.ident += f"+supervised({ds.name},{ds.manifest_hash('train')},{fraction},{steps},{opts.supervised_seconds},{opts.seed})"
     enc.meta.update({"supervised_steps": summary["steps"], "supervised_seconds": round(summary["train_seconds"], 1),
-                     "supervised_best_step": summary["best_step"]})
+                     "supervised_best_step": summary["best_step"], "supervised_run": run_dir})
     return enc
 
 
@@ -374,7 +393,8 @@ def write_outputs(results: dict, opts: EvalOptions) -> None:
     results["plots"] = images
     results["table_markdown"] = md
     results["wandb_run_id"] = report.log_wandb(results, mode=opts.wandb_mode, project=opts.wandb_project,
-                                               run_name=os.path.basename(opts.out.rstrip("/")), images=images, table_md=md)
+                                               run_name=os.path.basename(opts.out.rstrip("/")), images=images, table_md=md,
+                                               out_dir=opts.out)
     report.write_json(results, os.path.join(opts.out, "results.json"))
 
 
@@ -533,30 +553,46 @@ def cmd_finetune(argv: list[str]) -> int:
     d = FinetuneConfig()
     p = argparse.ArgumentParser(
         prog="evaluate.py finetune",
-        description="Fine-tune an encoder end to end (or train one from scratch with --preset): the encoder's pooled "
-                    "output + a linear head per task (models/supervised.py), the encoder with its own learning rate, "
-                    "crops streamed from the training shards, the valid split scored every --eval-every steps with the "
-                    "best weights kept, the test split scored once at the end. One run per task by default (the "
-                    "wav2vec2-music paper reports NSynth pitch and instrument separately); --joint trains one model "
-                    "with every head. Defaults are sized for NSynth (289,205 training notes): 20,000 steps x 32 crops.")
+        description=(
+            "Fine-tune an encoder end to end (or train one from scratch with --preset): the encoder's pooled\n"
+            "output + a linear head per task (models/supervised.py), trained by the trainer's own machinery\n"
+            "(training/: DDP under torchrun, bf16 per --precision, checkpoints in OUT/runs/<run>/checkpoints,\n"
+            "--resume auto, metrics.jsonl, W&B). The encoder has its own learning rate; crops are streamed from\n"
+            "the training shards; the valid split is scored every --eval-every steps and the best weights are\n"
+            "kept (in the checkpoint too); the test split is scored once, at the end.\n\n"
+            "One run per task by default (the wav2vec2-music paper reports NSynth pitch and instrument\n"
+            "separately); --joint trains one model with every head. Defaults are sized for NSynth (289,205\n"
+            f"training notes): {d.steps:,} steps x {d.batch_size} crops."),
+        epilog="examples:\n  python evaluate.py finetune --data nsynth --checkpoint ckpt.pt --tasks pitch\n"
+               "  torchrun --standalone --nproc_per_node=8 evaluate.py finetune --data nsynth --checkpoint ckpt.pt "
+               "--batch-size 256\n  python evaluate.py finetune --data nsynth --checkpoint ckpt.pt --resume auto   "
+               "# after a kill or preemption",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, metavar="DIR", help="dataset folder with train/valid/test.manifest.json")
     _add_encoder_args(p)
-    p.add_argument("--tasks", help="comma list of label fields (default: every field with >= 2 names)")
+    p.add_argument("--tasks", help="comma list of label fields (default: every field with >= 2 names), one run each")
     p.add_argument("--joint", action="store_true", help="one model with a head per task instead of one run per task")
-    p.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps per run (default {d.steps})")
+    p.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps per run (default {d.steps:,})")
     p.add_argument("--seconds", type=float, help="also stop after this wall-clock budget")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help=f"crops per step over all ranks (default {d.batch_size}; lower it on out-of-memory)")
     p.add_argument("--encoder-lr", type=float, default=d.encoder_lr, help="encoder learning rate (0 freezes it: a linear probe on crops)")
     p.add_argument("--head-lr", type=float, default=d.head_lr)
-    p.add_argument("--eval-every", type=int, default=d.eval_every, help=f"steps between valid scorings (default {d.eval_every})")
+    p.add_argument("--eval-every", type=int, default=d.eval_every, help=f"steps between valid scorings (default {d.eval_every:,})")
+    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default: --eval-every)")
+    p.add_argument("--log-every", type=int, default=d.log_every, help=f"steps between console lines (default {d.log_every})")
+    p.add_argument("--resume", default="none", metavar="none|auto|URL",
+                   help="auto: continue each run from the newest checkpoint in OUT/runs/<run>/checkpoints (a finished "
+                        "run is reused); none (default) refuses a run folder that holds checkpoints")
     p.add_argument("--crop-samples", type=int, help="training crop (default: the encoder's own training crop)")
-    p.add_argument("--workers", type=int, default=d.num_workers, help=f"loader worker processes (default {d.num_workers})")
+    p.add_argument("--workers", type=int, default=d.num_workers, help=f"loader worker processes per rank (default {d.num_workers})")
     p.add_argument("--label-fraction", type=float, default=1.0)
     p.add_argument("--min-read", type=float, default=0.99, help="refuse a valid/test split read below this fraction")
     p.add_argument("--allow-incomplete", action="store_true", help="score valid/test on whatever was read")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs/finetune", help="output folder: results.json, results.md, models/<task>/")
-    p.add_argument("--wandb-mode", choices=["online", "offline", "disabled"], default=os.environ.get("WANDB_MODE", "disabled"))
+    p.add_argument("--out", default="runs/finetune", help="output folder: results.json, results.md, models/<run>/, runs/<run>/")
+    p.add_argument("--wandb-mode", choices=["online", "offline", "disabled"], default=os.environ.get("WANDB_MODE", "disabled"),
+                   help="W&B for every run (training curves, valid scores) and the results (default: $WANDB_MODE or disabled)")
     p.add_argument("--wandb-project", default="musicssl-eval")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
@@ -567,19 +603,21 @@ def cmd_finetune(argv: list[str]) -> int:
         raise OptionError(_PRESET_WITH_CHECKPOINT)
     if not 0 < a.label_fraction <= 1:
         raise OptionError(f"--label-fraction must be in (0, 1], got {a.label_fraction}")
+    if a.resume not in ("none", "auto") and not os.path.exists(a.resume):
+        raise OptionError(f"--resume {a.resume}: no such checkpoint; use none, auto or a ckpt-<step>.pt path")
     try:
         ft = FinetuneConfig(steps=a.steps, seconds=a.seconds, batch_size=a.batch_size, head_lr=a.head_lr, encoder_lr=a.encoder_lr,
-                            eval_every=a.eval_every, crop_samples=a.crop_samples, num_workers=a.workers, seed=a.seed,
+                            eval_every=a.eval_every, checkpoint_every=a.checkpoint_every, log_every=a.log_every,
+                            crop_samples=a.crop_samples, num_workers=a.workers, seed=a.seed,
                             min_read=0.0 if a.allow_incomplete else a.min_read)
     except ValueError as exc:
         raise OptionError(str(exc)) from None
     rt = runtime.setup(a.device, a.precision, timeout_s=a.dist_timeout)
-    if rt.distributed:
-        raise UserError("evaluate.py finetune runs in one process for now; start it without torchrun "
-                        "(probe, sweep and embed split their extraction across torchrun ranks)")
     ds = Dataset.from_dir(a.data)
     tasks = make_tasks(ds, a.tasks.split(",") if a.tasks else None, {k: f"{ds.name} {TITLES.get(k, k)}" for k in ds.spec})
     runs = [tasks] if a.joint or len(tasks) == 1 else [[t] for t in tasks]
+    if a.resume not in ("none", "auto") and len(runs) > 1:
+        raise OptionError("--resume URL names one run's checkpoint: pass one task (--tasks) or --joint, or use --resume auto")
     results = {
         "format": "musicssl-eval/1", "datasets": {ds.name: {"manifests": ds.manifests, "num_samples": ds.num_samples}},
         "tasks": {f"{ds.name}/{t.name}": {"kind": t.kind, "names": t.names, "title": t.title} for t in tasks},
@@ -589,6 +627,13 @@ def cmd_finetune(argv: list[str]) -> int:
     for group in runs:
         name = "joint" if len(group) > 1 else group[0].name
         enc, summary, folder = _finetune_run(a, ds, group, ft, rt, name)
+        if summary["status"] != "completed":
+            if rt.is_main:
+                print(f"[evaluate] {name}: stopped at step {summary['steps']}; checkpoint {summary['checkpoint']}. "
+                      "Continue with the same command and --resume auto", flush=True)
+            return 0
+        if not rt.is_main:
+            continue
         results["rows"] += [{"encoder": enc.name, "task": f"{ds.name}/{t.name}", "fraction": a.label_fraction,
                              "valid": summary["valid"][t.name], "test": summary["test"][t.name], "run": name} for t in group]
         results["encoders"][enc.name] = {"arch": enc.arch, **enc.meta}
@@ -596,7 +641,10 @@ def cmd_finetune(argv: list[str]) -> int:
         results["models"][name] = folder
         print(f"[evaluate] {name}: {summary['steps']} steps ({summary['train_seconds']:.0f} s), best valid at step "
               f"{summary['best_step']}; model + heads in {folder}", flush=True)
-    results["config"] = dataclasses.asdict(ft) | {"joint": a.joint, "label_fraction": a.label_fraction}
+    if not rt.is_main:
+        return 0
+    results["config"] = dataclasses.asdict(ft) | {"joint": a.joint, "label_fraction": a.label_fraction,
+                                                  "world_size": rt.world_size, "device": rt.device.type, "precision": rt.precision}
     os.makedirs(a.out, exist_ok=True)
     md = report.markdown_table(results)
     with open(os.path.join(a.out, "results.md"), "w") as f:
@@ -604,7 +652,8 @@ def cmd_finetune(argv: list[str]) -> int:
     results["table_markdown"] = md
     results["plots"] = []
     results["seconds"] = round(time.perf_counter() - t0, 1)
-    results["wandb_run_id"] = report.log_wandb(results, mode=a.wandb_mode, project=a.wandb_project, run_name="finetune", images=[], table_md=md)
+    results["wandb_run_id"] = report.log_wandb(results, mode=a.wandb_mode, project=a.wandb_project, run_name="finetune",
+                                               images=[], table_md=md, out_dir=a.out)
     report.write_json(results, os.path.join(a.out, "results.json"))
     print_summary(results, a.out)
     print("tag your own audio: " + "; ".join(f"evaluate.py predict --model {f} song.wav" for f in results["models"].values()))
@@ -612,7 +661,8 @@ def cmd_finetune(argv: list[str]) -> int:
 
 
 def _finetune_run(a: argparse.Namespace, ds, tasks: list, ft, rt, name: str):
-    """One fine-tune from a fresh encoder (the checkpoint's weights, or the preset's seeded init)."""
+    """One fine-tune from a fresh encoder (the checkpoint's weights, or the preset's seeded init),
+    in ``OUT/runs/<name>``; rank 0 saves the model for ``predict``."""
     from eval_tools.encoders import preset_config, random_encoder
     from eval_tools.extract import View
     from eval_tools.weights import open_encoder
@@ -625,11 +675,16 @@ def _finetune_run(a: argparse.Namespace, ds, tasks: list, ft, rt, name: str):
     else:
         cfg = preset_config(a.preset, a.overrides)
         enc = random_encoder(cfg, sample_rate=a.sample_rate or cfg.data.sample_rate or ds.sample_rate, seed=a.seed, name="from scratch")
+    check_rate(ds, enc.sample_rate, resample=not a.no_resample)
     enc.to(rt.device, rt.precision)
-    summary = finetune(enc, ds, tasks, ft, fraction=a.label_fraction, progress=not a.no_progress)
-    folder = save_model(os.path.join(a.out, "models", name), enc, as_saved_heads(summary["heads"], tasks), view=View(),
-                        meta={"dataset": ds.name, "run": name, "steps": summary["steps"], "best_step": summary["best_step"]},
-                        scores={t.name: {"valid": summary["valid"][t.name], "test": summary["test"][t.name]} for t in tasks})
+    summary = finetune(enc, ds, tasks, ft, run_dir=os.path.join(a.out, "runs", name), fraction=a.label_fraction,
+                       resume=a.resume, rt=rt, progress=not a.no_progress, wandb_mode=a.wandb_mode,
+                       wandb_project=a.wandb_project, run_name=f"finetune-{ds.name}-{name}")
+    folder = None
+    if summary["status"] == "completed" and rt.is_main:
+        folder = save_model(os.path.join(a.out, "models", name), enc, as_saved_heads(summary["heads"], tasks), view=View(),
+                            meta={"dataset": ds.name, "run": name, "steps": summary["steps"], "best_step": summary["best_step"]},
+                            scores={t.name: {"valid": summary["valid"][t.name], "test": summary["test"][t.name]} for t in tasks})
     return enc, summary, folder
 
 

@@ -46,17 +46,12 @@ Call :func:`train` in-process for quickstarts and evaluation scripts: ``train(co
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
-import random
 import sys
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -69,7 +64,7 @@ from training.distributed import Dist, StopFlag
 from training.distributed import setup as setup_distributed
 from training.errors import ConfigError, DataStreamError, TrainingDiverged
 from training.log import RunLogger, fmt, fmt_duration, numbers
-from training.step import StepResult, TrainStep, build_optimizer, build_scaler, describe_data_error, precision_name
+from training.step import StepResult, TrainStep, build_optimizer, build_scaler, first_batch, precision_name
 
 # --------------------------------------------------------------------------------------------
 # Validation at start: every error names the flag to change.
@@ -89,15 +84,9 @@ def read_manifest(url: str) -> Any:
 
 def check_checkpoint_dir(cfg: Config) -> None:
     """A fresh run must not rotate an earlier run's checkpoints away; a resume URL must exist."""
-    if cfg.checkpoint.resume == "none":
-        found = checkpoint.list_checkpoints(cfg.checkpoint_dir)
-        if found:
-            raise ConfigError(
-                f"--checkpoint.dir {cfg.checkpoint_dir} already holds checkpoints of an earlier run (newest "
-                f"{found[-1][1]}); continue it with --resume auto, or start afresh in another --train.out_dir "
-                "or --checkpoint.dir (a new run there would rotate the old checkpoints away)"
-            )
-    elif cfg.checkpoint.resume != "auto" and not fsio.exists(cfg.checkpoint.resume):
+    checkpoint.refuse_fresh_run(cfg.checkpoint_dir, cfg.checkpoint.resume, flag="--checkpoint.dir",
+                                elsewhere="in another --train.out_dir or --checkpoint.dir")
+    if cfg.checkpoint.resume not in ("none", "auto") and not fsio.exists(cfg.checkpoint.resume):
         raise ConfigError(f"--resume / --checkpoint.resume: {cfg.checkpoint.resume} does not exist; use auto or a ckpt-*.pt URL")
 
 
@@ -355,28 +344,7 @@ def write_checkpoint(cfg: Config, env: Dist, p: Parts, step: int, *, rewind: int
 
 
 def seed_or_restore_rng(cfg: Config, env: Dist, rng: dict[str, Any] | None) -> None:
-    if rng is not None:
-        checkpoint.set_rng_state(rng, env.device)
-    else:
-        torch.manual_seed(cfg.train.seed + env.rank)
-        np.random.seed((cfg.train.seed + env.rank) % 2**32)
-        random.seed(cfg.train.seed + env.rank)
-
-
-def first_batch(it: Iterator[dict[str, Any]]) -> tuple[Iterator[dict[str, Any]], float]:
-    """``(batches, seconds)``: the stream iterator ``it`` with its first batch already taken.
-
-    Taken before the RNGs are seeded or restored: starting the loader's worker processes draws
-    torch's global generator once, and this keeps that draw out of the sequence a resumed run
-    must repeat.
-    """
-    t0 = time.perf_counter()
-    try:
-        batch = next(it)
-    except Exception as exc:  # noqa: BLE001
-        raise DataStreamError(f"the data stream failed before the first step ({describe_data_error(exc)}); "
-                              "check the shards with `shard-tools verify`") from exc
-    return itertools.chain([batch], it), time.perf_counter() - t0
+    checkpoint.seed_or_restore_rng(rng, seed=cfg.train.seed, rank=env.rank, device=env.device)
 
 
 def data_failure(cfg: Config, env: Dist, p: Parts, r: StepResult, step: int, start_step: int,

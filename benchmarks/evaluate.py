@@ -15,7 +15,8 @@ interleaved rounds (median of ``--rounds``):
                 zero-padded with ``lengths``, pinned and copied non-blocking on CUDA.
 
 Fine-tune: ``eval_tools.finetune.finetune`` on generated shards (the same clips' lengths), steps/s
-over ``--ft-steps`` steps of batch ``--ft-batch`` (valid scoring excluded).
+over ``--ft-steps`` steps of batch ``--ft-batch``: the trainer's machinery (``training.step.TrainStep``,
+``RunLogger``, the checkpoint written at the end; valid scoring excluded).
 
 GPU rows run when ``torch.cuda.is_available()`` (or on ``--gpu-device``): the same extraction on
 ``cuda`` in fp32 and in bf16 autocast, with ``--gpu-preset`` (default wav2vec2_musicnet, the fairseq
@@ -96,7 +97,7 @@ def finetune_speed(preset: str, clips: list[np.ndarray], *, steps: int, batch: i
         ds = Dataset.from_dir(tmp)
         enc = random_encoder(preset_config(preset), sample_rate=SR, seed=0).to(device, precision)
         cfg = FinetuneConfig(steps=steps, batch_size=batch, eval_every=steps, seed=0)
-        summary = finetune(enc, ds, make_tasks(ds, ["pitch"]), cfg, progress=False)
+        summary = finetune(enc, ds, make_tasks(ds, ["pitch"]), cfg, run_dir=os.path.join(tmp, "run"), progress=False)
     return {"preset": preset, "device": device, "precision": precision, "steps": summary["steps"], "batch": batch,
             "steps_per_s": summary["steps"] / summary["loop_seconds"]}
 

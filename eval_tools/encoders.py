@@ -17,10 +17,12 @@ So a model from elsewhere (an HF transformers wav2vec2 or MERT, say) becomes an 
 an ``nn.Module`` whose ``embed(audio, lengths)`` returns ``{"pooled": (B, D), "layers": [(B, T', D),
 ...], "frame_lengths": (B,)}`` wrapped in :class:`FrameEncoder`, or through its own subclass.
 
-The encoders here, evaluated the way each model's paper does:
+The encoders here (how a clip becomes one embedding under the default ``musicssl`` protocol; the
+papers' own protocols, ``--protocol clmr|marble``, are eval_tools/protocols.py's):
 
 - CLMR (:class:`CLMREncoder`): non-overlapping crops of the model's ``input_samples`` (a clip
-  shorter than one crop is zero-padded to one crop), averaged per clip.
+  shorter than one crop is zero-padded to one crop), their embeddings averaged per clip (CLMR's
+  own evaluation averages the per-crop *outputs* instead: ``--protocol clmr``).
 - wav2vec2 and CPC (:class:`FrameEncoder`): the mean over valid frames of one transformer layer
   (``layer=-1`` the last, ``"all"`` every layer) or of CPC's context; long clips in windows of at
   most ``max_window_seconds``, averaged by frame count. Clips are zero-padded only up to the
@@ -212,7 +214,9 @@ class FrameEncoder(Encoder):
 
 @dataclass(kw_only=True)
 class CLMREncoder(Encoder):
-    """SampleCNN on non-overlapping ``input_samples`` crops, averaged per clip (CLMR's evaluation)."""
+    """SampleCNN on non-overlapping ``input_samples`` crops, the crops' embeddings averaged per clip
+    (the ``musicssl`` protocol's clip embedding; ``--protocol clmr`` scores each crop and averages
+    the per-crop sigmoid outputs, as CLMR's ``evaluate`` does)."""
 
     def split(self, clip: np.ndarray) -> list[np.ndarray]:
         n = int(self.window)  # type: ignore[arg-type]
@@ -311,6 +315,7 @@ def load_checkpoint(path: str) -> dict:
     from training import checkpoint
 
     ckpt, sha = checkpoint.read(path, flag="--checkpoint")
+    checkpoint.refuse_finetune_state(ckpt, url=path)
     ckpt["_sha"] = sha[:16]
     return ckpt
 

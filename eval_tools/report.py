@@ -154,13 +154,18 @@ def plot_sweep(results: dict, task: str, path: str) -> str:
     return path
 
 
-def log_wandb(results: dict, *, mode: str, project: str, run_name: str | None, images: list[str], table_md: str) -> str | None:
-    """Log the results table, scalars and PNGs to W&B; ``mode`` is online/offline/disabled."""
+def log_wandb(results: dict, *, mode: str, project: str, run_name: str | None, images: list[str], table_md: str,
+              out_dir: str | None = None) -> str | None:
+    """Log the results table, scalars and PNGs to W&B; ``mode`` is online/offline/disabled.
+    W&B keeps its files in ``$WANDB_DIR/wandb`` when that is set, else ``<out_dir>/wandb`` (None: the current folder)."""
     if mode == "disabled":
         return None
     import wandb
 
-    run = wandb.init(project=project, name=run_name, mode=mode, job_type="eval", config=results.get("config", {}))
+    out_dir = os.environ.get("WANDB_DIR") or out_dir
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+    run = wandb.init(project=project, name=run_name, mode=mode, job_type="eval", config=results.get("config", {}), dir=out_dir)
     cols = ["encoder", "task", "fraction", "metric", "value"]
     table = wandb.Table(columns=cols)
     scalars = {}

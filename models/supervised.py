@@ -13,6 +13,8 @@ random init on the labels) are both this model trained like any other (docs/arch
   rows whose ``labels["<task>__mask"]`` is set (all rows without a mask).
 - the loss is the sum over tasks of each task's mean; a task with no usable label in the batch
   adds zero (and keeps the graph).
+- ``freeze_encoder``: the encoder gets no gradients and stays in eval mode whatever ``train()``
+  says (its BatchNorm statistics and dropout as at inference): a linear probe trained on crops.
 
 Usage::
 
@@ -49,6 +51,7 @@ class TaskHead:
 class SupervisedConfig:
     tasks: tuple[TaskHead, ...]
     takes_lengths: bool = True  # False: the encoder's embed takes fixed crops only (CLMR)
+    freeze_encoder: bool = False  # no gradients, always in eval mode
 
     def __post_init__(self) -> None:
         if not self.tasks:
@@ -63,6 +66,14 @@ class Supervised(nn.Module):
         self.config = config
         self.encoder = encoder
         self.heads = nn.ModuleDict({t.name: nn.Linear(dim, t.classes) for t in config.tasks})
+        if config.freeze_encoder:
+            self.encoder.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> Supervised:
+        super().train(mode)
+        if self.config.freeze_encoder:
+            self.encoder.eval()
+        return self
 
     def pooled(self, audio: Tensor, lengths: Tensor | None = None) -> Tensor:
         """``audio`` (B, T), zero-padded after ``lengths`` -> (B, D)."""

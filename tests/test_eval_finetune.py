@@ -77,7 +77,7 @@ def test_one_run_per_task_by_default_and_joint_on_request(toy, tmp_path) -> None
     assert list(res["models"]) == ["joint"] and {r["run"] for r in res["rows"]} == {"joint"}
 
 
-def test_label_fraction_masks_the_other_rows(toy) -> None:
+def test_label_fraction_masks_the_other_rows(toy, tmp_path) -> None:
     from eval_tools.data import Dataset
     from eval_tools.encoders import preset_config, random_encoder
     from eval_tools.finetune import FinetuneConfig, finetune, label_subsets
@@ -88,7 +88,8 @@ def test_label_fraction_masks_the_other_rows(toy) -> None:
     subsets = label_subsets(ds, tasks, 0.25, seed=0)
     assert len(subsets["pitch"]) == 12  # 3 of each of the 4 pitches, as the probes' subset
     enc = random_encoder(preset_config("cpc_tiny"), sample_rate=16000, seed=0)
-    out = finetune(enc, ds, tasks, FinetuneConfig(steps=6, eval_every=6, batch_size=8, num_workers=0), fraction=0.25, progress=False)
+    out = finetune(enc, ds, tasks, FinetuneConfig(steps=6, eval_every=6, batch_size=8, num_workers=0), fraction=0.25,
+                   run_dir=str(tmp_path / "run"), progress=False)
     assert out["labelled_rows"] == {"pitch": 12}
     assert 0 < out["labels_seen"]["pitch"] < 6 * 8  # only rows of the subset reach the loss
 
@@ -104,7 +105,7 @@ from eval_tools.runner import make_tasks
 ds = Dataset.from_dir(sys.argv[1])
 enc = random_encoder(preset_config("cpc_tiny"), sample_rate=16000, seed=0)
 cfg = FinetuneConfig(steps=8, eval_every=8, batch_size=8, num_workers=0, shuffle_buffer=32)
-out = finetune(enc, ds, make_tasks(ds, ["pitch"]), cfg, progress=False)
+out = finetune(enc, ds, make_tasks(ds, ["pitch"]), cfg, run_dir=sys.argv[2], progress=False)
 # VmHWM is this process image's own peak; ru_maxrss would also count the parent's RSS at fork
 # (Linux keeps the pre-exec peak), i.e. pytest's
 hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
@@ -128,7 +129,7 @@ def test_finetune_peak_memory_does_not_grow_with_the_training_split(tmp_path) ->
     peaks = {}
     for n in (100, 400):
         folder = _toy_split(str(tmp_path / f"n{n}"), n, 4.0)
-        res = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, folder], cwd=ROOT, capture_output=True, text=True, timeout=300,
+        res = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, folder, str(tmp_path / f"run{n}")], cwd=ROOT, capture_output=True, text=True, timeout=300,
                              env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT))
         assert res.returncode == 0, res.stderr
         out = json.loads(res.stdout.strip().splitlines()[-1])

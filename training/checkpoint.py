@@ -7,9 +7,11 @@ is refused in our words, never loaded.
 
 Who uses what:
 
-- a trainer: :func:`save_run` (every rank calls it; per-rank states are gathered to rank 0),
+- a trainer: :func:`refuse_fresh_run` (a fresh run must not rotate an earlier run's files away),
+  :func:`save_run` (every rank calls it; per-rank states are gathered to rank 0),
   :func:`resume_point` (``--resume auto`` falls back past an unreadable newest file),
-  :func:`rank_state`, :func:`rng_state` / :func:`set_rng_state`, :func:`set_scaler_state`;
+  :func:`rank_state`, :func:`rng_state` / :func:`set_rng_state` / :func:`seed_or_restore_rng`,
+  :func:`set_scaler_state`;
 - evaluation: :func:`read` (the state and the file's sha256, for cache keys),
   :func:`model_from_state` and :func:`load_model_from_checkpoint`.
 """
@@ -28,7 +30,7 @@ import numpy as np
 import torch
 
 from pipeline import fsio
-from training.errors import CheckpointError
+from training.errors import CheckpointError, ConfigError
 
 if TYPE_CHECKING:
     from torch import nn
@@ -131,6 +133,19 @@ def resume_point(resume: str, folder: str, *, say: Callable[[str], None] = print
     return None, None
 
 
+def refuse_fresh_run(folder: str, resume: str, *, flag: str, elsewhere: str) -> None:
+    """A fresh run (``resume == "none"``) in a ``folder`` that holds checkpoints is a :class:`ConfigError`:
+    it would rotate them away. ``flag`` names the folder's flag, ``elsewhere`` how to start afresh."""
+    if resume != "none":
+        return
+    found = list_checkpoints(folder)
+    if found:
+        raise ConfigError(
+            f"{flag} {folder} already holds checkpoints of an earlier run (newest {found[-1][1]}); continue it with "
+            f"--resume auto, or start afresh {elsewhere} (a new run there would rotate the old checkpoints away)"
+        )
+
+
 def save_run(folder: str, keep: int, env: Dist, *, step: int, mine: dict[str, Any],
              shared: Callable[[], dict[str, Any]]) -> str | None:
     """Write one checkpoint of a (possibly distributed) run; every rank calls this.
@@ -191,6 +206,16 @@ def set_scaler_state(scaler: torch.amp.GradScaler, state: dict[str, Any] | None,
     scaler.load_state_dict(state)
 
 
+def seed_or_restore_rng(rng: dict[str, Any] | None, *, seed: int, rank: int, device: torch.device) -> None:
+    """Restore a checkpoint's RNG states, or seed torch, numpy and Python with ``seed + rank`` (fresh run)."""
+    if rng is not None:
+        set_rng_state(rng, device)
+    else:
+        torch.manual_seed(seed + rank)
+        np.random.seed((seed + rank) % 2**32)
+        random.seed(seed + rank)
+
+
 def _to_lists(x: Any) -> Any:
     return [_to_lists(v) for v in x] if isinstance(x, (list, tuple)) else x
 
@@ -206,10 +231,20 @@ def load_model_from_checkpoint(url: str, *, map_location: str | torch.device = "
     return model.to(map_location), cfg
 
 
+def refuse_finetune_state(state: dict[str, Any], *, flag: str = "--checkpoint", url: str = "") -> None:
+    """A fine-tuning run's checkpoint (eval_tools/finetune.py) where a train.py one is needed: a CheckpointError."""
+    if state.get("model_name") == "supervised":
+        where = f"{flag} {url}" if url else flag
+        raise CheckpointError(f"{where}: a fine-tuning run's checkpoint (encoder + heads), not a train.py one; use "
+                              "the model folder the run saved (evaluate.py predict --model OUT/models/<run>), or the "
+                              "train.py checkpoint it started from")
+
+
 def model_from_state(state: dict[str, Any]) -> tuple[nn.Module, Config]:
     """The model of a loaded checkpoint, rebuilt from its resolved config, with its weights (CPU)."""
     import train_config as tc
 
+    refuse_finetune_state(state)
     cfg = tc.from_dict(state["config"])
     _, model_cls = tc.model_classes(cfg.arch)
     model = model_cls(cfg.model)

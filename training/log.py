@@ -93,11 +93,15 @@ class RunLogger:
     """Console, metrics.jsonl, W&B and audio examples of one run (see the module docstring).
 
     ``audio_seconds``: seconds of audio one clip stands for (views x crop / rate), for audio-h/s.
+    ``tag``: what its own console lines start with (``[train]``, ``[finetune]``); ``console=False``
+    keeps the progress lines off the console (metrics.jsonl and W&B still get them).
     """
 
     def __init__(self, cfg: LoggingConfig, env: Dist, *, out_dir: str, total_steps: int, run_name: str,
-                 config: dict[str, Any], audio_seconds: float, steps_per_epoch: int = 0):
-        self.cfg, self.env, self.out_dir, self.total_steps = cfg, env, out_dir, total_steps
+                 config: dict[str, Any], audio_seconds: float, steps_per_epoch: int = 0, tag: str = "train",
+                 console: bool = True):
+        self.cfg, self.env, self.out_dir, self.total_steps, self.tag = cfg, env, out_dir, total_steps, tag
+        self.console = console
         self.run_name, self.config, self.audio_seconds, self.steps_per_epoch = run_name, config, audio_seconds, steps_per_epoch
         self.metrics_path = os.path.join(out_dir, "metrics.jsonl")
         self.nonfinite_total, self.clips = 0, 0  # the run's counters, kept in checkpoints
@@ -133,7 +137,7 @@ class RunLogger:
         self.run_id = run_id or self.env.broadcast_object(secrets.token_hex(4))
         if self.env.master:
             self.wandb = init_wandb(self.cfg, run_id=self.run_id, out_dir=self.out_dir, name=self.run_name,
-                                    config=self.config)
+                                    config=self.config, tag=self.tag)
         self._start_step, self._t_start = step, time.perf_counter()
         if self.env.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.env.device)
@@ -200,6 +204,9 @@ class RunLogger:
             torch.cuda.reset_peak_memory_stats(self.env.device)
         if self.wandb is not None:
             self.wandb.log(record, step=step)
+        self._window = _Window()
+        if not self.console:
+            return
         done = step - self._start_step
         eta = (self.total_steps - step) * (time.perf_counter() - self._t_start) / max(1, done)
         extras = "".join(f" | {k} {v:.3g}" for k, v in r.metrics.items())
@@ -207,13 +214,13 @@ class RunLogger:
               f"gnorm {r.grad_norm:.3g}{extras} | {clips_s:.1f} clips/s | "
               f"wait {100 * record['perf/data_wait_fraction']:.1f}% | skipped {self.samples_skipped} samples, "
               f"{self.nonfinite_total} non-finite steps | eta {fmt_duration(eta)}", flush=True)
-        self._window = _Window()
 
     # --- validation and online probe --------------------------------------------------------
 
     def log_eval(self, step: int, record: dict[str, float]) -> None:
         """A validation (``valid/...``) or online-probe (``probe/...``) result at optimizer step
-        ``step``: its own metrics.jsonl row ``{"step", <keys>}``, W&B, one console line (rank 0)."""
+        ``step`` (pretraining's validation and probe, a fine-tune's valid scoring): its own
+        metrics.jsonl row ``{"step", <keys>}``, W&B, one console line (rank 0, unless ``console`` is off)."""
         if not self.env.master:
             return
         self.last_eval.update(record)
@@ -221,10 +228,13 @@ class RunLogger:
             f.write(json.dumps({"step": step, **record}) + "\n")
         if self.wandb is not None:
             self.wandb.log(record, step=step)
+        if not self.console:
+            return
         kind = next(iter(record)).split("/", 1)[0]
         shown = " | ".join(f"{k.split('/', 1)[1]} {v:.4g}" for k, v in record.items() if not k.endswith(("/clips", "/seconds")))
-        print(f"{kind} step {step}/{self.total_steps} | {shown} | {record.get(kind + '/clips', 0)} clips in "
-              f"{record.get(kind + '/seconds', 0):.1f} s", flush=True)
+        took = (f" | {record[kind + '/clips']} clips in {record.get(kind + '/seconds', 0):.1f} s"
+                if kind + "/clips" in record else "")
+        print(f"{kind} step {step}/{self.total_steps} | {shown}{took}", flush=True)
 
     # --- audio examples --------------------------------------------------------------------
 
@@ -259,7 +269,7 @@ class RunLogger:
 # Weights & Biases (rank 0 only; imported when used)
 
 
-def init_wandb(cfg: LoggingConfig, *, run_id: str, out_dir: str, name: str, config: dict[str, Any]) -> Any:
+def init_wandb(cfg: LoggingConfig, *, run_id: str, out_dir: str, name: str, config: dict[str, Any], tag: str = "train") -> Any:
     """Start or continue W&B run ``run_id``; None when disabled. Offline when no API key is set."""
     mode = cfg.wandb_mode
     if mode == "auto":
@@ -272,10 +282,10 @@ def init_wandb(cfg: LoggingConfig, *, run_id: str, out_dir: str, name: str, conf
             mode = "online"
         else:
             mode = "offline"
-            print("[train] W&B: WANDB_API_KEY is not set, logging offline under "
+            print(f"[{tag}] W&B: WANDB_API_KEY is not set, logging offline under "
                   f"{os.path.join(out_dir, 'wandb')} (upload later with `wandb sync <run folder>`)")
     if mode == "disabled":
-        print("[train] W&B: disabled (--logging.wandb_mode=disabled)")
+        print(f"[{tag}] W&B: disabled" + (" (--logging.wandb_mode=disabled)" if tag == "train" else ""))
         return None
     import wandb
 
@@ -290,10 +300,10 @@ def init_wandb(cfg: LoggingConfig, *, run_id: str, out_dir: str, name: str, conf
     except Exception as exc:  # noqa: BLE001 - no network or a bad key must not cost the training run
         if mode != "online":
             raise
-        print(f"[train] W&B: online start failed ({exc}); logging offline instead (`wandb sync` it later)")
+        print(f"[{tag}] W&B: online start failed ({exc}); logging offline instead (`wandb sync` it later)")
         mode = "offline"
         run = start(mode)
-    print(f"[train] W&B: {mode} run {run_id} ({run.dir})")
+    print(f"[{tag}] W&B: {mode} run {run_id} ({run.dir})")
     return run
 
 

@@ -13,6 +13,7 @@ the schedule. Another trainer plugs in its own model, ``prepare``, optimizer and
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import time
 import warnings
@@ -94,6 +95,33 @@ def describe_data_error(exc: BaseException) -> str:
     if "Original Traceback" in str(exc) and lines:
         return lines[-1]  # "FileNotFoundError: ... 'train-000003.tar'"
     return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
+def first_batch(it: Iterator[Batch]) -> tuple[Iterator[Batch], float]:
+    """``(batches, seconds)``: the stream iterator ``it`` with its first batch already taken.
+
+    A trainer takes it before the RNGs are seeded or restored: starting the loader's worker
+    processes draws torch's global generator once, and this keeps that draw out of the sequence a
+    resumed run must repeat.
+    """
+    from training.errors import DataStreamError
+
+    t0 = time.perf_counter()
+    try:
+        batch = next(it)
+    except Exception as exc:  # noqa: BLE001
+        raise DataStreamError(f"the data stream failed before the first step ({describe_data_error(exc)}); "
+                              "check the shards with `shard-tools verify`") from exc
+    return itertools.chain([batch], it), time.perf_counter() - t0
+
+
+def constant_schedule(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+    """The schedule of a trainer without one (every group at its own lr), for :class:`TrainStep`."""
+
+    def factor(step: int) -> float:  # a function, not a callable object (see build_optimizer)
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 @dataclass
