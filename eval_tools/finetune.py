@@ -251,7 +251,7 @@ def finetune(enc: Encoder, ds: Dataset, tasks: list[Task], cfg: FinetuneConfig, 
     from training.distributed import Dist, StopFlag
     from training.errors import ConfigError, DataStreamError
     from training.log import RunLogger
-    from training.step import TrainStep, constant_schedule, first_batch
+    from training.step import TrainStep, first_batch
 
     if enc.model is None:
         raise UserError("fine-tuning needs a neural encoder (--checkpoint or --preset), not log-mel statistics")
@@ -268,19 +268,8 @@ def finetune(enc: Encoder, ds: Dataset, tasks: list[Task], cfg: FinetuneConfig, 
              "train_manifest": ds.manifests["train"], "crop_samples": crop, "label_fraction": fraction,
              "encoder": enc.ident, "freeze_encoder": frozen}
 
-    torch.manual_seed(cfg.seed)  # the heads' init: the same on every rank
     subsets = label_subsets(ds, tasks, fraction, cfg.seed) if fraction < 1.0 else None
-    raw = supervised_model(enc, tasks, freeze_encoder=frozen)
-    groups = [{"params": list(raw.heads.parameters()), "lr": cfg.head_lr}]
-    if not frozen:
-        groups.append({"params": list(raw.encoder.parameters()), "lr": cfg.encoder_lr})
-    optimizer = torch.optim.Adam(groups, weight_decay=cfg.weight_decay)
-    scheduler = constant_schedule(optimizer)
-    model: nn.Module = raw
-    if env.world > 1:
-        # the SSL model's own heads (projector, quantizer) are not in the supervised loss
-        model = nn.parallel.DistributedDataParallel(raw, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-                                                    find_unused_parameters=True)
+    raw, model, optimizer, scheduler = _build_model(enc, tasks, cfg, env, frozen=frozen)
     loader = _loader(enc, ds, cfg, crop, rt)
     stream = DevicePrefetcher(loader, env.device) if env.device.type == "cuda" else loader
     log_cfg = tc.LoggingConfig(every=cfg.log_every, wandb_mode=wandb_mode,
@@ -358,14 +347,9 @@ def finetune(enc: Encoder, ds: Dataset, tasks: list[Task], cfg: FinetuneConfig, 
             if step % cfg.eval_every == 0 or step == cfg.steps or out_of_time:
                 check_train_labels(step)
                 t_eval = time.perf_counter()
-                valid = _scalars(evaluate_heads(enc, raw.heads, ds, "valid", tasks, cfg.min_read, rt))
+                best = _score_valid(enc, raw, ds, tasks, cfg, rt, step=step, loss=float(r.loss), best=best,
+                                    history=history, logger=logger, say=say)
                 eval_seconds += time.perf_counter() - t_eval
-                m = _mean_primary(valid, tasks)
-                history.append({"step": step, "loss": float(r.loss), "valid": m, "scores": valid})
-                logger.log_eval(step, {"valid/score": m, **{f"valid/{k}/{mk}": v for k, d in valid.items() for mk, v in d.items()}})
-                say(f"[finetune] step {step}: valid {m:.4f}" + (" (best so far)" if m > best["score"] else ""))
-                if m > best["score"]:
-                    best = {"step": step, "score": m, "model": {k: v.detach().cpu().clone() for k, v in raw.state_dict().items()}}
             if r.stop:
                 status, last_ckpt = "stopped", save(step)
                 say(f"[finetune] stop requested: checkpoint {last_ckpt} at step {step}; continue with --resume auto")
@@ -393,18 +377,58 @@ def finetune(enc: Encoder, ds: Dataset, tasks: list[Task], cfg: FinetuneConfig, 
     }
     if status == "stopped":
         return summary
+    return summary | _final_scores(enc, raw, ds, tasks, cfg, rt, best=best, run_dir=run_dir, master=env.master)
+
+
+def _build_model(enc: Encoder, tasks: list[Task], cfg: FinetuneConfig, env, *, frozen: bool):
+    """``(raw, model, optimizer, scheduler)``: the Supervised model (heads seeded alike on every
+    rank), its DDP wrapper under torchrun (else itself), Adam with the heads' and the encoder's
+    learning rates, and a constant schedule."""
+    from training.step import constant_schedule
+
+    torch.manual_seed(cfg.seed)  # the heads' init: the same on every rank
+    raw = supervised_model(enc, tasks, freeze_encoder=frozen)
+    groups = [{"params": list(raw.heads.parameters()), "lr": cfg.head_lr}]
+    if not frozen:
+        groups.append({"params": list(raw.encoder.parameters()), "lr": cfg.encoder_lr})
+    optimizer = torch.optim.Adam(groups, weight_decay=cfg.weight_decay)
+    model: nn.Module = raw
+    if env.world > 1:
+        # the SSL model's own heads (projector, quantizer) are not in the supervised loss
+        model = nn.parallel.DistributedDataParallel(raw, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+                                                    find_unused_parameters=True)
+    return raw, model, optimizer, constant_schedule(optimizer)
+
+
+def _score_valid(enc: Encoder, raw: Supervised, ds: Dataset, tasks: list[Task], cfg: FinetuneConfig, rt, *, step: int,
+                 loss: float, best: dict[str, Any], history: list[dict], logger, say) -> dict[str, Any]:
+    """Score the valid split at ``step`` (every rank embeds its share), log it, append it to
+    ``history``; returns ``best`` or, when this step beats it, the new best (weights on the CPU)."""
+    valid = _scalars(evaluate_heads(enc, raw.heads, ds, "valid", tasks, cfg.min_read, rt))
+    m = _mean_primary(valid, tasks)
+    history.append({"step": step, "loss": loss, "valid": m, "scores": valid})
+    logger.log_eval(step, {"valid/score": m, **{f"valid/{k}/{mk}": v for k, d in valid.items() for mk, v in d.items()}})
+    say(f"[finetune] step {step}: valid {m:.4f}" + (" (best so far)" if m > best["score"] else ""))
+    if m <= best["score"]:
+        return best
+    return {"step": step, "score": m, "model": {k: v.detach().cpu().clone() for k, v in raw.state_dict().items()}}
+
+
+def _final_scores(enc: Encoder, raw: Supervised, ds: Dataset, tasks: list[Task], cfg: FinetuneConfig, rt, *,
+                  best: dict[str, Any], run_dir: str, master: bool) -> dict[str, Any]:
+    """Load the best valid weights, score valid and test once (rank 0 writes ``scores.json``);
+    returns the summary's ``heads``, ``valid`` and ``test``."""
     if best["model"] is not None:
         raw.load_state_dict(best["model"])
     raw.eval()
     raw.encoder.requires_grad_(True)  # the encoder leaves as it came (a frozen one had its gradients switched off)
-    summary |= {"heads": raw.heads,
-                "valid": evaluate_heads(enc, raw.heads, ds, "valid", tasks, cfg.min_read, rt),
-                "test": evaluate_heads(enc, raw.heads, ds, "test", tasks, cfg.min_read, rt)}
-    if env.master:
+    out = {"heads": raw.heads,
+           "valid": evaluate_heads(enc, raw.heads, ds, "valid", tasks, cfg.min_read, rt),
+           "test": evaluate_heads(enc, raw.heads, ds, "test", tasks, cfg.min_read, rt)}
+    if master:
         with open(os.path.join(run_dir, "scores.json"), "w") as f:
-            json.dump({"best_step": best["step"], "valid": _scalars(summary["valid"]), "test": _scalars(summary["test"])}, f,
-                      indent=2)
-    return summary
+            json.dump({"best_step": best["step"], "valid": _scalars(out["valid"]), "test": _scalars(out["test"])}, f, indent=2)
+    return out
 
 
 def as_saved_heads(heads: nn.ModuleDict, tasks: list[Task]) -> list:
