@@ -86,7 +86,10 @@ def label_subsets(ds: Dataset, tasks: list[Task], fraction: float, seed: int) ->
 def supervised_model(enc: Encoder, tasks: list[Task]) -> Supervised:
     """``enc.model`` with one head per task (the encoder is shared with ``enc``, not copied)."""
     heads = tuple(TaskHead(name=t.name, kind=t.kind, classes=len(t.names)) for t in tasks)
-    model = Supervised(enc.model, SupervisedConfig(tasks=heads, takes_lengths=enc.arch != "clmr"), dim=enc.dim)
+    # the heads read embed()["pooled"] (the last layer), whatever features the encoder probes
+    # (CLMR's layer="concat" is wider)
+    dim = dataclasses.replace(enc, layer=-1).dim
+    model = Supervised(enc.model, SupervisedConfig(tasks=heads, takes_lengths=enc.arch != "clmr"), dim=dim)
     return model.to(enc.device)
 
 

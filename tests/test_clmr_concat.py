@@ -41,3 +41,15 @@ def test_clmr_layer_other_than_last_or_concat_is_a_user_error() -> None:
     with pytest.raises(UserError, match="concat"):
         _encoder(2)
     assert evaluate._layer("concat") == "concat"
+
+
+def test_supervised_heads_read_the_last_layer_when_the_probe_reads_concat() -> None:
+    """The supervised baseline trains heads on embed()['pooled'] (64 wide), not on the 272 concat values."""
+    from eval_tools.finetune import supervised_model
+    from eval_tools.probe import Task
+
+    enc = _encoder("concat")
+    model = supervised_model(enc, [Task(name="pitch", kind="class", names=["60", "61", "62"])])
+    assert model.heads["pitch"].in_features == enc.model.config.last_channels
+    audio = torch.from_numpy(np.random.default_rng(1).standard_normal((2, enc.window)).astype(np.float32))
+    assert model.logits(audio)["pitch"].shape == (2, 3)
