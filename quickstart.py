@@ -82,7 +82,7 @@ def pretrain_config(plan: Plan, demo: str, out: str):
         widths = (16, 16, 32, 32, 32, 64, 64, 64, 64)[: plan.clmr_blocks]
         cfg = r(cfg, model=r(cfg.model, temperature=plan.temperature, channels=widths),
                 # pitch is probed: keep it (the calibration: pitch/speed changes taught invariance);
-                # band filters and reverb off: docs/quickstart-calibration.md (pitch 7 -> 18 % on the last block)
+                # band filters and reverb off: docs/quickstart-calibration.md (valid pitch 15 -> 19 % on the last block)
                 augment=r(cfg.augment, pitch_p=0.0, speed_p=0.0, filter_p=0.0, reverb_p=0.0))
     return cfg
 
