@@ -410,12 +410,12 @@ def _floats(text: str) -> list[float]:
 
 
 def _layer(text: str) -> int | str:
-    if text == "all":
-        return "all"
+    if text in ("all", "concat"):
+        return text
     try:
         return int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--layer takes an integer (-1 = last) or 'all', got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"--layer takes an integer (-1 = last), 'all' or 'concat', got {text!r}") from None
 
 
 def _add_encoder_args(p: argparse.ArgumentParser) -> None:
@@ -430,7 +430,8 @@ def _add_encoder_args(p: argparse.ArgumentParser) -> None:
                    "there is no --checkpoint (e.g. clmr_tiny, wav2vec2_tiny, cpc_tiny)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a preset key, e.g. --set model.temperature=0.1 (repeatable)")
-    p.add_argument("--layer", type=_layer, default=-1, help="wav2vec2: layer to probe (-1 = last, 0 = transformer input) or 'all'")
+    p.add_argument("--layer", type=_layer, default=-1, help="wav2vec2: layer to probe (-1 = last, 0 = transformer input) or 'all'; "
+                   "CLMR: -1 (last block) or 'concat' (every block's pooled output, concatenated)")
     p.add_argument("--sample-rate", type=int, help="resample clips to this rate (default: the encoder's training rate)")
     p.add_argument("--no-resample", action="store_true",
                    help="refuse shards whose sample rate differs from the encoder's instead of resampling them")

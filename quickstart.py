@@ -11,9 +11,11 @@ Steps, top to bottom in :func:`run`:
    train), plus multi-instrument clips in MagnaTagATune's layout (tags: instruments, tempo, solo).
 2. **Pretraining** (``train.train``) on the unlabelled train audio of both, with the tiny preset of
    ``--model`` and quickstart settings: a fixed step count (deterministic, unlike a time budget) and,
-   because pitch is probed, no pitch-shift or speed augmentation (they would teach pitch invariance).
+   because pitch is probed, no pitch-shift or speed augmentation (they would teach pitch invariance);
+   CLMR also without band filters and reverb (docs/quickstart-calibration.md).
 3. **Probes** (``evaluate.run_evaluation``): linear probes on frozen embeddings for NSynth pitch and
-   instrument family (on held-out instruments) and MTAT tags (on held-out clips), for the
+   instrument family (on held-out instruments) and MTAT tags (on held-out clips; CLMR: every
+   block's pooled output concatenated, ``--layer concat``), for the
    pretrained encoder and three baselines: the same architecture at random init, the same
    architecture trained supervised on the labels with the same compute (as many training crops as
    pretraining saw), and log-mel statistics.
@@ -43,12 +45,17 @@ class Plan:
     clmr_blocks: int = 7  # SampleCNN blocks: 7 -> 3**8 = 6561-sample crops (0.41 s at 16 kHz)
     demo_notes: int = 12  # notes per instrument in the demo
     demo_programs: int = 0  # 0 = every program of the 11 families
-    demo_clips: int = 160
-    demo_clip_seconds: float = 6.0
+    # 480 clips of 4 s: 90 test / 30 valid tag clips (160 x 6 s gave 30 / 10: too few for a macro AUC)
+    demo_clips: int = 480
+    demo_clip_seconds: float = 4.0
+    # CLMR's probed features: -1 = the last block, "concat" = every block's pooled output (see
+    # docs/quickstart-calibration.md); wav2vec2 probes every layer and keeps the best on valid
+    clmr_layer: int | str = "concat"
     probe_epochs: int = 200
     probe_patience: int = 20
     calib_crops: int = 512
     workers: int = 2
+    seed: int = 0  # pretraining, the baselines' init and the probes (the demo data stay seed 0)
 
 
 def tiny_plan(model: str) -> Plan:
@@ -67,15 +74,16 @@ def pretrain_config(plan: Plan, demo: str, out: str):
         cfg,
         data=r(cfg.data, manifests=[f"{demo}/nsynth/train.manifest.json", f"{demo}/mtat/train.manifest.json"],
                num_workers=max(0, plan.workers - 1)),
-        train=r(cfg.train, steps=plan.steps, global_batch_size=plan.batch_size, device="cpu", out_dir=out),
+        train=r(cfg.train, steps=plan.steps, global_batch_size=plan.batch_size, device="cpu", out_dir=out, seed=plan.seed),
         checkpoint=r(cfg.checkpoint, every=plan.steps, keep=1),
         logging=r(cfg.logging, every=max(1, plan.steps // 20), wandb_mode="disabled", audio_every=0),
     )
     if plan.model == "clmr":
         widths = (16, 16, 32, 32, 32, 64, 64, 64, 64)[: plan.clmr_blocks]
         cfg = r(cfg, model=r(cfg.model, temperature=plan.temperature, channels=widths),
-                # pitch is probed: keep it (the issue's calibration: pitch/speed changes taught invariance)
-                augment=r(cfg.augment, pitch_p=0.0, speed_p=0.0))
+                # pitch is probed: keep it (the issue's calibration: pitch/speed changes taught invariance);
+                # band filters and reverb off: docs/quickstart-calibration.md (valid pitch 15 -> 19 % on the last block)
+                augment=r(cfg.augment, pitch_p=0.0, speed_p=0.0, filter_p=0.0, reverb_p=0.0))
     return cfg
 
 
@@ -134,8 +142,8 @@ def run(plan: Plan, *, out: str, demo: str) -> dict:
         data=[f"{demo}/nsynth", f"{demo}/mtat"], out=os.path.join(out, "eval"), checkpoint=ckpt,
         baselines=["random", "supervised", "logmel"], tasks=["pitch", "instrument_family_str", "tags"],
         probe="linear", max_epochs=plan.probe_epochs, patience=plan.probe_patience, calib_crops=plan.calib_crops,
-        layer="all" if plan.model == "wav2vec2" else -1,  # probe every layer, keep the best on valid
-        supervised_steps_per_dataset=sup_steps, supervised_batch_size=plan.batch_size, wandb_mode="disabled",
+        layer={"wav2vec2": "all", "clmr": plan.clmr_layer}.get(plan.model, -1),
+        supervised_steps_per_dataset=sup_steps, supervised_batch_size=plan.batch_size, wandb_mode="disabled", seed=plan.seed,
     )
     results = evaluate.run_evaluation(opts)
     timings["evaluate"] = time.perf_counter() - t2
@@ -177,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tiny", action="store_true", help="a small demo set and a few steps: a ~2-minute smoke run")
     p.add_argument("--out", default="runs/quickstart", help="run folder (default: runs/quickstart)")
     p.add_argument("--demo", default="demo_shards", help="demo shard folder, built if missing (default: demo_shards)")
+    p.add_argument("--seed", type=int, default=0, help="seed of pretraining, the baselines' init and the probes "
+                   "(default: 0; the demo data do not change); run-to-run noise: docs/quickstart-calibration.md")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="processes for rendering and loading")
     a = p.parse_args(argv)
     plan = tiny_plan(a.model) if a.tiny else Plan(model=a.model)
@@ -184,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = dataclasses.replace(plan, steps=a.steps)
     if a.batch_size is not None:
         plan = dataclasses.replace(plan, batch_size=a.batch_size)
-    plan = dataclasses.replace(plan, workers=a.workers)
+    plan = dataclasses.replace(plan, workers=a.workers, seed=a.seed)
     if plan.steps < 1 or plan.batch_size < 2:
         p.error("--steps must be >= 1 and --batch-size >= 2")
     demo = a.demo if not a.tiny or a.demo != "demo_shards" else "demo_shards_tiny"

@@ -21,8 +21,10 @@ The encoders here (how a clip becomes one embedding under the default ``musicssl
 papers' own protocols, ``--protocol clmr|marble``, are eval_tools/protocols.py's):
 
 - CLMR (:class:`CLMREncoder`): non-overlapping crops of the model's ``input_samples`` (a clip
-  shorter than one crop is zero-padded to one crop), their embeddings averaged per clip (CLMR's
-  own evaluation averages the per-crop *outputs* instead: ``--protocol clmr``).
+  shorter than one crop is zero-padded to one crop), averaged per clip; the last block's output
+  (``layer=-1``) or, with ``layer="concat"``, every block's time-averaged output concatenated
+  (first convolution to last). CLMR's own evaluation averages the per-crop *outputs* instead:
+  ``--protocol clmr``.
 - wav2vec2 and CPC (:class:`FrameEncoder`): the mean over valid frames of one transformer layer
   (``layer=-1`` the last, ``"all"`` every layer) or of CPC's context; long clips in windows of at
   most ``max_window_seconds``, averaged by frame count. Clips are zero-padded only up to the
@@ -57,7 +59,7 @@ class Encoder:
     arch: str  # "clmr" | "wav2vec2" | "cpc" | "logmel" | an imported model's name
     sample_rate: int
     model: nn.Module | None = None
-    layer: int | str = -1  # wav2vec2: which layer (index into embed()["layers"]) or "all"
+    layer: int | str = -1  # wav2vec2: which layer (index into embed()["layers"]) or "all"; CLMR: -1 or "concat"
     window: int | None = None  # samples per piece: CLMR's crop, others' longest window (None = whole clip)
     ident: str = ""  # cache key part: checkpoint hash, or a hash of the random-init config + seed
     crop_samples: int | None = None  # the training crop length (BN recalibration, fine-tuning)
@@ -226,7 +228,11 @@ class CLMREncoder(Encoder):
         return [clip[i * n : (i + 1) * n] for i in range(k)]
 
     def forward_pieces(self, audio: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model.embed(audio)["pooled"], torch.ones(audio.shape[0], device=audio.device)
+        out = self.model.embed(audio)
+        # "concat": every block's time-averaged map side by side (shallow blocks keep what the last one
+        # pools away; a few minutes of pretraining shape the last block least)
+        vec = torch.cat(out["blocks"], dim=1) if self.layer == "concat" else out["pooled"]
+        return vec, torch.ones(audio.shape[0], device=audio.device)
 
 
 @dataclass(kw_only=True)
@@ -295,8 +301,10 @@ def build_encoder(
     meta: dict | None = None,
     train_config: dict | None = None,
 ) -> Encoder:
-    if arch != "wav2vec2" and layer != -1:
-        raise UserError(f"--layer applies to wav2vec2 only; {arch} has one output (leave --layer at -1)")
+    if arch == "clmr" and layer not in (-1, "concat"):
+        raise UserError(f"--layer {layer}: CLMR takes -1 (the last block) or 'concat' (every block's pooled output)")
+    if arch not in ("wav2vec2", "clmr") and layer != -1:
+        raise UserError(f"--layer applies to wav2vec2 and CLMR only; {arch} has one output (leave --layer at -1)")
     if arch == "wav2vec2" and layer != "all":
         n = model_cfg.num_layers + 1  # the transformer input, then each layer
         if not -n <= int(layer) < n:

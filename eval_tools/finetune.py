@@ -107,8 +107,11 @@ def label_subsets(ds: Dataset, tasks: list[Task], fraction: float, seed: int) ->
 def supervised_model(enc: Encoder, tasks: list[Task], *, freeze_encoder: bool = False) -> Supervised:
     """``enc.model`` with one head per task (the encoder is shared with ``enc``, not copied)."""
     heads = tuple(TaskHead(name=t.name, kind=t.kind, classes=len(t.names)) for t in tasks)
+    # the heads read embed()["pooled"] (the last layer), whatever features the encoder probes
+    # (CLMR's layer="concat" is wider)
+    dim = dataclasses.replace(enc, layer=-1).dim
     cfg = SupervisedConfig(tasks=heads, takes_lengths=enc.arch != "clmr", freeze_encoder=freeze_encoder)
-    return Supervised(enc.model, cfg, dim=enc.dim).to(enc.device)
+    return Supervised(enc.model, cfg, dim=dim).to(enc.device)
 
 
 

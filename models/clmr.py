@@ -154,6 +154,10 @@ class SampleCNN(nn.Module):
 
     def features(self, x: Tensor) -> Tensor:
         """The last convolution map ``(B, 1, T) -> (B, C, T')``, ``T' = T // input_samples`` (about)."""
+        self._check(x)
+        return self.blocks(x)
+
+    def _check(self, x: Tensor) -> None:
         if x.dim() != 3 or x.shape[1] != 1:
             raise ValueError(f"SampleCNN expects mono audio (B, 1, T), got shape {tuple(x.shape)}")
         if x.shape[-1] < self.config.input_samples:
@@ -162,7 +166,15 @@ class SampleCNN(nn.Module):
                 f"(3 ** (len(model.channels) + 1)), got {x.shape[-1]}: raise the loader's crop length "
                 "or use fewer blocks in model.channels"
             )
-        return self.blocks(x)
+
+    def block_features(self, x: Tensor) -> list[Tensor]:
+        """Every block's output map, first convolution to last: ``[(B, C_i, T_i), ...]``; the last is :meth:`features`."""
+        self._check(x)
+        maps = []
+        for block in self.blocks:
+            x = block(x)
+            maps.append(x)
+        return maps
 
     def forward(self, x: Tensor) -> Tensor:
         return self.features(x).mean(dim=-1)  # (B, C); one frame at input_samples
@@ -292,8 +304,10 @@ class CLMR(nn.Module):
         return stats["loss"], {k: v.detach() for k, v in metrics.items()}
 
     def embed(self, audio: Tensor) -> dict[str, Tensor]:
-        """Encoder features without the head: ``audio`` (B, T) -> pooled (B, C) and frames (B, T', C)."""
+        """Encoder features without the head: ``audio`` (B, T) -> pooled (B, C), frames (B, T', C) and
+        ``blocks``: each block's map averaged over time, first convolution to last, ``[(B, C_i), ...]``."""
         if audio.dim() != 2:
             raise ValueError(f"CLMR.embed expects mono audio (B, T), got shape {tuple(audio.shape)}")
-        frames = self.encoder.features(audio.unsqueeze(1)).transpose(1, 2)  # (B, T', C)
-        return {"pooled": frames.mean(dim=1), "frames": frames}
+        maps = self.encoder.block_features(audio.unsqueeze(1))
+        frames = maps[-1].transpose(1, 2)  # (B, T', C)
+        return {"pooled": frames.mean(dim=1), "frames": frames, "blocks": [m.mean(dim=-1) for m in maps]}

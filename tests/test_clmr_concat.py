@@ -1,0 +1,55 @@
+"""``--layer concat`` for CLMR: every SampleCNN block's time-averaged output, side by side."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.errors import UserError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SR = 16000
+
+
+def _encoder(layer):
+    from eval_tools.encoders import preset_config, random_encoder
+
+    return random_encoder(preset_config("clmr_tiny"), sample_rate=SR, seed=3, layer=layer)
+
+
+def test_concat_is_every_block_pooled_and_ends_with_the_last_layer() -> None:
+    rng = np.random.default_rng(0)
+    last, concat = _encoder(-1), _encoder("concat")
+    n = last.window
+    clips = [rng.standard_normal(n * k + 5).astype(np.float32) * 0.1 for k in (1, 2, 3)]  # 1-3 crops, a short tail
+    e_last, e_cat = last.embed_clips(clips), concat.embed_clips(clips)
+    cfg = concat.model.config
+    assert e_cat.shape == (3, cfg.first_channels + sum(cfg.channels) + cfg.last_channels)
+    np.testing.assert_allclose(e_cat[:, -cfg.last_channels:], e_last, rtol=1e-5, atol=1e-6)
+    # the first slice is the strided first convolution's map averaged over time, crop by crop
+    with torch.no_grad():
+        crops = torch.from_numpy(clips[1][: 2 * n].reshape(2, 1, n))
+        first = concat.model.encoder.blocks[0](crops).mean(dim=-1).mean(dim=0).numpy()
+    np.testing.assert_allclose(e_cat[1, : cfg.first_channels], first, rtol=1e-5, atol=1e-6)
+    assert concat.cache_id != last.cache_id
+
+
+def test_clmr_layer_other_than_last_or_concat_is_a_user_error() -> None:
+    import evaluate
+
+    with pytest.raises(UserError, match="concat"):
+        _encoder(2)
+    assert evaluate._layer("concat") == "concat"
+
+
+def test_supervised_heads_read_the_last_layer_when_the_probe_reads_concat() -> None:
+    """The supervised baseline trains heads on embed()['pooled'] (64 wide), not on the 272 concat values."""
+    from eval_tools.finetune import supervised_model
+    from eval_tools.probe import Task
+
+    enc = _encoder("concat")
+    model = supervised_model(enc, [Task(name="pitch", kind="class", names=["60", "61", "62"])])
+    assert model.heads["pitch"].in_features == enc.model.config.last_channels
+    audio = torch.from_numpy(np.random.default_rng(1).standard_normal((2, enc.window)).astype(np.float32))
+    assert model.logits(audio)["pitch"].shape == (2, 3)
