@@ -90,6 +90,14 @@ def test_program_table_is_consistent():
         assert all(p.source in demo.SOURCES and set(p.qualities) <= set(demo.QUALITIES) for p in demo.PROGRAMS[family])
 
 
+def test_clip_instruments_are_train_programs_only():
+    """The MTAT-layout clips are pretraining audio: no valid/test instrument may play in them."""
+    held_out = {p.program for f in demo.FAMILIES for s in ("valid", "test") for p in demo.split_programs(f)[s]}
+    in_clips = {prog for progs in demo.CLIP_INSTRUMENTS.values() for prog in progs}
+    assert {1, 27, 49, 53} <= held_out  # the four the clips used to play
+    assert in_clips.isdisjoint(held_out), sorted(in_clips & held_out)
+
+
 def test_plan_is_deterministic_and_spread():
     cfg = demo.DemoConfig(notes_per_instrument=8, seed=3)
     ex1, tasks1 = demo.plan_notes(cfg, "/r")
