@@ -1,6 +1,7 @@
 """The main job on a fresh machine: show self-supervised pretraining working on real instruments.
 
     python quickstart.py                     # CLMR; target: 15 min on 2 idle CPU cores (README: measured)
+    python quickstart.py --seed 1            # the same run with another seed (the run-to-run noise)
     python quickstart.py --model wav2vec2    # the wav2vec2 tiny preset instead (also: --model cpc)
     python quickstart.py --tiny              # a 2-minute smoke run (what CI runs)
 
