@@ -152,8 +152,13 @@ class Prepare:
                 else:
                     labels[f"{t.name}__mask"] = keep
             y = labels[t.name]
-            # labelled rows the loss sees, counted on the device (no host sync)
-            self.seen[t.name] += (y >= 0).sum() if t.kind == "class" else (keep.sum() if keep is not None else len(y))
+            # labelled rows the loss sees, counted on the device (no host sync); for tags, rows with a
+            # positive tag (a split whose clips carry no tag at all teaches nothing)
+            if t.kind == "class":
+                self.seen[t.name] += (y >= 0).sum()
+            else:
+                positive = (y > 0).any(-1)
+                self.seen[t.name] += (positive & keep).sum() if keep is not None else positive.sum()
         return {"audio": audio, "lengths": lengths.clamp_min(self.min_samples), "labels": labels}
 
 
@@ -312,7 +317,8 @@ def finetune(enc: Encoder, ds: Dataset, tasks: list[Task], cfg: FinetuneConfig, 
         env.all_reduce_(seen)
         for t, n in zip(tasks, seen.tolist()):
             if n == 0:
-                raise UserError(f"--tasks {t.name}: the train split of {ds.name} gave no {t.name} labels in {at} steps "
+                what = "clip with a positive tag" if t.kind != "class" else f"{t.name} labels"
+                raise UserError(f"--tasks {t.name}: the train split of {ds.name} gave no {what} in {at} steps "
                                 f"({at * cfg.batch_size} crops from {ds.manifests['train']}); pick other --tasks or "
                                 "rebuild the split")
 

@@ -270,3 +270,20 @@ def test_cuda_bf16_finetune_checkpoints_and_scores(toy, tmp_path) -> None:
     assert state["loader"]["step"] == 6 and state["done"]
     losses, _ = _records(out)
     assert len(losses) == 6 and all(np.isfinite(losses))
+
+
+def test_a_tag_train_split_without_a_positive_tag_is_named(tmp_path, capsys) -> None:
+    """Every train clip carries the tags field but no tag: the row count is not zero, the positives are."""
+    folder = str(tmp_path / "notags" / "toy")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 16), ("valid", 8), ("test", 8)):
+        clips = [evaldata.toy_clip(rng, i, split) for i in range(n)]
+        if split == "train":
+            for c in clips:
+                c["labels"]["tags"] = []
+        shardgen.write_split(folder, clips, [n // 2, n - n // 2], split=split, dataset="toy", labels=evaldata.SPEC)
+    argv = _finetune(folder, str(tmp_path / "out"))
+    argv[argv.index("--tasks") + 1] = "tags"
+    assert evaluate.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--tasks tags: the train split of toy gave no clip with a positive tag in 2 steps" in err, err
