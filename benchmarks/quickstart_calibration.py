@@ -26,18 +26,25 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def _plan_defaults():
+    import quickstart
+
+    return quickstart.Plan()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tag", required=True, help="run name (runs/calibration/TAG)")
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--temp", type=float, default=0.1, help="NT-Xent temperature")
-    p.add_argument("--blocks", type=int, default=7, help="SampleCNN blocks (crop = 3 ** (blocks + 1) samples)")
+    d = _plan_defaults()  # the quickstart's own settings: a row without flags is today's quickstart
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--batch", type=int, default=d.batch_size)
+    p.add_argument("--temp", type=float, default=d.temperature, help="NT-Xent temperature")
+    p.add_argument("--blocks", type=int, default=d.clmr_blocks, help="SampleCNN blocks (crop = 3 ** (blocks + 1) samples)")
     p.add_argument("--seed", type=int, default=0, help="pretraining, random init and probe seed")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="train.py override (repeatable)")
     p.add_argument("--demo", default="demo_shards")
-    p.add_argument("--demo-clips", type=int, default=160)
-    p.add_argument("--demo-clip-seconds", type=float, default=6.0)
+    p.add_argument("--demo-clips", type=int, default=d.demo_clips)
+    p.add_argument("--demo-clip-seconds", type=float, default=d.demo_clip_seconds)
     p.add_argument("--checkpoint", help="probe this checkpoint instead of pretraining")
     p.add_argument("--variants", default="-1:bn,concat:bn")
     a = p.parse_args(argv)
