@@ -84,52 +84,53 @@ def _junit(out: str, tmp: str) -> dict:
     return {**counts, "failed": failed}
 
 
+# The GPU modes differ only in sizes and timeouts (s); the dry run below has its own CPU commands.
+GPU_SIZES: dict[str, dict[str, Any]] = {
+    "full": dict(tests=(["tests"], 180, "pytest -m cuda tests"),
+                 augment=(6, 2, 75), models=(4, 10, 75), train=(80, 20, 192, 90), evaluate=(64, 3, 20, 16, 60)),
+    "quick": dict(tests=(["tests/test_cuda.py", "-k", "not torchrun and not compile"], 40,
+                         "tests/test_cuda.py without torchrun and torch.compile"),
+                  augment=(2, 1, 20), models=(2, 3, 20), train=(30, 10, 96, 25), evaluate=(16, 1, 5, 8, 15)),
+}
+
+
+def _gpu_parts(s: dict[str, Any], bench: Callable[[str], list[str]], pytest: list[str], cores: int) -> list[Part]:
+    test_args, test_timeout, test_size = s["tests"]
+    batches, peer_batches, aug_timeout = s["augment"]
+    w2v_batch, model_steps, model_timeout = s["models"]
+    steps, warmup, clips, train_timeout = s["train"]
+    ev_clips, rounds, ft_steps, ft_batch, ev_timeout = s["evaluate"]
+    return [
+        Part("tests", [*pytest, *test_args], test_timeout, test_size, _junit),
+        Part("augment", [*bench("augment"), "--device", "cuda", "--batch", "48", "--samples", "59049",
+                         "--sr", "22050", "--batches", str(batches), "--peer-batches", str(peer_batches),
+                         "--workers", str(cores), "--skip-torch-audiomentations"], aug_timeout,
+             f"batch 48 x 59049 samples, {batches} GPU batches; audiomentations {peer_batches} "
+             f"batch{'es' if peer_batches > 1 else ''} on {cores} workers", _last_json),
+        Part("models", [*bench("models"), "--device", "cuda", "--precision", "bf16", "--w2v-config", "base",
+                        "--batch", str(w2v_batch), "--seconds", "15.625", "--seam-batch", "48", "--presets", "default",
+                        "--steps", str(model_steps)], model_timeout,
+             f"bf16; wav2vec2 BASE {w2v_batch} x 250000 samples; CLMR / CPC default at batch 48; {model_steps} steps",
+             _last_json),
+        Part("train", [*bench("train"), "--preset", "clmr_mtat", "--device", "cuda", "--batch", "48",
+                       "--workers", str(cores), "--steps", str(steps), "--warmup", str(warmup), "--paths", "device",
+                       "--clips", str(clips), "--threads", "4"], train_timeout,
+             f"clmr_mtat model, batch 48, {cores} workers, {steps} steps (first {warmup} left out)", _last_json),
+        Part("evaluate", [*bench("evaluate"), "--gpu-only", "--gpu-preset", "wav2vec2_musicnet", "--clips", str(ev_clips),
+                          "--seconds", "4", "--batch", "16", "--rounds", str(rounds), "--ft-steps", str(ft_steps),
+                          "--ft-batch", str(ft_batch), "--threads", "4"], ev_timeout,
+             f"wav2vec2 BASE, {ev_clips} clips of 4 s, batch 16, fp32 + bf16, {rounds} round{'s' if rounds > 1 else ''}; "
+             f"fine-tune {ft_steps} steps", _last_json),
+    ]
+
+
 def parts(mode: str, tmp: str, cores: int) -> list[Part]:
     py = sys.executable
     bench = lambda name: [py, os.path.join(ROOT, "benchmarks", f"{name}.py")]  # noqa: E731
     xml = ["--junitxml", os.path.join(tmp, "cuda-tests.xml")]
     pytest = [py, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider", *xml]
-    if mode == "full":
-        return [
-            Part("tests", [*pytest, "tests"], 180, "pytest -m cuda tests", _junit),
-            Part("augment", [*bench("augment"), "--device", "cuda", "--batch", "48", "--samples", "59049",
-                             "--sr", "22050", "--batches", "6", "--peer-batches", "2", "--workers", str(cores),
-                             "--skip-torch-audiomentations"], 75,
-                 f"batch 48 x 59049 samples, 6 GPU batches; audiomentations 2 batches on {cores} workers", _last_json),
-            Part("models", [*bench("models"), "--device", "cuda", "--precision", "bf16", "--w2v-config", "base",
-                            "--batch", "4", "--seconds", "15.625", "--seam-batch", "48", "--presets", "default",
-                            "--steps", "10"], 75,
-                 "bf16; wav2vec2 BASE 4 x 250000 samples; CLMR / CPC default at batch 48; 10 steps", _last_json),
-            Part("train", [*bench("train"), "--preset", "clmr_mtat", "--device", "cuda", "--batch", "48",
-                           "--workers", str(cores), "--steps", "80", "--warmup", "20", "--paths", "device",
-                           "--clips", "192", "--threads", "4"], 90,
-                 f"clmr_mtat model, batch 48, {cores} workers, 80 steps (first 20 left out)", _last_json),
-            Part("evaluate", [*bench("evaluate"), "--gpu-only", "--gpu-preset", "wav2vec2_musicnet", "--clips", "64",
-                              "--seconds", "4", "--batch", "16", "--rounds", "3", "--ft-steps", "20",
-                              "--ft-batch", "16", "--threads", "4"], 60,
-                 "wav2vec2 BASE, 64 clips of 4 s, batch 16, fp32 + bf16, 3 rounds; fine-tune 20 steps", _last_json),
-        ]
-    if mode == "quick":
-        return [
-            Part("tests", [*pytest, "tests/test_cuda.py", "-k", "not torchrun and not compile"], 40,
-                 "tests/test_cuda.py without torchrun and torch.compile", _junit),
-            Part("augment", [*bench("augment"), "--device", "cuda", "--batch", "48", "--samples", "59049",
-                             "--batches", "2", "--peer-batches", "1", "--workers", str(cores),
-                             "--skip-torch-audiomentations"], 20,
-                 f"batch 48 x 59049 samples, 2 GPU batches; audiomentations 1 batch on {cores} workers", _last_json),
-            Part("models", [*bench("models"), "--device", "cuda", "--precision", "bf16", "--w2v-config", "base",
-                            "--batch", "2", "--seconds", "15.625", "--seam-batch", "48", "--presets", "default",
-                            "--steps", "3"], 20,
-                 "bf16; wav2vec2 BASE 2 x 250000 samples; CLMR / CPC default at batch 48; 3 steps", _last_json),
-            Part("train", [*bench("train"), "--preset", "clmr_mtat", "--device", "cuda", "--batch", "48",
-                           "--workers", str(cores), "--steps", "30", "--warmup", "10", "--paths", "device",
-                           "--clips", "96", "--threads", "4"], 25,
-                 f"clmr_mtat model, batch 48, {cores} workers, 30 steps (first 10 left out)", _last_json),
-            Part("evaluate", [*bench("evaluate"), "--gpu-only", "--gpu-preset", "wav2vec2_musicnet", "--clips", "16",
-                              "--seconds", "4", "--batch", "16", "--rounds", "1", "--ft-steps", "5",
-                              "--ft-batch", "8", "--threads", "4"], 15,
-                 "wav2vec2 BASE, 16 clips of 4 s, batch 16, fp32 + bf16, 1 round; fine-tune 5 steps", _last_json),
-        ]
+    if mode in GPU_SIZES:
+        return _gpu_parts(GPU_SIZES[mode], bench, pytest, cores)
     # dry-run: every part's code on the CPU at tiny sizes
     return [
         Part("tests", [*pytest, "tests/test_cuda.py"], 120, "tests/test_cuda.py (CUDA tests skip on a CPU)", _junit),

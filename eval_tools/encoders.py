@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -52,8 +53,9 @@ def _sha(data: bytes, n: int = 16) -> str:
 
 
 @dataclass(kw_only=True)
-class Encoder:
-    """Maps mono float32 clips at ``sample_rate`` to embeddings; see the module docstring."""
+class Encoder(ABC):
+    """Maps mono float32 clips at ``sample_rate`` to embeddings; see the module docstring.
+    Subclasses (frame models, CLMR, log-mel) provide :meth:`forward_pieces`."""
 
     name: str  # shown in tables: "pretrained", "random init", "supervised", "log-mel"
     arch: str  # "clmr" | "wav2vec2" | "cpc" | "logmel" | an imported model's name
@@ -99,8 +101,10 @@ class Encoder:
             pieces = pieces[:-1]  # a tail too short for one frame adds nothing
         return pieces
 
+    @abstractmethod
     def forward_pieces(self, audio: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError(f"{type(self).__name__}.forward_pieces")
+        """``(vectors (N, D), weights (N,))`` of a padded batch of pieces ``audio (N, T)`` with ``lengths``
+        (the weights average the pieces into a clip: see the module docstring)."""
 
     autocast_ok = True  # False: the forward pass always runs in float32 (e.g. STFTs)
 
