@@ -343,10 +343,6 @@ def write_checkpoint(cfg: Config, env: Dist, p: Parts, step: int, *, rewind: int
     return checkpoint.save_run(cfg.checkpoint_dir, cfg.checkpoint.keep, env, step=step, mine=mine, shared=shared)
 
 
-def seed_or_restore_rng(cfg: Config, env: Dist, rng: dict[str, Any] | None) -> None:
-    checkpoint.seed_or_restore_rng(rng, seed=cfg.train.seed, rank=env.rank, device=env.device)
-
-
 def data_failure(cfg: Config, env: Dist, p: Parts, r: StepResult, step: int, start_step: int,
                  last_ckpt: str | None) -> DataStreamError:
     """After a failed data stream: checkpoint the last completed step (if this run completed any)
@@ -412,7 +408,8 @@ def train(cfg: Config) -> dict[str, Any]:
     except BaseException:
         stop.restore()
         raise
-    seed_or_restore_rng(cfg, env, rng)  # last: the loader iterator and W&B may draw from the global generators
+    # last: the loader iterator and W&B may draw from the global generators
+    checkpoint.seed_or_restore_rng(rng, seed=cfg.train.seed, rank=env.rank, device=env.device)
     prepare = Prepare(cfg, env, augmenter, logger, sample_rate)
     train_step = TrainStep(model, optimizer, scheduler, env, accum=accum, grad_clip=cfg.optim.grad_clip,
                            precision=cfg.train.precision, prepare=prepare, scaler=p.scaler)
