@@ -8,7 +8,8 @@ import itertools
 import json
 import os
 import pickle
-import time
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from training.log import RunLogger
 from training.step import TrainStep, build_optimizer
 
 CPU = Dist(rank=0, world=1, device=torch.device("cpu"))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class Regression(torch.nn.Module):
@@ -180,13 +182,15 @@ class _Normed(torch.nn.Module):
         return (err**2).mean(), {"mae": err.abs().mean().detach()}
 
 
-def _ddp_rank(rank: int, init: str, accum: int, out: str) -> None:
+def _ddp_rank(accum: int, out: str) -> None:
+    """One rank of the stand-in check, launched by torchrun (``python tests/test_train_parts.py ACCUM OUT``)."""
     import torch.distributed as dist
 
     from train_config import OptimConfig
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
     torch.manual_seed(0)
     raw = _Normed()
     opt, sched = build_optimizer(OptimConfig(lr=0.1), raw, 10)
@@ -207,18 +211,22 @@ def _ddp_rank(rank: int, init: str, accum: int, out: str) -> None:
     torch.save({"first": first.data_failed, "failed": second.data_failed, "error": second.data_error,
                 "consumed": second.consumed, **same, "lr": sched.get_last_lr()[0]},
                os.path.join(out, f"rank{rank}.pt"))
+    dist.barrier()
+    del step, model
     dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("accum", [1, 2])
 def test_a_rank_whose_stream_fails_stands_in_so_no_rank_hangs(tmp_path, accum):
-    import torch.multiprocessing as mp
-
-    ctx = mp.start_processes(_ddp_rank, args=(f"file://{tmp_path}/rdzv", accum, str(tmp_path)), nprocs=2,
-                             join=False, start_method="spawn")
-    deadline = time.time() + 120
-    while not ctx.join(timeout=5):
-        assert time.time() < deadline, "a rank hung"
+    # launched as train.py is (torchrun, env:// rendezvous); the timeout is the hang check
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
+           str(accum), str(tmp_path)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=ROOT)
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(f"a rank hung: {exc.stderr}") from None
+    assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert not r0["first"] and not r1["first"]
     assert r0["failed"] and r1["failed"]  # every rank learns of rank 1's failure in the same step
@@ -324,3 +332,7 @@ def test_scaler_state_round_trips_through_a_checkpoint(tmp_path):
     _, _, _, other = _setup(precision="fp16")
     checkpoint.set_scaler_state(other.scaler, {}, say=said.append)  # a bf16 run's checkpoint
     assert other.scaler.get_scale() == 2.0**16 and "starts afresh" in said[0]
+
+
+if __name__ == "__main__":
+    _ddp_rank(int(sys.argv[1]), sys.argv[2])
