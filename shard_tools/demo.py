@@ -63,6 +63,7 @@ flags), else written to a temporary folder that is removed at the end.
 
     shard-tools demo --out demo_shards                                # about 900 notes, 160 clips
     shard-tools demo --out demo_shards --notes-per-instrument 40 --clips 800 --root demo_src
+    shard-tools demo --out fluid_shards --soundfont /usr/share/sounds/sf2/FluidR3_GM.sf2  # other instruments
 """
 
 from __future__ import annotations
@@ -187,23 +188,36 @@ def instrument_names() -> dict[int, str]:
 # ---------------------------------------------------------------------------------------------
 # rendering (runs in worker processes)
 
-_SOUNDFONT: bytes | None = None
+_SOUNDFONT: tuple[str, bytes] | None = None  # (path, content) of the soundfont this process last read
 
 
-def soundfont_path() -> str:
-    import pretty_midi
+def soundfont_path(path: str = "") -> str:
+    """``path`` (``--soundfont``) checked to be a SoundFont 2 file, or, when empty, the GM
+    soundfont pretty_midi ships (``TimGM6mb.sf2``); an absolute path."""
+    if not path:
+        import pretty_midi
 
-    path = os.path.join(pretty_midi.__path__[0], "TimGM6mb.sf2")
+        default = os.path.join(pretty_midi.__path__[0], "TimGM6mb.sf2")
+        if not os.path.isfile(default):
+            raise FileNotFoundError(f"{default}: the GM soundfont pretty_midi ships is missing; reinstall pretty_midi "
+                                    f"(pip install --force-reinstall pretty_midi)")
+        return default
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: the GM soundfont pretty_midi ships is missing; reinstall pretty_midi "
-                                f"(pip install --force-reinstall pretty_midi)")
-    return path
+        raise FileNotFoundError(f"--soundfont {path}: no such file; give a General MIDI .sf2 file (e.g. Debian's "
+                                f"fluid-soundfont-gm package: /usr/share/sounds/sf2/FluidR3_GM.sf2)")
+    with open(path, "rb") as f:
+        head = f.read(12)
+    if head[:4] != b"RIFF" or head[8:12] != b"sfbk":
+        raise ValueError(f"--soundfont {path}: not a SoundFont 2 file (no RIFF/sfbk header); give a General MIDI .sf2 file")
+    return os.path.abspath(path)
 
 
 def _init_worker(sf2: str) -> None:
+    """Read the soundfont ``sf2`` once per process (midirenderer takes its bytes on every call)."""
     global _SOUNDFONT
-    with open(sf2, "rb") as f:
-        _SOUNDFONT = f.read()
+    if _SOUNDFONT is None or _SOUNDFONT[0] != sf2:
+        with open(sf2, "rb") as f:
+            _SOUNDFONT = (sf2, f.read())
 
 
 def _lowpass_taps(n: int = 191) -> np.ndarray:
@@ -227,8 +241,9 @@ def decimate3(x: np.ndarray) -> np.ndarray:
     return (frames @ _TAPS[::-1].astype(np.float32)).astype(np.float32)
 
 
-def _render(pm, seconds: float, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """A PrettyMIDI object -> float32 mono at ``sample_rate``, exactly ``seconds`` long."""
+def _render(pm, seconds: float, sample_rate: int = SAMPLE_RATE, soundfont: str = "") -> np.ndarray:
+    """A PrettyMIDI object -> float32 mono at ``sample_rate``, exactly ``seconds`` long, rendered
+    with ``soundfont`` (a checked path, see :func:`soundfont_path`; empty: pretty_midi's)."""
     import midirenderer
     import pretty_midi
 
@@ -237,9 +252,8 @@ def _render(pm, seconds: float, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     pm.instruments[0].control_changes.append(pretty_midi.ControlChange(number=110, value=0, time=seconds))
     buf = io.BytesIO()
     pm.write(buf)
-    if _SOUNDFONT is None:
-        _init_worker(soundfont_path())
-    wav = midirenderer.render_wave_from(_SOUNDFONT, buf.getvalue())
+    _init_worker(soundfont or soundfont_path())
+    wav = midirenderer.render_wave_from(_SOUNDFONT[1], buf.getvalue())
     audio, sr = sf.read(io.BytesIO(wav), dtype="float32", always_2d=True)
     mono = audio.mean(axis=1)
     if sample_rate == SAMPLE_RATE and sr == 3 * SAMPLE_RATE:
@@ -253,8 +267,8 @@ def _render(pm, seconds: float, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
 
 
 def render_note(program: int, pitch: int, *, velocity: int = 100, seconds: float, held: float | None = None,
-                sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """One real instrument note from the GM soundfont pretty_midi ships, through midirenderer.
+                sample_rate: int = SAMPLE_RATE, soundfont: str = "") -> np.ndarray:
+    """One real instrument note from a GM soundfont (default: the one pretty_midi ships), through midirenderer.
 
     GM ``program`` plays MIDI ``pitch`` at ``velocity`` from 0 s for ``held`` seconds (default: all
     of ``seconds``); the result is float32 mono at ``sample_rate``, exactly ``seconds`` long (the
@@ -268,25 +282,25 @@ def render_note(program: int, pitch: int, *, velocity: int = 100, seconds: float
     inst.notes.append(pretty_midi.Note(velocity=velocity, pitch=pitch, start=0.0,
                                        end=seconds if held is None else held))
     pm.instruments.append(inst)
-    return _render(pm, seconds, sample_rate)
+    return _render(pm, seconds, sample_rate, soundfont)
 
 
-def nsynth_note(program: int, key: int, velocity: int) -> np.ndarray:
+def nsynth_note(program: int, key: int, velocity: int, soundfont: str = "") -> np.ndarray:
     """One NSynth-style note: ``key`` held 3 s of a 4 s, 16 kHz mono float32 signal."""
-    audio = render_note(program, key, velocity=velocity, seconds=NOTE_SECONDS, held=NOTE_OFF) * NOTE_GAIN
+    audio = render_note(program, key, velocity=velocity, seconds=NOTE_SECONDS, held=NOTE_OFF, soundfont=soundfont) * NOTE_GAIN
     peak = float(np.abs(audio).max())
     return audio * (0.99 / peak) if peak > 0.99 else audio
 
 
 def _note_task(task: tuple) -> tuple[str, float]:
-    path, program, key, velocity = task
-    audio = nsynth_note(program, key, velocity)
+    path, program, key, velocity, soundfont = task
+    audio = nsynth_note(program, key, velocity, soundfont)
     sf.write(path, audio, SAMPLE_RATE, subtype="PCM_16", format="WAV")
     return path, float(np.abs(audio).max())
 
 
 def _clip_task(task: tuple) -> tuple[str, float]:
-    path, parts, seconds = task
+    path, parts, seconds, soundfont = task
     import pretty_midi
 
     pm = pretty_midi.PrettyMIDI()
@@ -294,7 +308,7 @@ def _clip_task(task: tuple) -> tuple[str, float]:
         inst = pretty_midi.Instrument(program=program, is_drum=is_drum)
         inst.notes.extend(pretty_midi.Note(velocity=v, pitch=p, start=s, end=e) for p, v, s, e in notes)
         pm.instruments.append(inst)
-    audio = _render(pm, seconds)
+    audio = _render(pm, seconds, soundfont=soundfont)
     peak = float(np.abs(audio).max())
     if peak > 0:
         audio = audio * (0.8 / peak)  # a mix: normalised, unlike single notes
@@ -313,6 +327,7 @@ class DemoConfig:
     clips: int = 160
     clip_seconds: float = 6.0
     seed: int = 0
+    soundfont: str = ""  # a .sf2 path; "": the GM soundfont pretty_midi ships
 
 
 def plan_notes(cfg: DemoConfig, root: str) -> tuple[dict[str, dict[str, dict]], list[tuple]]:
@@ -355,7 +370,7 @@ def plan_notes(cfg: DemoConfig, root: str) -> tuple[dict[str, dict[str, dict]], 
                         "instrument_source_str": p.source,
                     }
                     path = os.path.join(root, f"nsynth-{split}", "audio", f"{note_str}.wav")
-                    tasks.append((path, p.program, pitch + p.transpose, vel))
+                    tasks.append((path, p.program, pitch + p.transpose, vel, cfg.soundfont))
     number = 0
     for split in ("train", "valid", "test"):
         for note_str in sorted(examples[split]):
@@ -424,7 +439,7 @@ def plan_clips(cfg: DemoConfig, root: str) -> tuple[list[tuple[int, str, list[st
         tags, parts, _ = plan_clip(rng, cfg.clip_seconds)
         rel = f"{HEX[i % 16]}/musicssl_demo-rendered_clips-{clip_id:05d}-0-{secs}.mp3"
         rows.append((clip_id, rel, tags))
-        tasks.append((os.path.join(root, rel), parts, cfg.clip_seconds))
+        tasks.append((os.path.join(root, rel), parts, cfg.clip_seconds, cfg.soundfont))
     return rows, tasks
 
 
@@ -445,7 +460,7 @@ def _render_task(task: tuple) -> tuple[str, float]:
     return _note_task(task[1:]) if task[0] == "note" else _clip_task(task[1:])
 
 
-def _run_tasks(tasks: list[tuple], workers: int, progress: bool) -> None:
+def _run_tasks(tasks: list[tuple], workers: int, progress: bool, soundfont: str = "") -> None:
     """Run ``("note", ...)`` / ``("clip", ...)`` render tasks, in one process pool when workers > 1."""
     from tqdm import tqdm
 
@@ -462,7 +477,7 @@ def _run_tasks(tasks: list[tuple], workers: int, progress: bool) -> None:
 
         # forkserver/spawn, never fork (no inherited locks of the parent's threads); the workers
         # exit with this process, even when it is killed
-        with Pool(workers, initializer=_init_worker, initargs=(soundfont_path(),)) as pool:
+        with Pool(workers, initializer=_init_worker, initargs=(soundfont or soundfont_path(),)) as pool:
             for _ in pool.map(_render_task, tasks, chunksize=max(1, min(8, len(tasks) // (workers * 8)))):
                 bar.update(1)
                 stop_point()
@@ -509,7 +524,7 @@ def render_layouts(root: str, cfg: DemoConfig, *, workers: int = 1, progress: bo
         os.makedirs(os.path.join(mtat_root, c))
     write_annotations(os.path.join(mtat_root, "annotations_final.csv"), rows)
     # clips first: they are the longest tasks, so the pool ends with short ones and finishes evenly
-    _run_tasks([("clip", *t) for t in clip_tasks] + [("note", *t) for t in note_tasks], workers, progress)
+    _run_tasks([("clip", *t) for t in clip_tasks] + [("note", *t) for t in note_tasks], workers, progress, cfg.soundfont)
     with open(marker, "w") as f:
         json.dump(asdict(cfg), f)
     return counts | {"reused": False}
@@ -565,6 +580,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clips", type=int, default=160, help="MTAT-layout multi-instrument clips (default: 160)")
     parser.add_argument("--clip-seconds", type=float, default=6.0, help="length of each clip (default: 6)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random choice and of the shard shuffle (default: 0)")
+    parser.add_argument("--soundfont", default="", metavar="SF2",
+                        help="render with this General MIDI .sf2 instead of the one pretty_midi ships (TimGM6mb), e.g. "
+                             "/usr/share/sounds/sf2/FluidR3_GM.sf2 (Debian's fluid-soundfont-gm): the same programs "
+                             "and labels played by other recorded instruments, to check an encoder on sounds "
+                             "the default demo never had")
     parser.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)),
                         help="processes for rendering and sharding (default: CPU cores, at most 8)")
     parser.add_argument("--codec", choices=("flac", "wav"), default="flac", help="audio codec in the shards (default: flac)")
@@ -584,14 +604,15 @@ def _check(args: argparse.Namespace) -> DemoConfig:
     if args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
     return DemoConfig(notes_per_instrument=args.notes_per_instrument, programs_per_family=args.programs_per_family,
-                      clips=args.clips, clip_seconds=args.clip_seconds, seed=args.seed)
+                      clips=args.clips, clip_seconds=args.clip_seconds, seed=args.seed,
+                      soundfont=soundfont_path(args.soundfont) if args.soundfont else "")
 
 
 def run(args: argparse.Namespace) -> int:
     """The ``shard-tools demo`` command: render, shard, print a one-screen summary."""
     try:
         cfg = _check(args)
-    except ValueError as exc:
+    except (FileNotFoundError, ValueError) as exc:
         print(f"shard-tools demo: error: {exc}", file=sys.stderr)
         return 2
     argv = sys.argv[2:] if len(sys.argv) > 1 and sys.argv[1] == "demo" else []

@@ -223,3 +223,46 @@ def test_demo_cli_help_and_bad_flags(capsys):
     proc = subprocess.run([sys.executable, "-m", "shard_tools", "demo", "--help"], cwd=REPO,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "--notes-per-instrument" in proc.stdout
+
+
+def _negated_soundfont(src: str, dst: str) -> None:
+    """A copy of the SoundFont ``src`` whose 16-bit sample data are negated: every note it renders
+    is the original's upside down (synthesis is linear in the samples), so it is audibly another
+    soundfont with the same programs, ranges and envelopes."""
+    data = bytearray(open(src, "rb").read())
+    at = data.index(b"smpl")
+    size = int.from_bytes(data[at + 4 : at + 8], "little")
+    samples = np.frombuffer(bytes(data[at + 8 : at + 8 + size]), dtype="<i2").astype(np.int32)
+    data[at + 8 : at + 8 + size] = np.clip(-samples, -32768, 32767).astype("<i2").tobytes()
+    open(dst, "wb").write(bytes(data))
+
+
+def test_soundfont_flag_renders_with_the_given_file_and_names_a_bad_one(tmp_path, capsys):
+    other = str(tmp_path / "negated.sf2")
+    _negated_soundfont(demo.soundfont_path(), other)
+    default = demo.nsynth_note(73, 69, 100)
+    negated = demo.nsynth_note(73, 69, 100, demo.soundfont_path(other))
+    assert np.abs(default).max() > 0.05
+    np.testing.assert_allclose(negated, -default, atol=2e-3)  # int16 rounding of the file's samples
+    assert np.array_equal(demo.nsynth_note(73, 69, 100), default)  # the default is back: no stale soundfont
+
+    flags = ["--clips", "16", "--clip-seconds", "1", "--notes-per-instrument", "1", "--programs-per-family", "3",
+             "--workers", "1", "--quiet"]
+    assert cli_main(["demo", "--out", str(tmp_path / "o"), "--root", str(tmp_path / "src"), "--soundfont", other,
+                     *flags]) == 0
+    src = tmp_path / "src" / "nsynth" / "nsynth-test"
+    note = sorted((src / "audio").iterdir())[0]
+    meta = json.load(open(src / "examples.json"))[note.stem]
+    import soundfile as sf
+
+    written, _ = sf.read(str(note), dtype="float32")
+    expected = demo.nsynth_note(meta["instrument"], meta["pitch"], meta["velocity"])
+    assert np.abs(written + expected).max() < 3e-3 < np.abs(written - expected).max()
+    assert json.load(open(tmp_path / "src" / "demo_config.json"))["soundfont"] == other
+
+    (tmp_path / "notes.txt").write_text("not a soundfont")
+    for path, message in ((str(tmp_path / "missing.sf2"), "no such file"),
+                          (str(tmp_path / "notes.txt"), "not a SoundFont 2 file")):
+        assert cli_main(["demo", "--out", str(tmp_path / "x"), "--soundfont", path, *flags]) == 2
+        err = capsys.readouterr().err
+        assert f"--soundfont {path}: {message}" in err and len(err.strip().splitlines()) == 1
