@@ -69,6 +69,7 @@ flags), else written to a temporary folder that is removed at the end.
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import os
@@ -191,17 +192,23 @@ def instrument_names() -> dict[int, str]:
 _SOUNDFONT: tuple[str, bytes] | None = None  # (path, content) of the soundfont this process last read
 
 
+@functools.cache
+def _default_soundfont() -> str:
+    """The GM soundfont pretty_midi ships (``TimGM6mb.sf2``), looked up once per process."""
+    import pretty_midi
+
+    default = os.path.join(pretty_midi.__path__[0], "TimGM6mb.sf2")
+    if not os.path.isfile(default):
+        raise FileNotFoundError(f"{default}: the GM soundfont pretty_midi ships is missing; reinstall pretty_midi "
+                                f"(pip install --force-reinstall pretty_midi)")
+    return default
+
+
 def soundfont_path(path: str = "") -> str:
     """``path`` (``--soundfont``) checked to be a SoundFont 2 file, or, when empty, the GM
     soundfont pretty_midi ships (``TimGM6mb.sf2``); an absolute path."""
     if not path:
-        import pretty_midi
-
-        default = os.path.join(pretty_midi.__path__[0], "TimGM6mb.sf2")
-        if not os.path.isfile(default):
-            raise FileNotFoundError(f"{default}: the GM soundfont pretty_midi ships is missing; reinstall pretty_midi "
-                                    f"(pip install --force-reinstall pretty_midi)")
-        return default
+        return _default_soundfont()
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--soundfont {path}: no such file; give a General MIDI .sf2 file (e.g. Debian's "
                                 f"fluid-soundfont-gm package: /usr/share/sounds/sf2/FluidR3_GM.sf2)")

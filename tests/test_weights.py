@@ -373,21 +373,18 @@ def test_warm_start_from_hf_export_and_checkpoint(tmp_path):
             assert torch.equal(got[k], v), (source, k)
     # an architecture mismatch and a shape mismatch are ConfigErrors naming the problem
     clmr = _checkpoint(tmp_path / "clmr.pt", "clmr_tiny")
-    cfg = tc.apply_overrides(tc.preset("wav2vec2_tiny"), [f"--train.init_from={clmr}"])
-    with pytest.raises(train.ConfigError, match="holds a clmr model, this run trains wav2vec2"):
-        train.build_model(cfg, cpu)
-    cfg = tc.apply_overrides(tc.preset("wav2vec2_tiny"), [f"--train.init_from={hf_dir}", "--model.embed_dim=48",
-                                                          "--model.ffn_dim=96"])
-    with pytest.raises(train.ConfigError, match=r"differs from this run's: hidden_size 64 vs 48"):
-        train.build_model(cfg, cpu)
-    # same shapes, another layout (pre-LN): refused by the config check, not loaded silently
-    cfg = tc.apply_overrides(tc.preset("wav2vec2_tiny"), [f"--train.init_from={hf_dir}", "--model.layer_norm_first=true"])
-    with pytest.raises(train.ConfigError, match="do_stable_layer_norm False vs True"):
-        train.build_model(cfg, cpu)
-    cfg = tc.apply_overrides(tc.preset("wav2vec2_tiny"), [f"--train.init_from={exp_dir}", "--model.embed_dim=48",
-                                                          "--model.ffn_dim=96"])
-    with pytest.raises(train.ConfigError, match=r"other shapes: .*\(64,\) vs \(48,\)"):
-        train.build_model(cfg, cpu)
+    narrow = ["--model.embed_dim=48", "--model.ffn_dim=96"]
+    refused = [
+        (clmr, [], "holds a clmr model, this run trains wav2vec2"),
+        (hf_dir, narrow, r"differs from this run's: hidden_size 64 vs 48"),
+        # same shapes, another layout (pre-LN): refused by the config check, not loaded silently
+        (hf_dir, ["--model.layer_norm_first=true"], "do_stable_layer_norm False vs True"),
+        (exp_dir, narrow, r"other shapes: .*\(64,\) vs \(48,\)"),
+    ]
+    for source, extra, message in refused:
+        cfg = tc.apply_overrides(tc.preset("wav2vec2_tiny"), [f"--train.init_from={source}", *extra])
+        with pytest.raises(train.ConfigError, match=message):
+            train.build_model(cfg, cpu)
 
 
 _REMOTE_CODE = '''
