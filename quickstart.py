@@ -1,26 +1,28 @@
 """The main job on a fresh machine: show self-supervised pretraining working on real instruments.
 
-    python quickstart.py                     # CLMR; target: 15 min on 2 idle CPU cores (README: measured)
-    python quickstart.py --seed 1            # the same run with another seed (the run-to-run noise)
-    python quickstart.py --model wav2vec2    # the wav2vec2 tiny preset instead (also: --model cpc)
-    python quickstart.py --tiny              # a 2-minute smoke run (what CI runs)
+    python quickstart.py                         # CLMR and wav2vec2, one table (README: measured time)
+    python quickstart.py --seed 1                # the same run with another seed (the run-to-run noise)
+    python quickstart.py --model clmr            # one method only (also: wav2vec2, cpc, or a list: clmr,cpc)
+    python quickstart.py --tiny                  # a 2-minute smoke run (what CI runs)
 
-Steps, top to bottom in :func:`run`:
+Steps, top to bottom in :func:`run` and :func:`run_method`:
 
 1. **Demo shards** (``shard-tools demo``): notes of 76 General MIDI instruments rendered with the
    soundfont pretty_midi ships, in NSynth's layout and split (valid/test instruments never occur in
    train), plus multi-instrument clips in MagnaTagATune's layout (tags: instruments, tempo, solo).
-2. **Pretraining** (``train.train``) on the unlabelled train audio of both, with the tiny preset of
-   ``--model`` and quickstart settings: a fixed step count (deterministic, unlike a time budget) and,
-   because pitch is probed, no pitch-shift or speed augmentation (they would teach pitch invariance);
-   CLMR also without band filters and reverb (docs/quickstart-calibration.md).
-3. **Probes** (``evaluate.run_evaluation``): linear probes on frozen embeddings for NSynth pitch and
-   instrument family (on held-out instruments) and MTAT tags (on held-out clips; CLMR: every
-   block's pooled output concatenated, ``--layer concat``), for the
-   pretrained encoder and three baselines: the same architecture at random init, the same
-   architecture trained supervised on the labels with the same compute (as many training crops as
-   pretraining saw), and log-mel statistics.
-4. **The table**, printed as measured, plus where everything was written.
+2. **Per method** (CLMR, wav2vec2; one process each, running side by side on the cores: small
+   models gain little from a second thread), with its tiny preset and quickstart settings:
+   pretraining (``train.train``) on the unlabelled train audio of both datasets for a fixed step
+   count (deterministic, unlike a time budget) and, because pitch is probed, without pitch-shift or
+   speed augmentation (CLMR also without band filters and reverb; docs/quickstart-calibration.md);
+   then probes (``evaluate.run_evaluation``): linear probes on frozen embeddings for NSynth pitch
+   and instrument family (held-out instruments) and MTAT tags (held-out clips; CLMR: every block's
+   pooled output concatenated; wav2vec2: every layer, the best on valid) of the pretrained encoder
+   and two baselines of the same architecture: random init, and trained supervised on the labels
+   with the same compute (as many training crops as pretraining saw). Log-mel statistics are the
+   third baseline, scored once.
+3. **The table**, printed as measured: every method's rows and log-mel, the margins of each
+   pretrained encoder over its random init, and where everything was written.
 """
 
 from __future__ import annotations
@@ -29,18 +31,22 @@ import argparse
 import dataclasses
 import json
 import os
+import re
+import subprocess
 import sys
 import time
 
 MODELS = ("clmr", "wav2vec2", "cpc")
+LABELS = {"clmr": "CLMR", "wav2vec2": "wav2vec2", "cpc": "CPC"}
+TASKS = ("pitch", "instrument_family_str", "tags")
 
 
 @dataclasses.dataclass(kw_only=True)
 class Plan:
     """What the quickstart runs; ``--tiny`` and the flags change it."""
 
-    model: str = "clmr"
-    steps: int = 600  # pretraining optimizer steps
+    models: tuple[str, ...] = ("clmr", "wav2vec2")
+    steps: int = 600  # pretraining optimizer steps (every method)
     batch_size: int = 64
     temperature: float = 0.1  # CLMR: 0.1 beat 0.5 on unseen-instrument family in the issue's calibration
     clmr_blocks: int = 7  # SampleCNN blocks: 7 -> 3**8 = 6561-sample crops (0.41 s at 16 kHz)
@@ -55,31 +61,35 @@ class Plan:
     probe_epochs: int = 200
     probe_patience: int = 20
     calib_crops: int = 512
-    workers: int = 2
+    workers: int = 2  # CPU cores to use: rendering, and methods side by side (each gets cores // jobs)
+    jobs: int = 0  # methods run at once; 0 = as many as there are methods, at most ``workers``
     seed: int = 0  # pretraining, the baselines' init and the probes (the demo data stay seed 0)
 
+    def parallel(self) -> int:
+        return max(1, min(len(self.models), self.jobs or self.workers))
 
-def tiny_plan(model: str) -> Plan:
-    return Plan(model=model, steps=12, batch_size=16, demo_notes=3, demo_programs=3, demo_clips=32, demo_clip_seconds=2.0,
+
+def tiny_plan(models: tuple[str, ...]) -> Plan:
+    return Plan(models=models, steps=12, batch_size=16, demo_notes=3, demo_programs=3, demo_clips=32, demo_clip_seconds=2.0,
                 probe_epochs=20, probe_patience=5, calib_crops=32, clmr_blocks=6)
 
 
-def pretrain_config(plan: Plan, demo: str, out: str):
+def pretrain_config(plan: Plan, model: str, demo: str, out: str, workers: int):
     """The ``<model>_tiny`` preset with the quickstart's pretraining settings (all of them are here
     and in :class:`Plan`)."""
     import train_config
 
-    cfg = train_config.preset(f"{plan.model}_tiny")
+    cfg = train_config.preset(f"{model}_tiny")
     r = dataclasses.replace
     cfg = r(
         cfg,
         data=r(cfg.data, manifests=[f"{demo}/nsynth/train.manifest.json", f"{demo}/mtat/train.manifest.json"],
-               num_workers=max(0, plan.workers - 1)),
+               num_workers=max(0, workers - 1) if workers > 1 else 1),
         train=r(cfg.train, steps=plan.steps, global_batch_size=plan.batch_size, device="cpu", out_dir=out, seed=plan.seed),
         checkpoint=r(cfg.checkpoint, every=plan.steps, keep=1),
         logging=r(cfg.logging, every=max(1, plan.steps // 20), wandb_mode="disabled", audio_every=0),
     )
-    if plan.model == "clmr":
+    if model == "clmr":
         widths = (16, 16, 32, 32, 32, 64, 64, 64, 64)[: plan.clmr_blocks]
         cfg = r(cfg, model=r(cfg.model, temperature=plan.temperature, channels=widths),
                 # pitch is probed: keep it (the issue's calibration: pitch/speed changes taught invariance);
@@ -109,98 +119,255 @@ def ensure_demo(demo: str, plan: Plan) -> dict:
     return {"reused": False, "seconds": summary["wall_seconds"]}
 
 
-def run(plan: Plan, *, out: str, demo: str) -> dict:
+def run_method(plan: Plan, model: str, *, out: str, demo: str, cores: int, eval_cores: int, logmel: bool,
+               progress: bool = True) -> dict:
+    """Pretrain ``model`` on ``cores`` CPU cores, then probe it against its random init and
+    supervised baselines (and log-mel when ``logmel``) on ``eval_cores``; write ``out/method.json``
+    and return it. The thread counts are part of the result: floating-point sums run in another
+    order with another count, so the same plan on the same machine gives the same table."""
     import torch
 
     import evaluate
     import train
-
-    t0 = time.perf_counter()
-    timings: dict[str, float] = {}
-    torch.set_num_threads(max(1, plan.workers))
-
-    print(f"[quickstart] 1/3 demo shards -> {demo}", flush=True)
-    demo_info = ensure_demo(demo, plan)
-    timings["demo"] = time.perf_counter() - t0
-
-    print(f"[quickstart] 2/3 pretraining {plan.model} ({plan.model}_tiny preset, {plan.steps} steps, batch {plan.batch_size})", flush=True)
-    cfg = pretrain_config(plan, demo, os.path.join(out, "pretrain"))
-    t1 = time.perf_counter()
-    summary = train.train(cfg)
-    timings["pretrain"] = time.perf_counter() - t1
-    ckpt = summary["checkpoint"]
-    # The supervised baseline gets the pretraining's compute: as many training crops in all, split
-    # over the datasets as the pretraining stream split them (in proportion to their clip counts).
     from pipeline.shards import load_manifest
 
+    torch.set_num_threads(cores)
+    t0 = time.perf_counter()
+    print(f"[quickstart] {model}: pretraining ({model}_tiny preset, {plan.steps} steps, batch {plan.batch_size})", flush=True)
+    cfg = pretrain_config(plan, model, demo, os.path.join(out, "pretrain"), cores)
+    summary = train.train(cfg)
+    t_pretrain = time.perf_counter() - t0
+    # The supervised baseline gets the pretraining's compute: as many training crops in all, split
+    # over the datasets as the pretraining stream split them (in proportion to their clip counts).
     crops_seen = plan.steps * plan.batch_size * cfg.views
     clips = {d: load_manifest(f"{demo}/{d}/train.manifest.json").num_samples for d in ("nsynth", "mtat")}
     sup_steps = {d: max(1, round(crops_seen * n / sum(clips.values()) / plan.batch_size)) for d, n in clips.items()}
 
-    print("[quickstart] 3/3 probes: pretrained vs random init vs supervised vs log-mel", flush=True)
-    t2 = time.perf_counter()
+    print(f"[quickstart] {model}: probes of the pretrained encoder, random init, supervised"
+          + (", log-mel" if logmel else ""), flush=True)
+    t1 = time.perf_counter()
+    torch.set_num_threads(eval_cores)
     opts = evaluate.EvalOptions(
-        data=[f"{demo}/nsynth", f"{demo}/mtat"], out=os.path.join(out, "eval"), checkpoint=ckpt,
-        baselines=["random", "supervised", "logmel"], tasks=["pitch", "instrument_family_str", "tags"],
+        data=[f"{demo}/nsynth", f"{demo}/mtat"], out=os.path.join(out, "eval"), checkpoint=summary["checkpoint"],
+        baselines=["random", "supervised"] + (["logmel"] if logmel else []), tasks=list(TASKS),
         probe="linear", max_epochs=plan.probe_epochs, patience=plan.probe_patience, calib_crops=plan.calib_crops,
-        layer={"wav2vec2": "all", "clmr": plan.clmr_layer}.get(plan.model, -1),
+        layer={"wav2vec2": "all", "clmr": plan.clmr_layer}.get(model, -1), workers=eval_cores,
         supervised_steps_per_dataset=sup_steps, supervised_batch_size=plan.batch_size, wandb_mode="disabled", seed=plan.seed,
+        progress=progress,
     )
     results = evaluate.run_evaluation(opts)
-    timings["evaluate"] = time.perf_counter() - t2
-    timings["total"] = time.perf_counter() - t0
-    results["quickstart"] = {"plan": dataclasses.asdict(plan), "timings_s": {k: round(v, 1) for k, v in timings.items()},
-                             "pretrain_summary": {k: summary[k] for k in ("step", "first_loss", "last_loss", "wall_s", "checkpoint")},
-                             "demo": demo_info, "command": " ".join(["python", *sys.argv])}
+    method = {"model": model, "cores": {"pretrain": cores, "evaluate": eval_cores}, "results": os.path.join(out, "eval", "results.json"),
+              "timings_s": {"pretrain": round(t_pretrain, 1), "evaluate": round(time.perf_counter() - t1, 1)},
+              "pretrain_summary": {k: summary[k] for k in ("step", "first_loss", "last_loss", "wall_s", "checkpoint")},
+              "rows": results["rows"], "tasks": results["tasks"], "datasets": results["datasets"]}
+    with open(os.path.join(out, "method.json"), "w") as f:
+        json.dump(method, f, indent=2)
+    return method
+
+
+def _method_dir(out: str, model: str) -> str:
+    return os.path.join(out, model)
+
+
+def _last_line(path: str, width: int = 70) -> str:
+    """The last non-empty line a child wrote (progress bars end in carriage returns), shortened."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.path.getsize(path) - 4096))
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return "starting"
+    lines = [s.strip() for s in re.split(r"[\r\n]", text) if s.strip()]
+    line = re.sub(r"^\[(quickstart|evaluate|finetune|musicssl)\]\s*", "", lines[-1]) if lines else "starting"
+    return line if len(line) <= width else line[: width - 3] + "..."
+
+
+def _run_side_by_side(plan: Plan, *, out: str, demo: str) -> dict[str, dict]:
+    """Each method in its own process, ``plan.parallel()`` at a time, its output in
+    ``out/<model>/log.txt``; one status line per method while they run. Each gets an equal share
+    of the cores, except for the probes of the last method, which get them all: by then the
+    others are done or nearly so (with clmr,wav2vec2 on 2 cores: CLMR is done in under 5 min,
+    wav2vec2's probes start at about 3.5 min and take the rest)."""
+    cores = max(1, plan.workers // plan.parallel())
+    pending, running, done = list(plan.models), {}, {}
+    tty, last_print = sys.stdout.isatty(), 0.0
+    env = {**os.environ, "OMP_NUM_THREADS": str(cores), "PYTHONPATH": os.pathsep.join(
+        [os.path.dirname(os.path.abspath(__file__)), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    try:
+        while pending or running:
+            while pending and len(running) < plan.parallel():
+                model = pending.pop(0)
+                folder = _method_dir(out, model)
+                os.makedirs(folder, exist_ok=True)
+                log = open(os.path.join(folder, "log.txt"), "w")
+                eval_cores = plan.workers if model == plan.models[-1] else cores
+                args = [json.dumps(dataclasses.asdict(plan)), model, folder, demo, str(cores), str(eval_cores),
+                        str(int(model == plan.models[0]))]
+                running[model] = (subprocess.Popen([sys.executable, "-c", "import quickstart, sys; sys.exit(quickstart._child(sys.argv[1:]))",
+                                                    *args], stdout=log, stderr=subprocess.STDOUT, env=env), log)
+                print(f"[quickstart] {model}: started ({cores} core{'s' * (cores > 1)}; output in {folder}/log.txt)", flush=True)
+            time.sleep(1.0)
+            for model, (proc, log) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                log.close()
+                del running[model]
+                path = os.path.join(_method_dir(out, model), "log.txt")
+                if proc.returncode != 0:
+                    with open(path, errors="replace") as f:
+                        tail = "".join(f.readlines()[-15:])
+                    raise RuntimeError(f"{model} stopped with exit code {proc.returncode}; the end of {path}:\n{tail}\n"
+                                       f"The demo shards in {demo} are kept; fix what the log names and re-run.")
+                with open(os.path.join(_method_dir(out, model), "method.json")) as f:
+                    done[model] = json.load(f)
+                print(("\n" if tty else "") + f"[quickstart] {model}: done in "
+                      f"{sum(done[model]['timings_s'].values()) / 60:.1f} min", flush=True)
+            now = time.perf_counter()
+            if running and (tty or now - last_print >= 30):
+                status = " | ".join(f"{m}: {_last_line(os.path.join(_method_dir(out, m), 'log.txt'), 60 if tty else 100)}"
+                                    for m in running)
+                print(f"\r{status[:160]:<160}" if tty else f"[quickstart] {status}", end="" if tty else "\n", flush=True)
+                last_print = now
+    finally:
+        for proc, log in running.values():  # Ctrl-C or a failed method: stop the others too
+            proc.terminate()
+            proc.wait()
+            log.close()
+    return done
+
+
+def _child(argv: list[str]) -> int:
+    """Entry of a method's process (:func:`_run_side_by_side`)."""
+    plan_d, model, folder, demo, cores, eval_cores, logmel = argv
+    d = json.loads(plan_d)
+    plan = Plan(**{**d, "models": tuple(d["models"])})
+    run_method(plan, model, out=folder, demo=demo, cores=int(cores), eval_cores=int(eval_cores), logmel=bool(int(logmel)),
+               progress=False)
+    return 0
+
+
+def run(plan: Plan, *, out: str, demo: str) -> dict:
+    """Demo shards, then every method of the plan (side by side, or in this process when one
+    runs at a time); writes ``out/quickstart.json`` and ``out/results.md`` and returns the former."""
+    t0 = time.perf_counter()
+    os.makedirs(out, exist_ok=True)
+    print(f"[quickstart] 1/2 demo shards -> {demo}", flush=True)
+    demo_info = ensure_demo(demo, plan)
+    t_demo = time.perf_counter() - t0
+    print(f"[quickstart] 2/2 {', '.join(plan.models)}: pretraining, then probes against baselines", flush=True)
+    if plan.parallel() > 1:
+        methods = _run_side_by_side(plan, out=out, demo=demo)
+    else:
+        methods = {m: run_method(plan, m, out=_method_dir(out, m), demo=demo, cores=plan.workers, eval_cores=plan.workers,
+                                 logmel=(m == plan.models[0]))
+                   for m in plan.models}
+    q = {"plan": dataclasses.asdict(plan), "command": " ".join(["python", *sys.argv]), "demo": demo_info,
+         "timings_s": {"demo": round(t_demo, 1), "methods": round(time.perf_counter() - t0 - t_demo, 1),
+                       "total": round(time.perf_counter() - t0, 1)},
+         "methods": {m: {k: v for k, v in d.items() if k not in ("rows", "tasks", "datasets")} for m, d in methods.items()},
+         **combine(plan, methods)}
     with open(os.path.join(out, "quickstart.json"), "w") as f:
-        json.dump(results["quickstart"], f, indent=2)
-    return results
+        json.dump(q, f, indent=2)
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(q["table_markdown"] + "\n")
+    return q
 
 
-def print_report(results: dict, out: str) -> None:
-    q = results["quickstart"]
+def combine(plan: Plan, methods: dict[str, dict]) -> dict:
+    """One table from every method's rows: ``<METHOD> pretrained / random init / supervised``,
+    then log-mel; and each method's margin over its random init, per column (test split)."""
+    from eval_tools.report import columns, markdown_table
+
+    first = methods[plan.models[0]]
+    rows = []
+    for m in plan.models:
+        for r in methods[m]["rows"]:
+            rows.append({**r, "encoder": r["encoder"] if r["encoder"] == "log-mel" else f"{LABELS[m]} {r['encoder']}"})
+    rows.sort(key=lambda r: r["encoder"] == "log-mel")  # log-mel last
+    merged = {"tasks": first["tasks"], "rows": rows}
+    margins = {}
+    for m in plan.models:
+        by = {(r["encoder"], r["task"]): r["test"] for r in rows}
+        margins[m] = {f"{task}/{metric}": by[(f"{LABELS[m]} pretrained", task)][metric] - by[(f"{LABELS[m]} random init", task)][metric]
+                      for task, metric, _ in columns(merged)}
+    return {"table_markdown": markdown_table(merged), "rows": rows, "tasks": first["tasks"], "datasets": first["datasets"],
+            "margins": margins}
+
+
+def print_report(q: dict, out: str) -> None:
+    from eval_tools.report import columns
+
     t = q["timings_s"]
-    ps = q["pretrain_summary"]
-    n = results["datasets"]
     print()
-    print(f"Pretrained {q['plan']['model']} for {ps['step']} steps (loss {ps['first_loss']:.3f} -> {ps['last_loss']:.3f}); "
-          "probed on held-out data (test split):")
+    for m, d in q["methods"].items():
+        ps = d["pretrain_summary"]
+        print(f"Pretrained {LABELS[m]} for {ps['step']} steps (loss {ps['first_loss']:.3f} -> {ps['last_loss']:.3f}) "
+              f"in {d['timings_s']['pretrain']:.0f} s; probes + baselines {d['timings_s']['evaluate']:.0f} s")
+    print("Probed on held-out data (test split):")
     print()
-    print(results["table_markdown"])
+    print(q["table_markdown"])
     print()
-    for name, d in n.items():
+    cols = columns(q)
+    for m, mg in q["margins"].items():
+        cells = [f"{100 * mg[f'{task}/{metric}']:+.1f}" if metric == "accuracy" else f"{mg[f'{task}/{metric}']:+.3f}"
+                 for task, metric, _ in cols]
+        print(f"  {LABELS[m]} pretrained - random init: " + " / ".join(cells))
+    for name, d in q["datasets"].items():
         print(f"  {name}: " + ", ".join(f"{s} {c}" for s, c in d["num_samples"].items()) + " clips")
     print("  pitch / family: accuracy on NSynth-layout notes of instruments never seen in training; "
           "tags: macro ROC-AUC / PR-AUC on held-out MTAT-layout clips")
-    print(f"  time: demo {t['demo']:.0f} s, pretrain {t['pretrain']:.0f} s, probes + baselines {t['evaluate']:.0f} s, "
+    print(f"  time: demo {t['demo']:.0f} s, methods {t['methods']:.0f} s "
+          f"({'side by side' if q['plan']['jobs'] != 1 and len(q['methods']) > 1 else 'one after another'}), "
           f"total {t['total'] / 60:.1f} min")
-    print(f"  results: {out}/eval/results.json, table {out}/eval/results.md, plots {out}/eval/plots/, checkpoint {ps['checkpoint']}")
+    print(f"  results: {out}/quickstart.json, table {out}/results.md; per method {out}/<method>/ "
+          "(eval/results.json, eval/plots/, pretrain/checkpoints/, log.txt)")
+
+
+def _models(text: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(s.strip() for s in text.split(",") if s.strip()))
+    bad = [n for n in names if n not in MODELS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"{text!r}: pick from {', '.join(MODELS)}, comma-separated (e.g. clmr,wav2vec2)")
+    return names
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="quickstart.py", description=__doc__.strip().split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--model", choices=MODELS, default="clmr", help="which tiny preset to pretrain (default: clmr)")
-    p.add_argument("--steps", type=int, help="pretraining steps (default: 600; --tiny: 12)")
+    p.add_argument("--model", type=_models, default=Plan().models,
+                   help="methods to pretrain and score, comma-separated (default: clmr,wav2vec2; also cpc)")
+    p.add_argument("--steps", type=int, help="pretraining steps of every method (default: 600; --tiny: 12)")
     p.add_argument("--batch-size", type=int, help="pretraining batch (default: 64; --tiny: 16)")
     p.add_argument("--tiny", action="store_true", help="a small demo set and a few steps: a ~2-minute smoke run")
     p.add_argument("--out", default="runs/quickstart", help="run folder (default: runs/quickstart)")
     p.add_argument("--demo", default="demo_shards", help="demo shard folder, built if missing (default: demo_shards)")
     p.add_argument("--seed", type=int, default=0, help="seed of pretraining, the baselines' init and the probes "
                    "(default: 0; the demo data do not change); run-to-run noise: docs/quickstart-calibration.md")
-    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="processes for rendering and loading")
+    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                   help="CPU cores to use (default: up to 2): rendering, and the methods' processes")
+    p.add_argument("--jobs", type=int, default=0, help="methods run at once (default: one per core, at most one per "
+                   "method; 1 = one after another in this process, each with every core)")
     a = p.parse_args(argv)
-    plan = tiny_plan(a.model) if a.tiny else Plan(model=a.model)
+    plan = tiny_plan(a.model) if a.tiny else Plan(models=a.model)
     if a.steps is not None:
         plan = dataclasses.replace(plan, steps=a.steps)
     if a.batch_size is not None:
         plan = dataclasses.replace(plan, batch_size=a.batch_size)
-    plan = dataclasses.replace(plan, workers=a.workers, seed=a.seed)
+    plan = dataclasses.replace(plan, workers=a.workers, seed=a.seed, jobs=a.jobs)
     if plan.steps < 1 or plan.batch_size < 2:
         p.error("--steps must be >= 1 and --batch-size >= 2")
+    if plan.workers < 1 or plan.jobs < 0:
+        p.error("--workers must be >= 1 and --jobs >= 0")
     demo = a.demo if not a.tiny or a.demo != "demo_shards" else "demo_shards_tiny"
-    results = run(plan, out=a.out, demo=demo)
-    print_report(results, a.out)
+    try:
+        q = run(plan, out=a.out, demo=demo)
+    except RuntimeError as exc:
+        print(f"quickstart.py: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\nquickstart.py: interrupted; the demo shards in {demo} are kept for the next run", file=sys.stderr)
+        return 130
+    print_report(q, a.out)
     return 0
 
 

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.process_time()
     ckpt = a.checkpoint
     if ckpt is None:
-        cfg = train_config.apply_overrides(quickstart.pretrain_config(plan, a.demo, os.path.join(out, "pretrain")), a.set)
+        cfg = train_config.apply_overrides(quickstart.pretrain_config(plan, "clmr", a.demo, os.path.join(out, "pretrain"), 1), a.set)
         ckpt = train.train(cfg)["checkpoint"]
     cpu_pretrain = time.process_time() - t0
     ratios: dict[str, float] = {}

@@ -1,55 +1,97 @@
-"""The reduced quickstart (``quickstart.py --tiny``) end to end: demo shards, pretraining, probes of
-the checkpoint and the three baselines, the printed table."""
+"""The reduced quickstart (``quickstart.py --tiny``) end to end: demo shards, both methods'
+pretraining (side by side, one process each), probes of each checkpoint and its baselines, the
+one printed table and its margins."""
 
 from __future__ import annotations
 
 import json
 import os
 
+import pytest
+
 import quickstart
 
+TASKS = ["nsynth/pitch", "nsynth/instrument_family_str", "mtat/tags"]
 
-def test_quickstart_tiny(tmp_path, capsys) -> None:
+
+def _rows(path: str) -> tuple[dict, dict]:
+    res = json.load(open(path))
+    return res, {(r["encoder"], r["task"]): r for r in res["rows"]}
+
+
+def test_quickstart_tiny_both_methods_one_table(tmp_path, capsys) -> None:
     out, demo = str(tmp_path / "qs"), str(tmp_path / "demo")
-    assert quickstart.main(["--tiny", "--out", out, "--demo", demo]) == 0
+    assert quickstart.main(["--tiny", "--workers", "2", "--out", out, "--demo", demo]) == 0
     printed = capsys.readouterr().out
-    res = json.load(open(os.path.join(out, "eval", "results.json")))
     q = json.load(open(os.path.join(out, "quickstart.json")))
-    # pretraining ran the planned steps and wrote the checkpoint the probes used
-    assert q["pretrain_summary"]["step"] == 12
-    assert res["encoders"]["pretrained"]["step"] == 12
-    assert os.path.exists(q["pretrain_summary"]["checkpoint"])
-    # every encoder x task, scored on every test clip
-    tasks = ["nsynth/pitch", "nsynth/instrument_family_str", "mtat/tags"]
-    encoders = ["pretrained", "random init", "supervised", "log-mel"]
-    rows = {(r["encoder"], r["task"]): r for r in res["rows"]}
-    assert set(rows) == {(e, t) for e in encoders for t in tasks}
-    n_test = {d: res["datasets"][d]["num_samples"]["test"] for d in ("nsynth", "mtat")}
-    for (e, t), r in rows.items():
-        assert r["test"]["n"] == n_test[t.split("/")[0]]
-        assert r["n_train"] == res["datasets"][t.split("/")[0]]["num_samples"]["train"]
-        assert 0.0 <= r["test"].get("accuracy", r["test"].get("roc_auc")) <= 1.0
-    # the supervised baseline got the pretraining's crops (12 steps x 16 clips x 2 views), split by clip counts
-    train_clips = {d: res["datasets"][d]["num_samples"]["train"] for d in ("nsynth", "mtat")}
-    sup = res["encoders"]["supervised"]["supervised_steps"]  # the last dataset trained (mtat)
-    assert sup == max(1, round(12 * 16 * 2 * train_clips["mtat"] / sum(train_clips.values()) / 16))
-    # the table printed is the one saved, with the numbers of results.json
-    table = open(os.path.join(out, "eval", "results.md")).read().strip()
-    assert table in printed
-    acc = rows[("log-mel", "nsynth/pitch")]["test"]["accuracy"]
-    assert f"| log-mel | {100 * acc:.1f} |" in table
+    assert list(q["methods"]) == ["clmr", "wav2vec2"]
+    for model, label in (("clmr", "CLMR"), ("wav2vec2", "wav2vec2")):
+        res, rows = _rows(os.path.join(out, model, "eval", "results.json"))
+        m = q["methods"][model]
+        # pretraining ran the planned steps and wrote the checkpoint the probes used; each method ran in its own process
+        assert m["pretrain_summary"]["step"] == 12 and res["encoders"]["pretrained"]["step"] == 12
+        assert os.path.exists(m["pretrain_summary"]["checkpoint"]) and os.path.exists(os.path.join(out, model, "log.txt"))
+        # two cores: each method pretrains on one; the last method's probes get both
+        assert m["cores"] == {"pretrain": 1, "evaluate": 2 if model == "wav2vec2" else 1}
+        # every encoder x task, scored on every test clip; log-mel scored once, with the first method
+        encoders = ["pretrained", "random init", "supervised"] + (["log-mel"] if model == "clmr" else [])
+        assert set(rows) == {(e, t) for e in encoders for t in TASKS}
+        n_test = {d: res["datasets"][d]["num_samples"]["test"] for d in ("nsynth", "mtat")}
+        for (e, t), r in rows.items():
+            assert r["test"]["n"] == n_test[t.split("/")[0]], (model, e, t)
+            assert r["n_train"] == res["datasets"][t.split("/")[0]]["num_samples"]["train"]
+        # the supervised baseline got the pretraining's crops (12 steps x 16 clips x views), split by clip counts
+        views = 2 if model == "clmr" else 1
+        train_clips = {d: res["datasets"][d]["num_samples"]["train"] for d in ("nsynth", "mtat")}
+        sup = res["encoders"]["supervised"]["supervised_steps"]  # the last dataset trained (mtat)
+        assert sup == max(1, round(12 * 16 * views * train_clips["mtat"] / sum(train_clips.values()) / 16))
+        # the one table holds this method's rows under its name, with the numbers of its results.json
+        for e in ("pretrained", "random init", "supervised"):
+            acc = rows[(e, "nsynth/pitch")]["test"]["accuracy"]
+            assert f"| {label} {e} | {100 * acc:.1f} |" in q["table_markdown"]
+        # margin = pretrained - random init, per column
+        mg = q["margins"][model]
+        assert mg["mtat/tags/pr_auc"] == pytest.approx(rows[("pretrained", "mtat/tags")]["test"]["pr_auc"]
+                                                      - rows[("random init", "mtat/tags")]["test"]["pr_auc"])
+        sign = f"{100 * mg['nsynth/pitch/accuracy']:+.1f}"
+        assert f"{label} pretrained - random init: {sign} / " in printed
+    # wav2vec2 probes pick a layer on valid; its supervised baseline is scored on the pooled output it trained on
+    _, w2v = _rows(os.path.join(out, "wav2vec2", "eval", "results.json"))
+    assert all("layer" in w2v[(e, t)] for e in ("pretrained", "random init") for t in TASKS)
+    # the table printed is the one saved; log-mel is its last row
+    table = open(os.path.join(out, "results.md")).read().strip()
+    assert table == q["table_markdown"] and table in printed
+    assert table.splitlines()[-1].startswith("| log-mel |") and table.count("| log-mel |") == 1
 
 
-def test_quickstart_tiny_wav2vec2_scores_every_layer(tmp_path, capsys) -> None:
-    """``--model wav2vec2``: probes pick the best layer on valid, and the supervised baseline (whose heads
-    train on the pooled last layer) is scored on that same pooled output, clip for clip."""
+def test_quickstart_one_method_runs_in_process(tmp_path, capsys) -> None:
     out, demo = str(tmp_path / "qs"), str(tmp_path / "demo")
-    assert quickstart.main(["--tiny", "--model", "wav2vec2", "--out", out, "--demo", demo]) == 0
-    res = json.load(open(os.path.join(out, "eval", "results.json")))
+    assert quickstart.main(["--tiny", "--workers", "2", "--model", "clmr", "--out", out, "--demo", demo]) == 0
     q = json.load(open(os.path.join(out, "quickstart.json")))
-    assert q["pretrain_summary"]["step"] == 12
-    rows = {(r["encoder"], r["task"]): r for r in res["rows"]}
-    n_test = {d: res["datasets"][d]["num_samples"]["test"] for d in ("nsynth", "mtat")}
-    for e in ("pretrained", "random init", "supervised", "log-mel"):
-        for t in ("nsynth/pitch", "nsynth/instrument_family_str", "mtat/tags"):
-            assert rows[(e, t)]["test"]["n"] == n_test[t.split("/")[0]], (e, t)
+    assert list(q["methods"]) == ["clmr"] and q["methods"]["clmr"]["cores"] == {"pretrain": 2, "evaluate": 2}
+    assert not os.path.exists(os.path.join(out, "clmr", "log.txt"))  # no child process
+    assert "| CLMR pretrained |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "clmr,byol"], "pick from clmr, wav2vec2, cpc"),
+    (["--jobs", "-1"], "--jobs >= 0"),
+])
+def test_quickstart_bad_flags_are_one_line_errors(argv, message, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        quickstart.main(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_failing_method_is_reported_with_its_log(tmp_path, capsys) -> None:
+    """A method whose process fails: the run stops with exit 1, naming the method and its log, and
+    showing the log's end (here: a demo train manifest overwritten with junk after the build)."""
+    out, demo = str(tmp_path / "qs"), str(tmp_path / "demo")
+    plan = quickstart.tiny_plan(("clmr", "wav2vec2"))
+    quickstart.ensure_demo(demo, plan)
+    with open(os.path.join(demo, "nsynth", "train.manifest.json"), "w") as f:
+        f.write("not json")
+    assert quickstart.main(["--tiny", "--workers", "2", "--out", out, "--demo", demo]) == 1
+    err = capsys.readouterr().err
+    assert "stopped with exit code" in err and os.path.join(out, "clmr", "log.txt") in err
+    assert "train.manifest.json" in err  # the child's own error, from the end of its log
