@@ -61,6 +61,7 @@ import numpy as np
 
 from pipeline.errors import UserError
 
+POOLS = ("mean", "meanstd")  # eval_tools.encoders.POOLS, spelled here so --help needs no torch
 BASELINES = ("random", "supervised", "logmel")
 EXTERNAL = ("hf:", "export:")  # --baselines hf:DIR / export:DIR: any encoder folder (eval_tools/weights.py)
 
@@ -88,6 +89,7 @@ class EvalOptions:
     tasks: list[str] | None = None  # label fields; None = every field with >= 2 names
     fractions: list[float] = field(default_factory=lambda: [1.0])
     layer: int | str = -1
+    pool: str = "mean"  # over time: "mean" or "meanstd" (mean and standard deviation; not for log-mel, already both)
     protocol: str = "musicssl"  # eval_tools/protocols.py: musicssl | clmr | marble
     probe: str | None = None  # linear | mlp; None = the protocol's (musicssl/clmr: linear, marble: mlp)
     lr: float | None = None  # None = the protocol's (marble: chosen on valid from its grid)
@@ -142,6 +144,11 @@ class EvalOptions:
             protocols.check_layer(protocols.PROTOCOLS[self.protocol], self.layer)
         except UserError as exc:
             raise OptionError(str(exc)) from None
+        if self.pool not in POOLS:
+            raise OptionError(f"--pool {self.pool!r}: choose from {', '.join(POOLS)}")
+        if self.pool != "mean" and self.protocol != "musicssl":
+            raise OptionError(f"--pool {self.pool}: --protocol {self.protocol} follows its paper's code, which pools by the "
+                              f"mean; use --protocol musicssl for other pooling")
 
 
 def _log(msg: str) -> None:
@@ -241,6 +248,8 @@ def _evaluate_dataset(ds, requested: list[str] | None, arch_cfg, opts: EvalOptio
 
     def add_rows(enc, fractions: list[float]) -> None:
         t0 = time.perf_counter()
+        if enc.arch != "logmel":  # log-mel statistics are a mean and a std already
+            enc.pool = opts.pool
         enc.to(rt.device, rt.precision)
         embs = embed_splits(enc, ds, cache_dir=cache, recalibrate=opts.recalibrate_bn and protocol.recalibrate_bn,
                             progress=opts.progress, calib_crops=opts.calib_crops, seed=opts.seed, batch=opts.embed_batch, rt=rt,
@@ -430,11 +439,16 @@ def _add_encoder_args(p: argparse.ArgumentParser) -> None:
                    "there is no --checkpoint (e.g. clmr_tiny, wav2vec2_tiny, cpc_tiny)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a preset key, e.g. --set model.temperature=0.1 (repeatable)")
-    p.add_argument("--layer", type=_layer, default=-1, help="wav2vec2: layer to probe (-1 = last, 0 = transformer input) or 'all'; "
-                   "CLMR: -1 (last block) or 'concat' (every block's pooled output, concatenated)")
+    p.add_argument("--layer", type=_layer, default=-1, help="wav2vec2: layer to probe (-1 = last, 0 = transformer input), 'all' (one probe per "
+                   "layer, best on valid) or 'concat' (the conv features and every layer's mean side by side); CLMR: -1 (last block) or 'concat' (every block's pooled output, concatenated)")
     p.add_argument("--sample-rate", type=int, help="resample clips to this rate (default: the encoder's training rate)")
     p.add_argument("--no-resample", action="store_true",
                    help="refuse shards whose sample rate differs from the encoder's instead of resampling them")
+    p.add_argument("--pool", choices=POOLS, default="mean",
+                   help="how probe and embed features summarise time (inside each crop or window, before the clip's pieces "
+                   "are averaged): mean, or meanstd (the mean and the standard deviation over time side by side, twice "
+                   "the width; the quickstart's choice, docs/quickstart-calibration.md). Log-mel is always mean + std; "
+                   "fine-tuned and supervised heads read the mean (default: mean)")
     _add_device_args(p)
 
 
@@ -509,8 +523,8 @@ def _opts_from_args(a: argparse.Namespace, *, sweep: bool) -> EvalOptions:
         data=a.data, out=a.out, checkpoint=_checkpoint_arg(a), trust_remote_code=a.trust_remote_code, preset=a.preset,
         overrides=a.overrides,
         baselines=[b for b in a.baselines.split(",") if b], tasks=a.tasks.split(",") if a.tasks else None,
-        fractions=a.fractions if sweep else [a.label_fraction], layer=a.layer, protocol=a.protocol, probe=a.probe, lr=a.lr,
-        max_epochs=a.max_epochs,
+        fractions=a.fractions if sweep else [a.label_fraction], layer=a.layer, pool=a.pool, protocol=a.protocol, probe=a.probe,
+        lr=a.lr, max_epochs=a.max_epochs,
         patience=a.patience, sample_rate=a.sample_rate, recalibrate_bn=not a.no_bn_recalibration, calib_crops=a.calib_crops,
         supervised_steps=a.supervised_steps, supervised_seconds=a.supervised_seconds,
         supervised_batch_size=a.supervised_batch_size, cache=a.cache, seed=a.seed, wandb_mode=a.wandb_mode,
@@ -752,6 +766,8 @@ def cmd_embed(argv: list[str]) -> int:
         p.error("no audio files found in the inputs")
     rt = runtime.setup(a.device, a.precision, timeout_s=a.dist_timeout)
     enc = _embed_encoder(a, p).to(rt.device, rt.precision)
+    if enc.arch != "logmel":
+        enc.pool = a.pool
     sr = enc.sample_rate
     lo, hi = rank_range(len(files), rt.rank, rt.world_size)
     reports = [ReadReport(source="files")] + [ReadReport(source=m) for m in manifests]

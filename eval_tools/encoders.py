@@ -26,7 +26,8 @@ papers' own protocols, ``--protocol clmr|marble``, are eval_tools/protocols.py's
   (first convolution to last). CLMR's own evaluation averages the per-crop *outputs* instead:
   ``--protocol clmr``.
 - wav2vec2 and CPC (:class:`FrameEncoder`): the mean over valid frames of one transformer layer
-  (``layer=-1`` the last, ``"all"`` every layer) or of CPC's context; long clips in windows of at
+  (``layer=-1`` the last, ``"all"`` every layer, one probe each; wav2vec2's ``"concat"``: the
+  layer-normed conv features and every layer's mean side by side, one probe) or of CPC's context; long clips in windows of at
   most ``max_window_seconds``, averaged by frame count. Clips are zero-padded only up to the
   receptive field (``min_samples``), never to the training crop (issue 12).
 - log-mel (:class:`LogmelEncoder`): mean and standard deviation over time of a log-mel
@@ -52,6 +53,9 @@ def _sha(data: bytes, n: int = 16) -> str:
     return hashlib.sha256(data).hexdigest()[:n]
 
 
+POOLS = ("mean", "meanstd")  # Encoder.pool: how a piece's frames are summarised over time
+
+
 @dataclass(kw_only=True)
 class Encoder(ABC):
     """Maps mono float32 clips at ``sample_rate`` to embeddings; see the module docstring.
@@ -61,7 +65,8 @@ class Encoder(ABC):
     arch: str  # "clmr" | "wav2vec2" | "cpc" | "logmel" | an imported model's name
     sample_rate: int
     model: nn.Module | None = None
-    layer: int | str = -1  # wav2vec2: which layer (index into embed()["layers"]) or "all"; CLMR: -1 or "concat"
+    layer: int | str = -1  # wav2vec2: an index into embed()["layers"], "all" or "concat"; CLMR: -1 or "concat"
+    pool: str = "mean"  # over time within a piece: "mean", or "meanstd" (mean and standard deviation side by side)
     window: int | None = None  # samples per piece: CLMR's crop, others' longest window (None = whole clip)
     ident: str = ""  # cache key part: checkpoint hash, or a hash of the random-init config + seed
     crop_samples: int | None = None  # the training crop length (BN recalibration, fine-tuning)
@@ -78,6 +83,8 @@ class Encoder(ABC):
         # "v": the extraction's own version; 2 = padded only to min_samples, with lengths (issue 12)
         parts = {"ident": self.ident, "arch": self.arch, "layer": self.layer, "window": self.window, "sr": self.sample_rate,
                  "v": 2, "precision": self.precision}
+        if self.pool != "mean":  # mean-pooled ids stay as they were (existing caches stay valid)
+            parts["pool"] = self.pool
         return f"{self.arch}-{_sha(json.dumps(parts, sort_keys=True).encode(), 12)}"
 
     @property
@@ -197,24 +204,47 @@ class Encoder(ABC):
                 on_batch(len(buf))
 
 
+def _masked_stats(x: torch.Tensor, valid: torch.Tensor, pool: str) -> torch.Tensor:
+    """``x`` (B, T', D) over its ``valid`` (B, T', 1) frames: the mean (B, D), or for ``"meanstd"``
+    the mean and the (biased) standard deviation side by side (B, 2D)."""
+    n = valid.sum(1).clamp_min(1)
+    mean = (x * valid).sum(1) / n
+    if pool == "mean":
+        return mean
+    var = (((x - mean[:, None]) ** 2) * valid).sum(1) / n
+    return torch.cat([mean, var.sqrt()], dim=1)
+
+
 @dataclass(kw_only=True)
 class FrameEncoder(Encoder):
     """A model whose ``embed(audio, lengths)`` gives frames: wav2vec2, CPC, or an imported model.
 
     The model returns ``pooled`` (B, D), ``frame_lengths`` (B,) and, for ``layer`` other than -1,
-    ``layers`` (a list of (B, T', D)); each layer is pooled over the valid frames."""
+    ``layers`` (a list of (B, T', D)); each layer is pooled over the valid frames. ``"concat"``
+    (wav2vec2) pools the conv ``features`` (B, T', C) and every layer and concatenates them: the
+    conv features keep the spectral detail the transformer of a briefly pretrained model mixes
+    away (the wav2vec2 analogue of CLMR's every-block concat)."""
 
     def forward_pieces(self, audio: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.model.embed(audio, lengths)
         return self._pool(out), out["frame_lengths"]
 
     def _pool(self, out: dict) -> torch.Tensor:
-        if self.layer == -1:
+        if self.layer == -1 and self.pool == "mean":
             return out["pooled"]
-        layers = out["layers"] if self.layer == "all" else [out["layers"][int(self.layer)]]
+        if self.layer == -1:
+            layers = [out["frames"]]
+        elif self.layer == "concat":
+            layers = [out["features"], *out["layers"]]
+        else:
+            layers = out["layers"] if self.layer == "all" else [out["layers"][int(self.layer)]]
         valid = (torch.arange(layers[0].shape[1], device=layers[0].device)[None, :]
                  < out["frame_lengths"][:, None]).to(layers[0].dtype)[..., None]  # (B, T', 1)
-        pooled = [(l * valid).sum(1) / valid.sum(1).clamp_min(1) for l in layers]
+        pooled = [_masked_stats(l, valid, self.pool) for l in layers]
+        if self.layer == -1:
+            return pooled[0]
+        if self.layer == "concat":
+            return torch.cat(pooled, dim=1)
         return torch.stack(pooled, dim=1) if self.layer == "all" else pooled[0]
 
 
@@ -235,7 +265,12 @@ class CLMREncoder(Encoder):
         out = self.model.embed(audio)
         # "concat": every block's time-averaged map side by side (shallow blocks keep what the last one
         # pools away; a few minutes of pretraining shape the last block least)
-        vec = torch.cat(out["blocks"], dim=1) if self.layer == "concat" else out["pooled"]
+        if self.pool == "meanstd":  # each map's mean and standard deviation over the crop's time axis
+            pairs = zip(out["blocks"], out["blocks_std"])
+            stats = [torch.cat(p, dim=1) for p in pairs]
+            vec = torch.cat(stats, dim=1) if self.layer == "concat" else stats[-1]
+        else:
+            vec = torch.cat(out["blocks"], dim=1) if self.layer == "concat" else out["pooled"]
         return vec, torch.ones(audio.shape[0], device=audio.device)
 
 
@@ -309,10 +344,11 @@ def build_encoder(
         raise UserError(f"--layer {layer}: CLMR takes -1 (the last block) or 'concat' (every block's pooled output)")
     if arch not in ("wav2vec2", "clmr") and layer != -1:
         raise UserError(f"--layer applies to wav2vec2 and CLMR only; {arch} has one output (leave --layer at -1)")
-    if arch == "wav2vec2" and layer != "all":
+    if arch == "wav2vec2" and layer not in ("all", "concat"):
         n = model_cfg.num_layers + 1  # the transformer input, then each layer
         if not -n <= int(layer) < n:
-            raise UserError(f"--layer {layer}: this wav2vec2 has layers 0..{n - 1} (0 = transformer input, -1 = last) or 'all'")
+            raise UserError(f"--layer {layer}: this wav2vec2 has layers 0..{n - 1} (0 = transformer input, -1 = last), "
+                            f"'all' (one probe each) or 'concat' (conv features and every layer side by side)")
     model.eval()
     cls = CLMREncoder if arch == "clmr" else FrameEncoder
     return cls(

@@ -109,7 +109,7 @@ def supervised_model(enc: Encoder, tasks: list[Task], *, freeze_encoder: bool = 
     heads = tuple(TaskHead(name=t.name, kind=t.kind, classes=len(t.names)) for t in tasks)
     # the heads read embed()["pooled"] (the last layer), whatever features the encoder probes
     # (CLMR's layer="concat" is wider)
-    dim = dataclasses.replace(enc, layer=-1).dim
+    dim = dataclasses.replace(enc, layer=-1, pool="mean").dim
     cfg = SupervisedConfig(tasks=heads, takes_lengths=enc.arch != "clmr", freeze_encoder=freeze_encoder)
     return Supervised(enc.model, cfg, dim=dim).to(enc.device)
 
@@ -172,7 +172,7 @@ def evaluate_heads(enc: Encoder, heads: nn.ModuleDict, ds: Dataset, split: str, 
     rt = rt or dataclasses.replace(LOCAL, device=enc.device, precision=enc.precision)
     # the heads were trained on embed()["pooled"] (the last layer): score them on that, whatever
     # layer choice the encoder carries for probing (wav2vec2's layer="all" gives (N, L, D))
-    emb = extract(dataclasses.replace(enc, layer=-1), ds, split, cache_dir=None, progress=False, min_read=min_read, rt=rt)
+    emb = extract(dataclasses.replace(enc, layer=-1, pool="mean"), ds, split, cache_dir=None, progress=False, min_read=min_read, rt=rt)
     out, problem = None, None
     if emb is not None:
         heads.eval()

@@ -76,7 +76,7 @@ def save_model(folder: str, enc: Encoder, heads: list[Head], *, view: View, meta
                scores: dict[str, dict] | None = None) -> str:
     """Write ``folder`` (atomically per file); returns it."""
     os.makedirs(folder, exist_ok=True)
-    encoder = {"arch": enc.arch, "name": enc.name, "sample_rate": enc.sample_rate, "layer": enc.layer,
+    encoder = {"arch": enc.arch, "name": enc.name, "sample_rate": enc.sample_rate, "layer": enc.layer, "pool": enc.pool,
                "max_window_seconds": (enc.window / enc.sample_rate) if enc.window and enc.arch != "clmr" else 30.0}
     if enc.arch == "logmel":
         mel = enc.model
@@ -162,6 +162,7 @@ def load_model(folder: str, *, device: torch.device | str = "cpu", precision: st
         enc = build_encoder(name=e["name"], arch=cfg.arch, model=model, model_cfg=cfg.model, sample_rate=int(e["sample_rate"]),
                             crop_samples=cfg.crop_samples, ident=f"model:{folder}", layer=e["layer"],
                             max_window_seconds=float(e["max_window_seconds"]), train_config=saved["config"])
+    enc.pool = e.get("pool", "mean")  # folders saved before --pool existed were mean-pooled
     enc.to(device, precision)
     states = _load_torch(os.path.join(folder, "heads.pt"))
     heads = []

@@ -426,6 +426,9 @@ def hf_encoder(path: str, *, name: str | None = None, layer: int | str = -1, sam
     model.eval()
     cfg = model.config
     n = int(getattr(cfg, "num_hidden_layers", 0)) + 1
+    if layer == "concat":
+        raise UserError(f"--layer concat: {path} is a Hugging Face folder; 'concat' is for train.py's wav2vec2 and CLMR "
+                        f"checkpoints (give 'all' to probe each of its hidden states, or one index)")
     if layer != "all" and not -n <= int(layer) < n:
         raise UserError(f"--layer {layer}: {path} has hidden states 0..{n - 1} (0 = transformer input, -1 = last) or 'all'")
     weights = next(os.path.join(path, w) for w in HF_WEIGHT_FILES if os.path.isfile(os.path.join(path, w)))

@@ -304,10 +304,12 @@ class CLMR(nn.Module):
         return stats["loss"], {k: v.detach() for k, v in metrics.items()}
 
     def embed(self, audio: Tensor) -> dict[str, Tensor]:
-        """Encoder features without the head: ``audio`` (B, T) -> pooled (B, C), frames (B, T', C) and
-        ``blocks``: each block's map averaged over time, first convolution to last, ``[(B, C_i), ...]``."""
+        """Encoder features without the head: ``audio`` (B, T) -> pooled (B, C), frames (B, T', C),
+        ``blocks``: each block's map averaged over time, first convolution to last, ``[(B, C_i), ...]``,
+        and ``blocks_std``: the same maps' (biased) standard deviations over time."""
         if audio.dim() != 2:
             raise ValueError(f"CLMR.embed expects mono audio (B, T), got shape {tuple(audio.shape)}")
         maps = self.encoder.block_features(audio.unsqueeze(1))
         frames = maps[-1].transpose(1, 2)  # (B, T', C)
-        return {"pooled": frames.mean(dim=1), "frames": frames, "blocks": [m.mean(dim=-1) for m in maps]}
+        return {"pooled": frames.mean(dim=1), "frames": frames, "blocks": [m.mean(dim=-1) for m in maps],
+                "blocks_std": [m.std(dim=-1, unbiased=False) for m in maps]}

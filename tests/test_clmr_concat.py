@@ -1,4 +1,5 @@
-"""``--layer concat`` for CLMR: every SampleCNN block's time-averaged output, side by side."""
+"""``--layer concat``: CLMR's every SampleCNN block's time-averaged output side by side; wav2vec2's
+conv features and every transformer layer's mean over valid frames side by side."""
 
 from __future__ import annotations
 
@@ -12,10 +13,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 SR = 16000
 
 
-def _encoder(layer):
+def _encoder(layer, preset: str = "clmr_tiny"):
     from eval_tools.encoders import preset_config, random_encoder
 
-    return random_encoder(preset_config("clmr_tiny"), sample_rate=SR, seed=3, layer=layer)
+    return random_encoder(preset_config(preset), sample_rate=SR, seed=3, layer=layer)
 
 
 def test_concat_is_every_block_pooled_and_ends_with_the_last_layer() -> None:
@@ -53,3 +54,25 @@ def test_supervised_heads_read_the_last_layer_when_the_probe_reads_concat() -> N
     assert model.heads["pitch"].in_features == enc.model.config.last_channels
     audio = torch.from_numpy(np.random.default_rng(1).standard_normal((2, enc.window)).astype(np.float32))
     assert model.logits(audio)["pitch"].shape == (2, 3)
+
+
+def test_wav2vec2_concat_is_the_conv_features_then_every_layer_each_pooled_over_valid_frames() -> None:
+    rng = np.random.default_rng(0)
+    every, concat = _encoder("all", "wav2vec2_tiny"), _encoder("concat", "wav2vec2_tiny")
+    clips = [rng.standard_normal(n).astype(np.float32) * 0.1 for n in (16000, 9000, 4321)]  # padded in one batch
+    e_all, e_cat = every.embed_clips(clips), concat.embed_clips(clips)  # (3, L+1, D), (3, C + (L+1) D)
+    cfg = concat.model.config
+    c, n_layers, d = cfg.conv_layers[-1][0], cfg.num_layers + 1, cfg.embed_dim
+    assert e_all.shape == (3, n_layers, d) and e_cat.shape == (3, c + n_layers * d)
+    np.testing.assert_allclose(e_cat[:, c:], e_all.reshape(3, -1), rtol=1e-4, atol=1e-5)
+    # the first C values: the layer-normed conv features of the clip alone, averaged over its frames
+    with torch.no_grad():
+        alone = concat.model.embed(torch.from_numpy(clips[2])[None])
+    np.testing.assert_allclose(e_cat[2, :c], alone["features"][0].mean(dim=0).numpy(), rtol=1e-4, atol=1e-5)
+    assert np.abs(e_cat[:, :c] - e_cat[:, :c].mean(axis=0)).max() > 1e-3  # the clips differ there
+    assert concat.cache_id not in (every.cache_id, _encoder(-1, "wav2vec2_tiny").cache_id)
+
+
+def test_wav2vec2_layer_out_of_range_names_concat_and_all() -> None:
+    with pytest.raises(UserError, match="'all'.*'concat'"):
+        _encoder(7, "wav2vec2_tiny")
