@@ -76,3 +76,31 @@ def test_wav2vec2_concat_is_the_conv_features_then_every_layer_each_pooled_over_
 def test_wav2vec2_layer_out_of_range_names_concat_and_all() -> None:
     with pytest.raises(UserError, match="'all'.*'concat'"):
         _encoder(7, "wav2vec2_tiny")
+
+
+def test_meanstd_pool_is_each_block_mean_then_its_std_over_time() -> None:
+    rng = np.random.default_rng(2)
+    mean, stats = _encoder("concat"), _encoder("concat")
+    stats.pool = "meanstd"
+    n = mean.window
+    clip = rng.standard_normal(n).astype(np.float32) * 0.1  # one crop: no averaging over crops
+    e_mean, e_stats = mean.embed_clips([clip]), stats.embed_clips([clip])
+    assert e_stats.shape[1] == 2 * e_mean.shape[1] and stats.cache_id != mean.cache_id
+    with torch.no_grad():
+        maps = stats.model.encoder.block_features(torch.from_numpy(clip).view(1, 1, n))
+    c0 = maps[0].shape[1]
+    np.testing.assert_allclose(e_stats[0, :c0], e_mean[0, :c0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(e_stats[0, c0 : 2 * c0], maps[0].std(dim=-1, unbiased=False)[0].numpy(), rtol=1e-4, atol=1e-6)
+    w2v = _encoder(-1, "wav2vec2_tiny")
+    w2v.pool = "meanstd"
+    x = w2v.embed_clips([clip])
+    with torch.no_grad():
+        frames = w2v.model.embed(torch.from_numpy(clip)[None])["frames"][0]
+    np.testing.assert_allclose(x[0], torch.cat([frames.mean(0), frames.std(0, unbiased=False)]).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_meanstd_pool_with_a_paper_protocol_is_refused() -> None:
+    import evaluate
+
+    with pytest.raises(UserError, match="--pool meanstd"):
+        evaluate.EvalOptions(data=["x"], out="y", preset="clmr_tiny", pool="meanstd", protocol="clmr")
