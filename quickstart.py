@@ -256,7 +256,8 @@ def run(plan: Plan, *, out: str, demo: str) -> dict:
     t_demo = time.perf_counter() - t0
     print(f"[quickstart] 2/2 {', '.join(plan.models)}: pretraining, then probes against baselines", flush=True)
     if plan.parallel() > 1:
-        methods = _run_side_by_side(plan, out=out, demo=demo)
+        done = _run_side_by_side(plan, out=out, demo=demo)  # in the order they finished
+        methods = {m: done[m] for m in plan.models}
     else:
         methods = {m: run_method(plan, m, out=_method_dir(out, m), demo=demo, cores=plan.workers, eval_cores=plan.workers,
                                  logmel=(m == plan.models[0]))
