@@ -17,7 +17,8 @@ Steps, top to bottom in :func:`run` and :func:`run_method`:
    speed augmentation (CLMR also without band filters and reverb; docs/quickstart-calibration.md);
    then probes (``evaluate.run_evaluation``): linear probes on frozen embeddings for NSynth pitch
    and instrument family (held-out instruments) and MTAT tags (held-out clips; CLMR: every block's
-   pooled output concatenated; wav2vec2: every layer, the best on valid) of the pretrained encoder
+   mean and standard deviation over time, concatenated; wav2vec2: every layer's mean, the best on
+   valid) of the pretrained encoder
    and two baselines of the same architecture: random init, and trained supervised on the labels
    with the same compute (as many training crops as pretraining saw). Log-mel statistics are the
    third baseline, scored once.
@@ -58,6 +59,10 @@ class Plan:
     # CLMR's probed features: -1 = the last block, "concat" = every block's pooled output (see
     # docs/quickstart-calibration.md); wav2vec2 probes every layer and keeps the best on valid
     clmr_layer: int | str = "concat"
+    # CLMR's pooling over time: "meanstd" (each block's mean and standard deviation) kept the margin
+    # over random init on another soundfont's notes where the mean lost it (docs/quickstart-calibration.md);
+    # wav2vec2 pools by the mean (its std lifts the random init to the pretrained scores)
+    clmr_pool: str = "meanstd"
     probe_epochs: int = 200
     probe_patience: int = 20
     calib_crops: int = 512
@@ -151,7 +156,8 @@ def run_method(plan: Plan, model: str, *, out: str, demo: str, cores: int, eval_
         data=[f"{demo}/nsynth", f"{demo}/mtat"], out=os.path.join(out, "eval"), checkpoint=summary["checkpoint"],
         baselines=["random", "supervised"] + (["logmel"] if logmel else []), tasks=list(TASKS),
         probe="linear", max_epochs=plan.probe_epochs, patience=plan.probe_patience, calib_crops=plan.calib_crops,
-        layer={"wav2vec2": "all", "clmr": plan.clmr_layer}.get(model, -1), workers=eval_cores,
+        layer={"wav2vec2": "all", "clmr": plan.clmr_layer}.get(model, -1), pool=plan.clmr_pool if model == "clmr" else "mean",
+        workers=eval_cores,
         supervised_steps_per_dataset=sup_steps, supervised_batch_size=plan.batch_size, wandb_mode="disabled", seed=plan.seed,
         progress=progress,
     )

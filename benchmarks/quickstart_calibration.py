@@ -6,8 +6,9 @@ depend on the pretraining settings.
     OMP_NUM_THREADS=1 nice -n 15 /usr/bin/time -v python benchmarks/quickstart_calibration.py --tag B \\
         --set augment.filter_p=0 --set augment.reverb_p=0 --variants=-1:bn,concat:bn
 
-Variants are ``LAYER:BN``: LAYER -1 (the last block) or concat (every block's pooled output), BN
-``bn`` (BatchNorm statistics recalibrated on clean crops) or ``nobn``. Prints one ``RESULT {json}``
+Variants are ``LAYER:BN[:POOL]``: LAYER -1 (the last block) or concat (every block's pooled output), BN
+``bn`` (BatchNorm statistics recalibrated on clean crops) or ``nobn``, POOL ``mean`` (the default)
+or ``meanstd`` (each block's mean and standard deviation over time; the quickstart's CLMR probe). Prints one ``RESULT {json}``
 line per variant (valid and test scores, CPU seconds, load average), then one JSON line with
 ``ratios`` for the last variant: ``pretrained_vs_random_<task>_<metric>`` on the test split (> 1:
 pretraining helped). The demo folder is built if missing (``--demo-clips``/``--demo-clip-seconds``)
@@ -46,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--demo-clips", type=int, default=d.demo_clips)
     p.add_argument("--demo-clip-seconds", type=float, default=d.demo_clip_seconds)
     p.add_argument("--checkpoint", help="probe this checkpoint instead of pretraining")
-    p.add_argument("--variants", default="-1:bn,concat:bn")
+    p.add_argument("--variants", default="-1:bn,concat:bn,concat:bn:meanstd",
+                   help="comma-separated LAYER:BN[:POOL] probes (see the docstring)")
     a = p.parse_args(argv)
 
     import torch
@@ -69,14 +71,15 @@ def main(argv: list[str] | None = None) -> int:
     cpu_pretrain = time.process_time() - t0
     ratios: dict[str, float] = {}
     for variant in a.variants.split(","):
-        layer_text, bn = variant.split(":")
+        layer_text, bn, *rest = variant.split(":")
+        pool = rest[0] if rest else "mean"
         layer = layer_text if layer_text == "concat" else int(layer_text)
         t1 = time.process_time()
         opts = evaluate.EvalOptions(
-            data=[f"{a.demo}/nsynth", f"{a.demo}/mtat"], out=os.path.join(out, f"eval-{layer_text}-{bn}"), checkpoint=ckpt,
+            data=[f"{a.demo}/nsynth", f"{a.demo}/mtat"], out=os.path.join(out, f"eval-{layer_text}-{bn}" + ("" if pool == "mean" else f"-{pool}")), checkpoint=ckpt,
             baselines=["random"], tasks=["pitch", "instrument_family_str", "tags"], probe="linear",
             max_epochs=plan.probe_epochs, patience=plan.probe_patience, calib_crops=plan.calib_crops, recalibrate_bn=bn == "bn",
-            layer=layer, wandb_mode="disabled", workers=1, progress=False, seed=a.seed)
+            layer=layer, pool=pool, wandb_mode="disabled", workers=1, progress=False, seed=a.seed)
         r = evaluate.run_evaluation(opts)
         res = {f"{row['encoder']}|{row['task'].split('/')[1]}": {
             "valid": {m: round(v, 4) for m, v in row["valid"].items() if m not in ("n", "loss")},
