@@ -171,6 +171,25 @@ def run_method(plan: Plan, model: str, *, out: str, demo: str, cores: int, eval_
     return method
 
 
+def machine() -> dict:
+    """The CPU the table was measured on: its model name and the kernels torch dispatches to.
+    Part of the result: the same seed gives the same table on the same kind of CPU, while another
+    CPU's kernels (AVX-512 against AVX2, another BLAS blocking) sum in another order and move the
+    scores by about the seed noise (docs/quickstart-calibration.md)."""
+    import platform
+
+    import torch
+
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return {"cpu": name, "cores": os.cpu_count(), "torch": torch.__version__,
+            "kernels": torch.backends.cpu.get_cpu_capability()}
+
+
 def _method_dir(out: str, model: str) -> str:
     return os.path.join(out, model)
 
@@ -268,7 +287,7 @@ def run(plan: Plan, *, out: str, demo: str) -> dict:
         methods = {m: run_method(plan, m, out=_method_dir(out, m), demo=demo, cores=plan.workers, eval_cores=plan.workers,
                                  logmel=(m == plan.models[0]))
                    for m in plan.models}
-    q = {"plan": dataclasses.asdict(plan), "command": " ".join(["python", *sys.argv]), "demo": demo_info,
+    q = {"plan": dataclasses.asdict(plan), "command": " ".join(["python", *sys.argv]), "machine": machine(), "demo": demo_info,
          "timings_s": {"demo": round(t_demo, 1), "methods": round(time.perf_counter() - t0 - t_demo, 1),
                        "total": round(time.perf_counter() - t0, 1)},
          "methods": {m: {k: v for k, v in d.items() if k not in ("rows", "tasks", "datasets")} for m, d in methods.items()},
@@ -326,6 +345,9 @@ def print_report(q: dict, out: str) -> None:
     print(f"  time: demo {t['demo']:.0f} s, methods {t['methods']:.0f} s "
           f"({'side by side' if q['plan']['jobs'] != 1 and len(q['methods']) > 1 else 'one after another'}), "
           f"total {t['total'] / 60:.1f} min")
+    mc = q["machine"]
+    print(f"  machine: {mc['cpu']}, {mc['cores']} cores, torch {mc['torch']} ({mc['kernels']} kernels); the same seed "
+          "prints this table again on this kind of CPU")
     print(f"  results: {out}/quickstart.json, table {out}/results.md; per method {out}/<method>/ "
           "(eval/results.json, eval/plots/, pretrain/checkpoints/, log.txt)")
 

@@ -70,7 +70,14 @@ def test_quickstart_one_method_runs_in_process(tmp_path, capsys) -> None:
     q = json.load(open(os.path.join(out, "quickstart.json")))
     assert list(q["methods"]) == ["clmr"] and q["methods"]["clmr"]["cores"] == {"pretrain": 2, "evaluate": 2}
     assert not os.path.exists(os.path.join(out, "clmr", "log.txt"))  # no child process
-    assert "| CLMR pretrained |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| CLMR pretrained |" in printed
+    # the machine the table was measured on: same seed, same table holds on the same kind of CPU
+    import torch
+
+    mc = q["machine"]
+    assert mc["kernels"] == torch.backends.cpu.get_cpu_capability() and mc["cores"] == os.cpu_count()
+    assert mc["torch"] == torch.__version__ and f"machine: {mc['cpu']}, {mc['cores']} cores" in printed
 
 
 @pytest.mark.parametrize("argv, message", [
