@@ -5,6 +5,10 @@
     python quickstart.py --model clmr            # one method only (also: wav2vec2, cpc, or a list: clmr,cpc)
     python quickstart.py --tiny                  # a 2-minute smoke run (what CI runs)
 
+Interrupted (Ctrl-C, a kill), the same command continues in the same ``--out``: pretraining
+resumes from the checkpoint it wrote on the signal, finished methods are reused, and the table
+is the one an uninterrupted run prints. ``--out`` belongs to one plan (``<out>/plan.json``).
+
 Steps, top to bottom in :func:`run` and :func:`run_method`:
 
 1. **Demo shards** (``shard-tools demo``): notes of 76 General MIDI instruments rendered with the
@@ -91,7 +95,8 @@ def pretrain_config(plan: Plan, model: str, demo: str, out: str, workers: int):
         data=r(cfg.data, manifests=[f"{demo}/nsynth/train.manifest.json", f"{demo}/mtat/train.manifest.json"],
                num_workers=max(0, workers - 1) if workers > 1 else 1),
         train=r(cfg.train, steps=plan.steps, global_batch_size=plan.batch_size, device="cpu", out_dir=out, seed=plan.seed),
-        checkpoint=r(cfg.checkpoint, every=plan.steps, keep=1),
+        # auto: a re-run of an interrupted quickstart continues (run() checks the folder holds this plan's run)
+        checkpoint=r(cfg.checkpoint, every=plan.steps, keep=1, resume="auto"),
         logging=r(cfg.logging, every=max(1, plan.steps // 20), wandb_mode="disabled", audio_every=0),
     )
     if model == "clmr":
@@ -136,11 +141,21 @@ def run_method(plan: Plan, model: str, *, out: str, demo: str, cores: int, eval_
     import train
     from pipeline.shards import load_manifest
 
+    if os.path.exists(os.path.join(out, "method.json")):  # run() checked that the folder holds this plan's run
+        with open(os.path.join(out, "method.json")) as f:
+            print(f"[quickstart] {model}: done in an earlier run ({out}/method.json)", flush=True)
+            return json.load(f)
     torch.set_num_threads(cores)
     t0 = time.perf_counter()
-    print(f"[quickstart] {model}: pretraining ({model}_tiny preset, {plan.steps} steps, batch {plan.batch_size})", flush=True)
     cfg = pretrain_config(plan, model, demo, os.path.join(out, "pretrain"), cores)
-    summary = train.train(cfg)
+    summary = _finished_pretraining(cfg)
+    if summary is None:
+        print(f"[quickstart] {model}: pretraining ({model}_tiny preset, {plan.steps} steps, batch {plan.batch_size})", flush=True)
+        summary = train.train(cfg)
+        if summary["status"] != "completed":  # a stop signal: train checkpointed; nothing half-trained is probed
+            raise KeyboardInterrupt
+    else:
+        print(f"[quickstart] {model}: pretraining done in an earlier run ({summary['checkpoint']})", flush=True)
     t_pretrain = time.perf_counter() - t0
     # The supervised baseline gets the pretraining's compute: as many training crops in all, split
     # over the datasets as the pretraining stream split them (in proportion to their clip counts).
@@ -164,11 +179,59 @@ def run_method(plan: Plan, model: str, *, out: str, demo: str, cores: int, eval_
     results = evaluate.run_evaluation(opts)
     method = {"model": model, "cores": {"pretrain": cores, "evaluate": eval_cores}, "results": os.path.join(out, "eval", "results.json"),
               "timings_s": {"pretrain": round(t_pretrain, 1), "evaluate": round(time.perf_counter() - t1, 1)},
-              "pretrain_summary": {k: summary[k] for k in ("step", "first_loss", "last_loss", "wall_s", "checkpoint")},
+              "pretrain_summary": {k: summary[k] for k in ("step", "first_loss", "last_loss", "wall_s", "checkpoint",
+                                                           "resumed_from")},
               "rows": results["rows"], "tasks": results["tasks"], "datasets": results["datasets"]}
     with open(os.path.join(out, "method.json"), "w") as f:
         json.dump(method, f, indent=2)
     return method
+
+
+def _finished_pretraining(cfg) -> dict | None:
+    """The summary ``train.train`` wrote for this pretraining when an earlier run of the same
+    plan completed it (its checkpoint still there), else None."""
+    path = os.path.join(cfg.out_dir, "summary.json")
+    try:
+        with open(path) as f:
+            s = json.load(f)
+    except (OSError, ValueError):
+        return None
+    done = s.get("status") == "completed" and s.get("step") == cfg.train.steps
+    return s if done and s.get("checkpoint") and os.path.exists(s["checkpoint"]) else None
+
+
+PLAN_FILE = "plan.json"
+
+
+def claim_out(out: str, plan: Plan) -> None:
+    """Make ``out`` this plan's run folder, or raise a one-line :class:`RuntimeError` naming it.
+
+    ``out/plan.json`` records the plan of the run that owns the folder. The same plan again
+    continues it: finished methods are reused, an interrupted pretraining resumes from its
+    checkpoint and the probes reuse their caches. Another plan (seed, steps, ...) in the same
+    folder would mix two runs, and a folder with checkpoints but no plan is someone else's."""
+    mine = {**dataclasses.asdict(plan), "models": list(plan.models)}
+    path = os.path.join(out, PLAN_FILE)
+    try:
+        with open(path) as f:
+            theirs = json.load(f)
+    except FileNotFoundError:
+        theirs = None
+    except (OSError, ValueError) as exc:
+        raise RuntimeError(f"--out {out}: {path} is unreadable ({exc}); pick another --out, or delete {out}") from None
+    if theirs is not None and theirs != mine:
+        changed = ", ".join(f"{k} {theirs.get(k)!r} -> {mine.get(k)!r}" for k in sorted(set(theirs) | set(mine))
+                            if theirs.get(k) != mine.get(k))
+        raise RuntimeError(f"--out {out} holds a run of another plan ({changed}); re-run with its flags to continue "
+                           f"it, pick another --out, or delete {out}")
+    if theirs is None:
+        earlier = [m for m in MODELS if os.path.isdir(os.path.join(out, m, "pretrain", "checkpoints"))]
+        if earlier or os.path.exists(os.path.join(out, "quickstart.json")):
+            raise RuntimeError(f"--out {out} holds an earlier run ({', '.join(earlier) or 'quickstart.json'}) without "
+                               f"its {PLAN_FILE}; pick another --out, or delete {out}")
+    os.makedirs(out, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(mine, f, indent=2)
 
 
 def machine() -> dict:
@@ -266,8 +329,12 @@ def _child(argv: list[str]) -> int:
     plan_d, model, folder, demo, cores, eval_cores, logmel = argv
     d = json.loads(plan_d)
     plan = Plan(**{**d, "models": tuple(d["models"])})
-    run_method(plan, model, out=folder, demo=demo, cores=int(cores), eval_cores=int(eval_cores), logmel=bool(int(logmel)),
-               progress=False)
+    try:
+        run_method(plan, model, out=folder, demo=demo, cores=int(cores), eval_cores=int(eval_cores),
+                   logmel=bool(int(logmel)), progress=False)
+    except KeyboardInterrupt:  # Ctrl-C or the parent's terminate(): pretraining checkpointed if it was running
+        print(f"[quickstart] {model}: interrupted", flush=True)
+        return 130
     return 0
 
 
@@ -275,7 +342,7 @@ def run(plan: Plan, *, out: str, demo: str) -> dict:
     """Demo shards, then every method of the plan (side by side, or in this process when one
     runs at a time); writes ``out/quickstart.json`` and ``out/results.md`` and returns the former."""
     t0 = time.perf_counter()
-    os.makedirs(out, exist_ok=True)
+    claim_out(out, plan)
     print(f"[quickstart] 1/2 demo shards -> {demo}", flush=True)
     demo_info = ensure_demo(demo, plan)
     t_demo = time.perf_counter() - t0
@@ -327,7 +394,9 @@ def print_report(q: dict, out: str) -> None:
     print()
     for m, d in q["methods"].items():
         ps = d["pretrain_summary"]
-        print(f"Pretrained {LABELS[m]} for {ps['step']} steps (loss {ps['first_loss']:.3f} -> {ps['last_loss']:.3f}) "
+        resumed = f", resumed from {ps['resumed_from']}" if ps.get("resumed_from") else ""
+        loss = f"{ps['first_loss']:.3f} -> {ps['last_loss']:.3f}" if ps["first_loss"] is not None else f"{ps['last_loss']:.3f}"
+        print(f"Pretrained {LABELS[m]} for {ps['step']} steps (loss {loss}{resumed}) "
               f"in {d['timings_s']['pretrain']:.0f} s; probes + baselines {d['timings_s']['evaluate']:.0f} s")
     print("Probed on held-out data (test split):")
     print()
@@ -368,7 +437,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, help="pretraining steps of every method (default: 600; --tiny: 12)")
     p.add_argument("--batch-size", type=int, help="pretraining batch (default: 64; --tiny: 16)")
     p.add_argument("--tiny", action="store_true", help="a small demo set and a few steps: a ~2-minute smoke run")
-    p.add_argument("--out", default="runs/quickstart", help="run folder (default: runs/quickstart)")
+    p.add_argument("--out", default="runs/quickstart", help="run folder (default: runs/quickstart); the same command "
+                   "again continues an interrupted run there")
     p.add_argument("--demo", default="demo_shards", help="demo shard folder, built if missing (default: demo_shards)")
     p.add_argument("--seed", type=int, default=0, help="seed of pretraining, the baselines' init and the probes "
                    "(default: 0; the demo data do not change); run-to-run noise: docs/quickstart-calibration.md")
@@ -394,7 +464,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"quickstart.py: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"\nquickstart.py: interrupted; the demo shards in {demo} are kept for the next run", file=sys.stderr)
+        print(f"\nquickstart.py: interrupted; run the same command again to continue (the demo shards in {demo}, "
+              f"finished methods and pretraining checkpoints in {a.out} are kept)", file=sys.stderr)
         return 130
     print_report(q, a.out)
     return 0

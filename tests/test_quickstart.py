@@ -103,3 +103,55 @@ def test_a_failing_method_is_reported_with_its_log(tmp_path, capsys) -> None:
     assert "stopped with exit code" in err  # whichever of the two processes exits first is the one named
     assert any(f"{m} stopped" in err and os.path.join(out, m, "log.txt") in err for m in ("clmr", "wav2vec2"))
     assert "train.manifest.json" in err  # the child's own error, from the end of its log
+
+
+def test_an_interrupted_quickstart_continues_where_it_stopped(tmp_path, capsys, monkeypatch) -> None:
+    """Ctrl-C during pretraining: exit 130 with a checkpoint; the same command again resumes it and
+    prints the uninterrupted run's table. A run with another seed in that folder, or a folder with
+    checkpoints but no plan, is one line naming the folder."""
+    import signal
+
+    import torch
+
+    from training.log import RunLogger
+
+    demo = str(tmp_path / "demo")
+    args = ["--tiny", "--workers", "2", "--model", "clmr", "--demo", demo]
+    threads = torch.get_num_threads()
+    try:
+        assert quickstart.main([*args, "--out", str(tmp_path / "whole")]) == 0
+        whole = json.load(open(tmp_path / "whole" / "quickstart.json"))
+        log_step = RunLogger.log_step
+
+        def ctrl_c_after_step_5(self, step, *a, **k):
+            log_step(self, step, *a, **k)
+            if self.tag == "train" and step == 5:
+                os.kill(os.getpid(), signal.SIGINT)  # train's handler: checkpoint at the end of step 6
+
+        monkeypatch.setattr(RunLogger, "log_step", ctrl_c_after_step_5)
+        out = tmp_path / "cut"
+        assert quickstart.main([*args, "--out", str(out)]) == 130
+        assert os.listdir(out / "clmr" / "pretrain" / "checkpoints") == ["ckpt-00000006.pt"]
+        assert not (out / "clmr" / "eval").exists()  # nothing half-trained was probed
+        assert "run the same command again to continue" in capsys.readouterr().err
+        monkeypatch.setattr(RunLogger, "log_step", log_step)
+
+        assert quickstart.main([*args, "--out", str(out)]) == 0
+        cut = json.load(open(out / "quickstart.json"))
+        assert cut["methods"]["clmr"]["pretrain_summary"]["resumed_from"].endswith("ckpt-00000006.pt")
+        assert cut["table_markdown"] == whole["table_markdown"] and cut["margins"] == whole["margins"]
+        assert f"resumed from {out}" in capsys.readouterr().out
+
+        assert quickstart.main([*args, "--out", str(out)]) == 0  # finished: reused, not rerun
+        assert "clmr: done in an earlier run" in capsys.readouterr().out
+        assert json.load(open(out / "quickstart.json"))["table_markdown"] == whole["table_markdown"]
+
+        assert quickstart.main([*args, "--seed", "1", "--out", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert f"--out {out} holds a run of another plan (seed 0 -> 1)" in err and "Traceback" not in err
+        os.remove(out / quickstart.PLAN_FILE)
+        assert quickstart.main([*args, "--out", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert f"--out {out} holds an earlier run (clmr) without its plan.json" in err and "Traceback" not in err
+    finally:
+        torch.set_num_threads(threads)
