@@ -5,7 +5,7 @@
     python quickstart.py --model clmr            # one method only (also: wav2vec2, cpc, or a list: clmr,cpc)
     python quickstart.py --tiny                  # a 2-minute smoke run (what CI runs)
 
-Interrupted (Ctrl-C, a kill), the same command continues in the same ``--out``: pretraining
+Interrupted (Ctrl-C, SIGTERM), the same command continues in the same ``--out``: pretraining
 resumes from the checkpoint it wrote on the signal, finished methods are reused, and the table
 is the one an uninterrupted run prints. ``--out`` belongs to one plan (``<out>/plan.json``).
 
