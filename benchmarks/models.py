@@ -1,4 +1,5 @@
-"""Model training-step benchmark: our wav2vec2 vs HF Wav2Vec2ForPreTraining, plus CLMR and CPC steps.
+"""Model training-step benchmark: our wav2vec2 vs HF Wav2Vec2ForPreTraining (pre-training) and
+Wav2Vec2Model (fine-tuning), plus CLMR and CPC steps.
 
     .venv/bin/python benchmarks/models.py            # small preset, batch 8 x 2 s at 16 kHz
     .venv/bin/python benchmarks/models.py --quick    # tiny sizes (what the test runs)
@@ -18,8 +19,14 @@ their tiny and full presets; no peer, timing only. A model file that is not in t
 reported as missing. ``benchmark_step(model, batch, ...)`` times full Adam steps of any model on the
 seam (optionally under bf16 autocast), for use from Python.
 
-The last line printed is one JSON object; ``ratios.wav2vec2_vs_hf`` = HF's median step time / ours
-(above 1: ours is faster).
+wav2vec2 fine-tuning (the supervised baseline's and ``evaluate.py finetune``'s step): ``embed`` forward
+(unmasked, every frame), a loss on the pooled output, backward; HF's ``Wav2Vec2Model`` with the same
+weights, the loss on the mean of its last hidden state, and the attention mask when clips are padded
+(``padded``: every second clip valid for half its length). HF's group norm sees the padding
+(ours takes each clip's valid frames only), so the two compute slightly different things there.
+
+The last line printed is one JSON object; ``ratios.wav2vec2_vs_hf``, ``wav2vec2_finetune_vs_hf`` and
+``wav2vec2_finetune_padded_vs_hf`` = HF's median step time / ours (above 1: ours is faster).
 """
 
 from __future__ import annotations
@@ -157,6 +164,40 @@ def wav2vec2_vs_hf(config: Wav2Vec2Config, *, batch: int, seconds: float, steps:
     }
 
 
+def wav2vec2_finetune_vs_hf(config: Wav2Vec2Config, *, batch: int, seconds: float, steps: int, warmup: int,
+                            device: str, padded: bool, precision: str = "fp32") -> dict:
+    """A fine-tuning / supervised step of the encoder: ``embed`` (unmasked, every frame) forward,
+    a loss on the pooled output, backward; against HF ``Wav2Vec2Model`` given the same weights and
+    the same attention mask. ``padded``: every second clip is valid for half its length."""
+    torch.manual_seed(0)
+    ours = Wav2Vec2Pretrain(config).to(device).train()
+    hf = to_hf(ours).wav2vec2.to(device).train()
+    samples = int(seconds * 16000)
+    lengths = torch.full((batch,), samples)
+    if padded:
+        lengths[1::2] = samples // 2
+    valid = (torch.arange(samples)[None, :] < lengths[:, None]).to(device)
+    audio = 0.1 * torch.randn(batch, samples, device=device) * valid
+    lengths, attn = lengths.to(device), valid.long()
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def step_ours() -> None:
+        ours.zero_grad(set_to_none=True)
+        with _autocast(device, precision):
+            pooled = ours.embed(audio, lengths)["pooled"]
+        pooled.float().square().mean().backward()
+
+    def step_hf() -> None:
+        hf.zero_grad(set_to_none=True)
+        with _autocast(device, precision):
+            h = hf(audio, attention_mask=attn if padded else None).last_hidden_state
+        h.float().square().mean().backward()
+
+    times = _interleaved({"ours": step_ours, "hf": step_hf}, steps, warmup, sync)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"batch": batch, "seconds": seconds, "padded": padded, "ours_ms": 1000 * med["ours"], "hf_ms": 1000 * med["hf"]}
+
+
 def seam_step(module: str, cls_name: str, cfg_name: str, preset: str, *, batch: int, views: int,
               steps: int, warmup: int, device: str, precision: str = "fp32") -> dict:
     """Time forward+backward of ``module.cls_name(cfg_name.preset())`` through the model seam."""
@@ -213,6 +254,13 @@ def main(argv: list[str] | None = None) -> dict:
                          device=args.device, profile=args.profile, precision=args.precision)
     print(f"wav2vec2 {w2v['config']} (batch {batch} x {seconds} s, {w2v['params'] / 1e6:.1f}M params): "
           f"ours {w2v['ours_ms']:.1f} ms, HF {w2v['hf_ms']:.1f} ms per step", flush=True)
+    finetune = {}
+    for padded in (False, True):
+        r = wav2vec2_finetune_vs_hf(w2v_cfg, batch=batch, seconds=seconds, steps=steps, warmup=warmup,
+                                    device=args.device, padded=padded, precision=args.precision)
+        finetune["padded" if padded else "full"] = r
+        print(f"wav2vec2 {w2v['config']} fine-tuning step ({'half the clips padded to' if padded else 'clips of'} "
+              f"{seconds} s): ours {r['ours_ms']:.1f} ms, HF Wav2Vec2Model {r['hf_ms']:.1f} ms", flush=True)
     others = {}
     presets = args.presets or (("tiny",) if args.quick else ("tiny", "default"))
     for preset in presets:
@@ -229,8 +277,10 @@ def main(argv: list[str] | None = None) -> dict:
                              f"{r['params'] / 1e6:.2f}M params)"), flush=True)
     result = {
         "benchmark": "models", "device": args.device, "precision": args.precision, "threads": torch.get_num_threads(),
-        "quick": args.quick, "wav2vec2": w2v, **others,
-        "ratios": {"wav2vec2_vs_hf": w2v["hf_ms"] / w2v["ours_ms"]},
+        "quick": args.quick, "wav2vec2": w2v, "wav2vec2_finetune": finetune, **others,
+        "ratios": {"wav2vec2_vs_hf": w2v["hf_ms"] / w2v["ours_ms"],
+                   "wav2vec2_finetune_vs_hf": finetune["full"]["hf_ms"] / finetune["full"]["ours_ms"],
+                   "wav2vec2_finetune_padded_vs_hf": finetune["padded"]["hf_ms"] / finetune["padded"]["ours_ms"]},
     }
     print(json.dumps(result))
     return result

@@ -258,3 +258,32 @@ def test_a_few_steps_lower_every_loss_term_on_rendered_notes():
     assert after["loss_contrastive"] < 0.95 * before["loss_contrastive"], (before, after)
     assert after["loss_diversity"] < 0.7 * before["loss_diversity"], (before, after)
     assert after["loss_features"] < 0.5 * before["loss_features"], (before, after)
+
+
+def test_masked_group_norm_is_each_clip_alone_forward_and_backward():
+    """The first conv layer's norm over a padded batch: each row's values and gradients equal a
+    GroupNorm of its valid frames alone, and padded samples get no gradient (downstream, as in
+    the model, nothing reads padded frames); a batch without padding takes the fused group norm."""
+    from models.wav2vec2 import _masked_instance_norm
+
+    torch.manual_seed(0)
+    norm = torch.nn.GroupNorm(8, 8)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2.0)
+        norm.bias.uniform_(-1.0, 1.0)
+    x = (torch.randn(4, 8, 50) * 3 + 2).requires_grad_(True)
+    valid = torch.tensor([50, 31, 7, 2])
+    weights = torch.randn(4, 8, 50) * (torch.arange(50)[None, :] < valid[:, None])[:, None]
+    (_masked_instance_norm(x, valid, norm) * weights).sum().backward()
+    for b, n in enumerate(valid.tolist()):
+        xb = x.detach()[b : b + 1, :, :n].clone().requires_grad_(True)
+        ref = norm(xb)
+        (ref * weights[b : b + 1, :, :n]).sum().backward()
+        with torch.no_grad():
+            got = _masked_instance_norm(x[b : b + 1], valid[b : b + 1], norm)[..., :n] if n == 50 else \
+                _masked_instance_norm(x, valid, norm)[b : b + 1, :, :n]
+        assert torch.allclose(got, ref, atol=1e-4), b
+        assert torch.allclose(x.grad[b, :, :n], xb.grad[0], atol=1e-4), b
+        assert torch.count_nonzero(x.grad[b, :, n:]) == 0
+    full = torch.randn(3, 8, 40)
+    assert torch.allclose(_masked_instance_norm(full, torch.tensor([40, 40, 40]), norm), norm(full), atol=1e-6)
