@@ -274,8 +274,8 @@ def _run_side_by_side(plan: Plan, *, out: str, demo: str) -> dict[str, dict]:
     """Each method in its own process, ``plan.parallel()`` at a time, its output in
     ``out/<model>/log.txt``; one status line per method while they run. Each gets an equal share
     of the cores, except for the probes of the last method, which get them all: by then the
-    others are done or nearly so (with clmr,wav2vec2 on 2 cores: CLMR is done in under 5 min,
-    wav2vec2's probes start at about 3.5 min and take the rest)."""
+    others are done or nearly so (clmr,wav2vec2 on the 2-core Intel Xeon box, 2026-12-03:
+    wav2vec2's probes start at 5.2 min, CLMR is done at 10.6 min, wav2vec2 at 11.9 min)."""
     cores = max(1, plan.workers // plan.parallel())
     pending, running, done = list(plan.models), {}, {}
     tty, last_print = sys.stdout.isatty(), 0.0
