@@ -33,6 +33,7 @@ Steps, top to bottom in :func:`run` and :func:`run_method`:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -305,6 +306,8 @@ def _run_side_by_side(plan: Plan, *, out: str, demo: str) -> dict[str, dict]:
                 log.close()
                 del running[model]
                 path = os.path.join(_method_dir(out, model), "log.txt")
+                if proc.returncode == 130:  # the child's own Ctrl-C / SIGTERM: it checkpointed; so do the others
+                    raise KeyboardInterrupt
                 if proc.returncode != 0:
                     with open(path, errors="replace") as f:
                         tail = "".join(f.readlines()[-15:])
@@ -342,6 +345,27 @@ def _child(argv: list[str]) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """SIGTERM (a scheduler's preemption, ``kill``) becomes a KeyboardInterrupt while the methods'
+    processes run, so they are stopped (and checkpoint) rather than left running without a parent."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run(plan: Plan, *, out: str, demo: str) -> dict:
     """Demo shards, then every method of the plan (side by side, or in this process when one
     runs at a time); writes ``out/quickstart.json`` and ``out/results.md`` and returns the former."""
@@ -352,7 +376,8 @@ def run(plan: Plan, *, out: str, demo: str) -> dict:
     t_demo = time.perf_counter() - t0
     print(f"[quickstart] 2/2 {', '.join(plan.models)}: pretraining, then probes against baselines", flush=True)
     if plan.parallel() > 1:
-        done = _run_side_by_side(plan, out=out, demo=demo)  # in the order they finished
+        with _sigterm_interrupts():
+            done = _run_side_by_side(plan, out=out, demo=demo)  # in the order they finished
         methods = {m: done[m] for m in plan.models}
     else:
         methods = {m: run_method(plan, m, out=_method_dir(out, m), demo=demo, cores=plan.workers, eval_cores=plan.workers,

@@ -155,3 +155,39 @@ def test_an_interrupted_quickstart_continues_where_it_stopped(tmp_path, capsys, 
         assert f"--out {out} holds an earlier run (clmr) without its plan.json" in err and "Traceback" not in err
     finally:
         torch.set_num_threads(threads)
+
+
+def test_sigterm_to_the_side_by_side_run_stops_and_checkpoints_every_method(tmp_path) -> None:
+    """A scheduler's SIGTERM to quickstart.py while both methods pretrain in their processes:
+    exit 130 saying how to continue, each method checkpointed, no process left running."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out, demo = tmp_path / "qs", tmp_path / "demo"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen([sys.executable, os.path.join(root, "quickstart.py"), "--tiny", "--steps", "400", "--out", str(out),
+                             "--demo", str(demo)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=root)
+    logs = [out / m / "pretrain" / "metrics.jsonl" for m in ("clmr", "wav2vec2")]
+    deadline = time.time() + 240
+    while time.time() < deadline and not all(p.exists() and p.stat().st_size > 0 for p in logs):
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "run the same command again to continue" in err and "Traceback" not in err
+    for m in ("clmr", "wav2vec2"):
+        ckpts = os.listdir(out / m / "pretrain" / "checkpoints")
+        assert len(ckpts) == 1 and ckpts[0] != "ckpt-00000400.pt", (m, ckpts)  # stopped early, with a checkpoint
+        assert not (out / m / "method.json").exists()
+    left = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if str(out).encode() in f.read():
+                    left.append(pid)
+        except OSError:
+            pass
+    assert not left
