@@ -142,9 +142,10 @@ def run_method(plan: Plan, model: str, *, out: str, demo: str, cores: int, eval_
     import train
     from pipeline.shards import load_manifest
 
-    if os.path.exists(os.path.join(out, "method.json")):  # run() checked that the folder holds this plan's run
-        with open(os.path.join(out, "method.json")) as f:
-            print(f"[quickstart] {model}: done in an earlier run ({out}/method.json)", flush=True)
+    method_path = os.path.join(out, "method.json")
+    if os.path.exists(method_path):  # run() checked that the folder holds this plan's run
+        print(f"[quickstart] {model}: done in an earlier run ({method_path})", flush=True)
+        with open(method_path) as f:
             return json.load(f)
     torch.set_num_threads(cores)
     t0 = time.perf_counter()
@@ -183,7 +184,7 @@ def run_method(plan: Plan, model: str, *, out: str, demo: str, cores: int, eval_
               "pretrain_summary": {k: summary[k] for k in ("step", "first_loss", "last_loss", "wall_s", "checkpoint",
                                                            "resumed_from")},
               "rows": results["rows"], "tasks": results["tasks"], "datasets": results["datasets"]}
-    with open(os.path.join(out, "method.json"), "w") as f:
+    with open(method_path, "w") as f:
         json.dump(method, f, indent=2)
     return method
 
