@@ -24,7 +24,9 @@ Protocols (``probe``/``sweep`` ``--protocol``, eval_tools/protocols.py cites eac
   frames of one layer, or of each layer with ``--layer all``; CPC: context features mean-pooled),
   after its BatchNorm statistics are recomputed on clean training crops; a linear probe (or
   ``--probe mlp``) on standardised features, Adam 1e-3, early stopping on the valid split's primary
-  metric, the best epoch scored once on the test split. The default because it is defined for
+  metric, the best epoch scored once on the test split. ``--probe logreg`` instead fits the linear
+  probe to convergence (full-batch L-BFGS) for each L2 penalty from 1 down to 1e-4 and keeps the one
+  best on valid (eval_tools/probe.py; the quickstart's probe). The default because it is defined for
   every encoder and baseline here (log-mel statistics included) and puts them on one footing.
 - ``clmr``: Spijkervet/CLMR ``linear_evaluation.py`` (commit 423414d): one random 59,049-sample crop
   per training clip, the checkpoint's BatchNorm statistics, raw features, Adam 1e-3 / wd 1e-6,
@@ -62,6 +64,7 @@ import numpy as np
 from pipeline.errors import UserError
 
 POOLS = ("mean", "meanstd")  # eval_tools.encoders.POOLS, spelled here so --help needs no torch
+PROBES = ("linear", "mlp", "logreg")  # eval_tools.probe.PROBES, likewise
 BASELINES = ("random", "supervised", "logmel")
 EXTERNAL = ("hf:", "export:")  # --baselines hf:DIR / export:DIR: any encoder folder (eval_tools/weights.py)
 
@@ -91,7 +94,7 @@ class EvalOptions:
     layer: int | str = -1
     pool: str = "mean"  # over time: "mean" or "meanstd" (mean and standard deviation; not for log-mel, already both)
     protocol: str = "musicssl"  # eval_tools/protocols.py: musicssl | clmr | marble
-    probe: str | None = None  # linear | mlp; None = the protocol's (musicssl/clmr: linear, marble: mlp)
+    probe: str | None = None  # linear | mlp | logreg; None = the protocol's (musicssl/clmr: linear, marble: mlp)
     lr: float | None = None  # None = the protocol's (marble: chosen on valid from its grid)
     max_epochs: int | None = None  # None = the protocol's (musicssl/clmr 200, marble 100)
     patience: int | None = None  # None = the protocol's (musicssl 20, clmr/marble 10)
@@ -484,7 +487,10 @@ def _add_eval_args(p: argparse.ArgumentParser, *, sweep: bool) -> None:
                    "whole-clip features, MLP 512 dropout 0.2 (a learned layer mix for --layer all), Adam batch 64, "
                    "plateau/early stopping on the valid metric, best checkpoint, lr chosen on valid from "
                    "1e-2,5e-3,1e-3,5e-4,1e-4")
-    p.add_argument("--probe", choices=["linear", "mlp"], help="probe head (default: the protocol's; marble: mlp)")
+    p.add_argument("--probe", choices=list(PROBES),
+                   help="probe head (default: the protocol's; marble: mlp): linear or mlp (Adam, early stopping), or logreg "
+                        "(a linear probe fitted by full-batch L-BFGS for each L2 penalty 1 ... 1e-4, the best on valid kept; "
+                        "no learned layer mix, so not with --protocol marble)")
     p.add_argument("--lr", type=float, help="probe learning rate (default: the protocol's; marble searches its grid)")
     p.add_argument("--max-epochs", type=int, help="default: the protocol's (musicssl, clmr 200; marble 100)")
     p.add_argument("--patience", type=int,

@@ -1,8 +1,9 @@
 """Probes on frozen embeddings: a linear layer or a one-hidden-layer MLP trained with Adam, early
-stopping on the valid split, the test split scored once. What varies between the evaluation
-protocols (standardisation, widths, optimiser, schedule, what early stopping follows, best or last
-weights, a learned layer mix) is a :class:`ProbeConfig`; eval_tools/protocols.py sets it per
-protocol and cites where each value comes from.
+stopping on the valid split, or (``logreg``) a linear layer fitted to convergence by full-batch
+L-BFGS with an L2 penalty chosen on the valid split; the test split scored once. What varies between
+the evaluation protocols (standardisation, widths, optimiser, schedule, what early stopping
+follows, best or last weights, a learned layer mix) is a :class:`ProbeConfig`;
+eval_tools/protocols.py sets it per protocol and cites where each value comes from.
 """
 
 from __future__ import annotations
@@ -37,11 +38,16 @@ class Task:
         return "accuracy" if self.kind == "class" else "roc_auc"
 
 
+PROBES = ("linear", "mlp", "logreg")
+# 1e-4 .. 1 in half decades: with n training rows, sklearn's LogisticRegression(C) is l2 = 1 / (C * n)
+L2_GRID = tuple(round(10.0 ** (e / 2), 6) for e in range(-8, 1))
+
+
 @dataclass(kw_only=True)
 class ProbeConfig:
     """How one probe is trained; eval_tools/protocols.py holds each protocol's values and sources."""
 
-    probe: str = "linear"  # "linear" or "mlp" (one hidden layer)
+    probe: str = "linear"  # "linear", "mlp" (one hidden layer; both Adam) or "logreg" (L-BFGS, L2 chosen on valid)
     hidden: int | None = 512  # MLP width; None = the feature dimension (CLMR's finetuner_mlp)
     dropout: float = 0.2  # MLP only, after the ReLU
     standardize: bool = True  # features minus the training mean, over the training std
@@ -57,10 +63,17 @@ class ProbeConfig:
     restore_best: bool = True  # False: test with the last epoch's weights (a Lightning fit without a checkpoint)
     layer_mix: bool = False  # (N, L, D) features: a learned softmax-weighted sum over layers (MARBLE)
     seed: int = 0
+    # logreg: L2 penalties (on the mean loss, as (l2 / 2) * |W|^2) fitted from the largest down, each
+    # from the last one's weights, the one best on valid kept; and L-BFGS iterations per penalty
+    l2_grid: tuple[float, ...] = L2_GRID
+    max_iter: int = 100  # scikit-learn LogisticRegression's defaults: max_iter 100, tol 1e-4
+    tol: float = 1e-4  # L-BFGS stops when no gradient entry exceeds this
 
     def __post_init__(self) -> None:
-        if self.probe not in ("linear", "mlp"):
-            raise ValueError(f"--probe must be 'linear' or 'mlp', got {self.probe!r}")
+        if self.probe not in PROBES:
+            raise ValueError(f"--probe must be one of {', '.join(PROBES)}, got {self.probe!r}")
+        if not self.l2_grid or min(self.l2_grid) <= 0 or self.max_iter < 1:
+            raise ValueError("probe l2_grid must hold positive penalties and max_iter must be positive")
         if self.lr <= 0 or self.batch_size < 1 or self.max_epochs < 1 or self.patience < 1:
             raise ValueError("--lr, --batch-size, --max-epochs and --patience must be positive")
         if self.monitor not in ("metric", "metric+loss", "loss"):
@@ -94,7 +107,7 @@ class Probe(nn.Module):
         self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32))
         # MARBLE's aggregator: nn.Parameter(torch.randn((1, n_layers, 1))), softmax over layers
         self.mix = nn.Parameter(torch.randn(1, layers, 1)) if layers else None
-        if cfg.probe == "linear":
+        if cfg.probe in ("linear", "logreg"):
             self.net = nn.Linear(dim, n_out)
         else:
             hidden = cfg.hidden or dim
@@ -138,6 +151,8 @@ class ProbeFit:
     history: list[float]  # valid primary metric per epoch
     lr: float = 0.0  # the learning rate it started with
     final_lr: float = 0.0  # after any plateau reductions
+    l2: float | None = None  # logreg: the penalty kept (best on valid)
+    l2_candidates: list[dict] = field(default_factory=list)  # logreg: every penalty's valid scores
 
 
 def _loss_fn(task: Task) -> nn.Module:
@@ -151,6 +166,8 @@ def train_probe(task: Task, x_train: np.ndarray, y_train: np.ndarray, x_valid: n
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
+        if cfg.probe == "logreg":
+            return _fit_logreg(task, x_train, y_train, x_valid, y_valid, cfg)
         return _train_probe(task, x_train, y_train, x_valid, y_valid, cfg)
     finally:
         torch.set_num_threads(threads)
@@ -185,7 +202,20 @@ class _Monitor:
         return keep, epoch - self.best_value_epoch >= self.patience
 
 
-def _train_probe(task: Task, x_train: np.ndarray, y_train: np.ndarray, x_valid: np.ndarray, y_valid: np.ndarray, cfg: ProbeConfig) -> ProbeFit:
+@dataclass
+class _Data:
+    """A probe's labelled training and valid rows, and the standardisation it applies."""
+
+    x: np.ndarray
+    y: np.ndarray
+    xv: np.ndarray
+    yv: np.ndarray
+    mean: np.ndarray
+    std: np.ndarray
+    layered: bool  # (N, L, D) rows under a learned layer mix
+
+
+def _labelled(task: Task, x_train: np.ndarray, y_train: np.ndarray, x_valid: np.ndarray, y_valid: np.ndarray, cfg: ProbeConfig) -> _Data:
     rows = valid_rows(task, y_train)
     if len(rows) == 0:
         raise ValueError(f"task {task.name!r}: no labelled training rows; check the manifest's label spec")
@@ -193,7 +223,6 @@ def _train_probe(task: Task, x_train: np.ndarray, y_train: np.ndarray, x_valid: 
     if len(vrows) == 0:
         raise ValueError(f"task {task.name!r}: the valid split has no labelled rows; early stopping needs some")
     x = np.asarray(x_train, dtype=np.float32)[rows]
-    y = np.asarray(y_train)[rows]
     layered = cfg.layer_mix and x.ndim == 3
     dim = x.shape[-1]
     if cfg.standardize:
@@ -201,6 +230,74 @@ def _train_probe(task: Task, x_train: np.ndarray, y_train: np.ndarray, x_valid: 
         mean, std = flat.mean(axis=0), flat.std(axis=0) + 1e-6
     else:
         mean, std = np.zeros(dim, dtype=np.float32), np.ones(dim, dtype=np.float32)
+    return _Data(x=x, y=np.asarray(y_train)[rows], xv=np.asarray(x_valid, dtype=np.float32)[vrows], yv=np.asarray(y_valid)[vrows],
+                 mean=mean, std=std, layered=layered)
+
+
+def _fit_logreg(task: Task, x_train: np.ndarray, y_train: np.ndarray, x_valid: np.ndarray, y_valid: np.ndarray, cfg: ProbeConfig) -> ProbeFit:
+    """Multinomial (``class``) or per-tag (``multi_hot``) logistic regression on standardised
+    features: for each penalty in ``cfg.l2_grid``, largest first and warm-started from the previous
+    one's weights, full-batch L-BFGS (strong Wolfe line search) minimises the mean loss plus
+    ``l2 / 2 * |W|^2`` (the bias is not penalised); the weights best on valid (``cfg.monitor``) are
+    kept. The objective is convex, so the result does not depend on the seed or the batch order: the
+    linear evaluation of Kornblith et al. 2019 ("Do Better ImageNet Models Transfer Better?") and
+    CLIP's linear probes (L-BFGS logistic regression, the penalty searched on a validation split)."""
+    d = _labelled(task, x_train, y_train, x_valid, y_valid, cfg)
+    if d.layered:
+        raise ValueError("--probe logreg fits one layer at a time: use --layer all (one probe per layer), not a learned layer mix")
+    probe = Probe(dim=d.x.shape[-1], n_out=len(task.names), cfg=cfg, mean=d.mean, std=d.std)
+    # A GPU for the large fits (a million clips of an MSD-size split); on the CPU the caller's one thread.
+    device = torch.device("cuda") if torch.cuda.is_available() and d.x.size >= 10_000_000 else torch.device("cpu")
+    probe.to(device)
+    kind = torch.long if task.kind == "class" else torch.float32
+    xt = (torch.from_numpy(d.x).to(device) - probe.mean) / probe.std
+    yt = torch.as_tensor(d.y, dtype=kind, device=device)
+    xv = torch.from_numpy(d.xv).to(device)
+    yv = torch.as_tensor(d.yv, dtype=kind, device=device)
+    lin = probe.net
+    nn.init.zeros_(lin.weight)
+    nn.init.zeros_(lin.bias)
+
+    def data_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if task.kind == "class":
+            return nn.functional.cross_entropy(logits, y)
+        # each tag its own logistic regression: summed over tags, averaged over rows
+        return nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="sum") / len(y)
+
+    monitor = _Monitor(cfg.monitor, patience=len(cfg.l2_grid))
+    best_state, best_valid, best_l2, candidates, history, iters = None, {}, None, [], [], 0
+    for l2 in sorted(cfg.l2_grid, reverse=True):
+        opt = torch.optim.LBFGS(lin.parameters(), lr=1.0, max_iter=cfg.max_iter, history_size=20, tolerance_grad=cfg.tol,
+                                tolerance_change=1e-10, line_search_fn="strong_wolfe")
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad(set_to_none=True)
+            loss = data_loss(lin(xt), yt) + 0.5 * l2 * lin.weight.pow(2).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        iters += int(opt.state[lin.weight].get("n_iter", 0))
+        with torch.no_grad():
+            logits = probe(xv)
+            vloss = float(_loss_fn(task)(logits, yv))  # as the Adam probes report it (mean over rows, and tags)
+            probs = (logits.softmax(-1) if task.kind == "class" else logits.sigmoid()).cpu().numpy()
+        valid = score(task, d.yv, probs) | {"loss": vloss}
+        candidates.append({"l2": l2, "valid": valid})
+        history.append(valid[task.primary])
+        keep, _ = monitor.update(len(candidates), valid, task.primary)
+        if keep:
+            best_state, best_valid, best_l2 = copy.deepcopy(probe.state_dict()), valid, l2
+    probe.load_state_dict(best_state)
+    probe.cpu()
+    return ProbeFit(probe=probe, best_epoch=iters, epochs_run=iters, valid=best_valid, history=history, lr=0.0, final_lr=0.0,
+                    l2=best_l2, l2_candidates=candidates)
+
+
+def _train_probe(task: Task, x_train: np.ndarray, y_train: np.ndarray, x_valid: np.ndarray, y_valid: np.ndarray, cfg: ProbeConfig) -> ProbeFit:
+    d = _labelled(task, x_train, y_train, x_valid, y_valid, cfg)
+    x, y, mean, std, layered = d.x, d.y, d.mean, d.std, d.layered
+    dim = x.shape[-1]
     torch.manual_seed(cfg.seed)
     probe = Probe(dim=dim, n_out=len(task.names), cfg=cfg, mean=mean, std=std, layers=x.shape[1] if layered else None)
     opt = torch.optim.Adam(probe.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -216,8 +313,8 @@ def _train_probe(task: Task, x_train: np.ndarray, y_train: np.ndarray, x_valid: 
     monitor = _Monitor(cfg.monitor, cfg.patience)
     best_state, best_epoch, best_valid, last_valid = None, 0, {}, {}
     history: list[float] = []
-    xv = torch.as_tensor(np.asarray(x_valid, dtype=np.float32)[vrows])
-    yv_np = np.asarray(y_valid)[vrows]
+    xv = torch.as_tensor(d.xv)
+    yv_np = d.yv
     yv = torch.as_tensor(yv_np, dtype=torch.long if task.kind == "class" else torch.float32)
     epoch = 0
     for epoch in range(1, cfg.max_epochs + 1):

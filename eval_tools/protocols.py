@@ -103,6 +103,9 @@ def get(name: str) -> Protocol:
 def configure(protocol: Protocol, *, probe: str | None = None, lr: float | None = None, max_epochs: int | None = None,
               patience: int | None = None, seed: int = 0) -> tuple[ProbeConfig, tuple[float, ...]]:
     """The probe config and the learning rates to try, after the user's overrides."""
+    if probe == "logreg" and not protocol.per_layer:
+        raise UserError(f"--probe logreg fits one layer at a time; --protocol {protocol.name} learns a mix of layers: "
+                        "use --protocol musicssl with --probe logreg, or --probe mlp")
     changes = {k: v for k, v in (("probe", probe), ("max_epochs", max_epochs), ("patience", patience)) if v is not None}
     cfg = dataclasses.replace(protocol.probe, seed=seed, **changes)
     if lr is not None:

@@ -67,7 +67,7 @@ def probe_task(task: Task, train: Embeddings, valid: Embeddings, test: Embedding
             fit = train_probe(task, sel(xs), ys, sel(valid.x), valid.labels[task.name], run_cfg)
             probs = clip_probabilities(fit.probe, sel(test.x), task.kind, test.owner, len(test.keys))
             fits.append({"layer": layer, "lr": lr, "valid": fit.valid, "test": score(task, test.labels[task.name], probs),
-                         "best_epoch": fit.best_epoch, "epochs": fit.epochs_run, "_probs": probs,
+                         "best_epoch": fit.best_epoch, "epochs": fit.epochs_run, "l2": fit.l2, "l2_candidates": fit.l2_candidates, "_probs": probs,
                          "_head": Head(task=task, probe=fit.probe, layer=layer, layer_mix=run_cfg.layer_mix)})
     # the candidate whose kept weights score best on valid (ties: the lower layer, the larger lr, first in order)
     best = max(enumerate(fits), key=lambda e: (_valid_key(e[1]["valid"], task, cfg), -(e[1]["layer"] or 0), -e[0]))[1]
@@ -75,11 +75,13 @@ def probe_task(task: Task, train: Embeddings, valid: Embeddings, test: Embedding
     head = best.pop("_head")
     row = {"task": task.name, "_head": head, "fraction": fraction, "n_train": int(len(idx)), "valid": best["valid"], "test": best["test"],
            "best_epoch": best["best_epoch"], "epochs": best["epochs"], "lr": best["lr"]}
+    if best["l2"] is not None:  # logreg: the penalty kept, and every penalty's valid scores
+        row["l2"], row["l2_candidates"] = best["l2"], best["l2_candidates"]
     if len(lrs or ()) > 1:
         row["lr_candidates"] = [{"lr": f["lr"], "layer": f["layer"], "valid": f["valid"]} for f in fits]
     if best["layer"] is not None:
         row["layer"] = best["layer"]
-        row["per_layer"] = [{k: v for k, v in f.items() if not k.startswith("_")} for f in fits]
+        row["per_layer"] = [{k: v for k, v in f.items() if not k.startswith("_") and k != "l2_candidates"} for f in fits]
     y = test.labels[task.name]
     rows = valid_rows(task, y)
     if task.kind == "multi_hot":
