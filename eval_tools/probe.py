@@ -41,6 +41,7 @@ class Task:
 PROBES = ("linear", "mlp", "logreg")
 # 1e-4 .. 1 in half decades: with n training rows, sklearn's LogisticRegression(C) is l2 = 1 / (C * n)
 L2_GRID = tuple(round(10.0 ** (e / 2), 6) for e in range(-8, 1))
+LOGREG_CUDA_VALUES = 10_000_000  # logreg fits this many training feature values or more on CUDA when present
 
 
 @dataclass(kw_only=True)
@@ -247,7 +248,7 @@ def _fit_logreg(task: Task, x_train: np.ndarray, y_train: np.ndarray, x_valid: n
         raise ValueError("--probe logreg fits one layer at a time: use --layer all (one probe per layer), not a learned layer mix")
     probe = Probe(dim=d.x.shape[-1], n_out=len(task.names), cfg=cfg, mean=d.mean, std=d.std)
     # A GPU for the large fits (a million clips of an MSD-size split); on the CPU the caller's one thread.
-    device = torch.device("cuda") if torch.cuda.is_available() and d.x.size >= 10_000_000 else torch.device("cpu")
+    device = torch.device("cuda") if torch.cuda.is_available() and d.x.size >= LOGREG_CUDA_VALUES else torch.device("cpu")
     probe.to(device)
     kind = torch.long if task.kind == "class" else torch.float32
     xt = (torch.from_numpy(d.x).to(device) - probe.mean) / probe.std

@@ -130,3 +130,21 @@ def test_probe_benchmark_quick_runs() -> None:
     last = json.loads(out.stdout.strip().splitlines()[-1])
     assert last["rows"] == 300 and last["ratios"]["logreg_vs_sklearn"] > 0
     assert last["max_prob_diff"] < 0.01  # the same model as scikit-learn's at the penalty kept
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_logreg_fit_matches_the_cpu_fit(monkeypatch) -> None:
+    import eval_tools.probe as probe_mod
+
+    rng = np.random.default_rng(4)
+    centers = rng.normal(0, 1, (10, 64))
+    (xtr, ytr), (xva, yva) = _blobs(rng, 2000, centers, noise=3.0), _blobs(rng, 500, centers, noise=3.0)
+    task = Task(name="c", kind="class", names=[str(i) for i in range(10)])
+    cfg = ProbeConfig(probe="logreg", l2_grid=(0.01,), max_iter=1000, tol=1e-7)
+    monkeypatch.setattr(probe_mod, "LOGREG_CUDA_VALUES", 0)
+    gpu = train_probe(task, xtr, ytr, xva, yva, cfg)
+    assert gpu.probe.net.weight.device.type == "cpu"  # handed back on the CPU, like every probe
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cpu = train_probe(task, xtr, ytr, xva, yva, cfg)
+    assert np.abs(gpu.probe.predict(xva, "class") - cpu.probe.predict(xva, "class")).max() < 1e-3
