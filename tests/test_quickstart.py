@@ -191,3 +191,19 @@ def test_sigterm_to_the_side_by_side_run_stops_and_checkpoints_every_method(tmp_
         except OSError:
             pass
     assert not left
+
+
+def test_clmr_pretrains_its_own_step_count_and_steps_sets_every_method(tmp_path, monkeypatch) -> None:
+    plan = quickstart.Plan()
+    cfgs = {m: quickstart.pretrain_config(plan, m, str(tmp_path / "demo"), str(tmp_path / m), 1) for m in ("clmr", "wav2vec2")}
+    assert cfgs["clmr"].train.steps == cfgs["clmr"].checkpoint.every == 800
+    assert cfgs["wav2vec2"].train.steps == cfgs["wav2vec2"].checkpoint.every == 600
+    seen = {}
+
+    def stop(plan, out, demo):  # the plan main() built from the flags, then an interruption
+        seen["plan"] = plan
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(quickstart, "run", stop)
+    assert quickstart.main(["--steps", "50", "--out", str(tmp_path / "o")]) == 130
+    assert {m: seen["plan"].steps_for(m) for m in ("clmr", "wav2vec2", "cpc")} == {"clmr": 50, "wav2vec2": 50, "cpc": 50}
