@@ -103,8 +103,10 @@ def pretrain_config(plan: Plan, model: str, demo: str, out: str, workers: int):
         data=r(cfg.data, manifests=[f"{demo}/nsynth/train.manifest.json", f"{demo}/mtat/train.manifest.json"],
                num_workers=max(0, workers - 1) if workers > 1 else 1),
         train=r(cfg.train, steps=steps, global_batch_size=plan.batch_size, device="cpu", out_dir=out, seed=plan.seed),
-        # auto: a re-run of an interrupted quickstart continues (run() checks the folder holds this plan's run)
-        checkpoint=r(cfg.checkpoint, every=steps, keep=1, resume="auto"),
+        # auto: a re-run of an interrupted quickstart continues (run() checks the folder holds this plan's run);
+        # a checkpoint every quarter, so a kill that no handler sees (SIGKILL, the OOM killer) loses at most a
+        # quarter (writing them changes nothing: a run checkpointing every 200 steps wrote the same weights)
+        checkpoint=r(cfg.checkpoint, every=max(1, steps // 4), keep=1, resume="auto"),
         logging=r(cfg.logging, every=max(1, steps // 20), wandb_mode="disabled", audio_every=0),
     )
     if model == "clmr":
