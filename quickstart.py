@@ -17,8 +17,9 @@ Steps, top to bottom in :func:`run` and :func:`run_method`:
 2. **Per method** (CLMR, wav2vec2; one process each, running side by side on the cores: small
    models gain little from a second thread), with its tiny preset and quickstart settings:
    pretraining (``train.train``) on the unlabelled train audio of both datasets for a fixed step
-   count (deterministic, unlike a time budget; CLMR 800, wav2vec2 and CPC 600) and, because pitch is probed, without pitch-shift or
-   speed augmentation (CLMR also without band filters and reverb; docs/quickstart-calibration.md);
+   count (deterministic, unlike a time budget; CLMR 800, wav2vec2 and CPC 600) and, because pitch
+   is probed, without pitch-shift or speed augmentation (CLMR also without band filters and
+   reverb; docs/quickstart-calibration.md);
    then probes (``evaluate.run_evaluation``): linear probes on frozen embeddings for NSynth pitch
    and instrument family (held-out instruments) and MTAT tags (held-out clips; CLMR: every block's
    mean and standard deviation over time, concatenated; wav2vec2: every layer's mean, the best on
@@ -86,8 +87,8 @@ class Plan:
 
 
 def tiny_plan(models: tuple[str, ...]) -> Plan:
-    return Plan(models=models, steps=12, clmr_steps=None, batch_size=16, demo_notes=3, demo_programs=3, demo_clips=32, demo_clip_seconds=2.0,
-                probe_epochs=20, probe_patience=5, calib_crops=32, clmr_blocks=6)
+    return Plan(models=models, steps=12, clmr_steps=None, batch_size=16, demo_notes=3, demo_programs=3, demo_clips=32,
+                demo_clip_seconds=2.0, probe_epochs=20, probe_patience=5, calib_crops=32, clmr_blocks=6)
 
 
 def pretrain_config(plan: Plan, model: str, demo: str, out: str, workers: int):

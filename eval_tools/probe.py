@@ -291,6 +291,7 @@ def _fit_logreg(task: Task, x_train: np.ndarray, y_train: np.ndarray, x_valid: n
             best_state, best_valid, best_l2 = copy.deepcopy(probe.state_dict()), valid, l2
     probe.load_state_dict(best_state)
     probe.cpu()
+    # no epochs here: best_epoch / epochs_run report the L-BFGS iterations over the whole penalty path
     return ProbeFit(probe=probe, best_epoch=iters, epochs_run=iters, valid=best_valid, history=history, lr=0.0, final_lr=0.0,
                     l2=best_l2, l2_candidates=candidates)
 
