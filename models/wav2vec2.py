@@ -103,7 +103,9 @@ class Wav2Vec2Config:
     latent_dim: int = 256  # quantized vector size (fairseq: latent_dim or, when 0, final_dim)
     final_dim: int = 256
     latent_temp: tuple[float, float, float] = (2.0, 0.5, 0.999995)  # (max, min, decay)
-    num_negatives: int = 100
+    num_negatives: int = 100  # per masked frame, from the other masked frames of its clip
+    # per masked frame, from every masked frame of the batch (fairseq's cross_sample_negatives; BASE: 0)
+    cross_sample_negatives: int = 0
     logit_temp: float = 0.1
     diversity_weight: float = 0.1
     feature_pen_weight: float = 10.0
@@ -153,10 +155,15 @@ class Wav2Vec2Config:
                 f"got {self.latent_temp}"
             )
         positive = ("embed_dim", "num_layers", "num_heads", "ffn_dim", "conv_pos", "conv_pos_groups",
-                    "latent_vars", "latent_groups", "latent_dim", "final_dim", "num_negatives")
+                    "latent_vars", "latent_groups", "latent_dim", "final_dim")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.cross_sample_negatives < 0 or self.num_negatives < 0 or self.num_negatives + self.cross_sample_negatives < 1:
+            raise ValueError(
+                f"--model.num_negatives and --model.cross_sample_negatives must be >= 0 with at least one "
+                f"negative in all, got {self.num_negatives} and {self.cross_sample_negatives}"
+            )
         if self.logit_temp <= 0:
             raise ValueError(f"--model.logit_temp must be > 0, got {self.logit_temp}")
         if self.feature_grad_mult < 0:
@@ -295,6 +302,34 @@ def sample_negatives(
     idx = torch.randint(0, num_masked - 1, (batch_size, num_masked, num_negatives),
                         generator=generator, device=gdev)
     self_idx = torch.arange(num_masked, device=gdev)[None, :, None]
+    idx = idx + (idx >= self_idx).long()
+    return idx.to(device) if device is not None else idx
+
+
+def sample_cross_negatives(
+    num_masked: int,
+    num_negatives: int,
+    batch_size: int,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Negative indices ``(B, M, K)`` into the batch's ``B * M`` masked frames, flattened clip by
+    clip (frame ``m`` of clip ``b`` is ``b * M + m``), never the frame itself.
+
+    fairseq's ``cross_sample_negatives`` (``Wav2Vec2Model.sample_negatives``, fairseq commit
+    fd7ca78): uniform with replacement over the batch's masked targets. Departure: fairseq's
+    exclusion compares the flat index with the frame's index within its clip, so for every clip but
+    the first it may draw the frame itself (its ``neg_is_pos`` then masks that logit); here the
+    frame itself is excluded for every clip (draw from ``[0, B*M-1)``, shift indices ``>=`` the
+    frame's own up by one).
+    """
+    n = batch_size * num_masked
+    if n < 2:
+        raise ValueError(f"need at least 2 masked frames in the batch to draw negatives, got {n}")
+    gdev = generator.device if generator is not None else torch.device(device or "cpu")
+    idx = torch.randint(0, n - 1, (batch_size, num_masked, num_negatives), generator=generator, device=gdev)
+    self_idx = torch.arange(n, device=gdev).view(batch_size, num_masked, 1)
     idx = idx + (idx >= self_idx).long()
     return idx.to(device) if device is not None else idx
 
@@ -605,9 +640,11 @@ class Wav2Vec2Pretrain(nn.Module):
         """The pre-training pass with optional given mask ``(B, T')`` and negatives ``(B, M, K)``.
 
         ``negative_indices`` index each clip's masked frames in time order (0..M-1). Returns a dict
-        with ``loss``, ``metrics`` (detached), ``logits`` (B, M, 1+K; column 0 the positive),
-        ``mask`` (B, T'), ``negatives`` (B, M, K), ``predictions`` and ``targets`` (B, M, final_dim),
-        ``codes`` (B, M, G), and the undetached loss terms.
+        with ``loss``, ``metrics`` (detached), ``logits`` (B, M, 1+K+K'; column 0 the positive, then
+        the clip's K negatives, then the K' cross-sample ones), ``mask`` (B, T'), ``negatives``
+        (B, M, K), ``cross_negatives`` (B, M, K' indices into the batch's masked frames flattened
+        clip by clip; None when ``cross_sample_negatives`` is 0, always drawn here), ``predictions``
+        and ``targets`` (B, M, final_dim), ``codes`` (B, M, G), and the undetached loss terms.
         """
         c = self.config
         x, feats, pen, padding, frames = self._features(audio, lengths)
@@ -658,7 +695,14 @@ class Wav2Vec2Pretrain(nn.Module):
         neg_logits = sim.gather(2, neg)  # (B, M, K)
         same_code = (codes[:, :, None, :] == codes[:, None, :, :]).all(-1)  # (B, M, M)
         neg_logits = neg_logits.masked_fill(same_code.gather(2, neg), float("-inf"))
-        logits = torch.cat([pos[..., None], neg_logits], dim=-1)  # (B, M, 1+K)
+        cross = None
+        if c.cross_sample_negatives:
+            cross = sample_cross_negatives(m, c.cross_sample_negatives, b, generator=generator, device=x.device)
+            with torch.autocast(device_type=x.device.type, enabled=False):  # (B, M, K'): cosine with other clips' targets
+                cross_logits = torch.einsum("bmf,bmkf->bmk", pn, tn.flatten(0, 1)[cross]) / c.logit_temp
+            same = (codes.flatten(0, 1)[cross] == codes[:, :, None, :]).all(-1)
+            neg_logits = torch.cat([neg_logits, cross_logits.masked_fill(same, float("-inf"))], dim=-1)
+        logits = torch.cat([pos[..., None], neg_logits], dim=-1)  # (B, M, 1+K+K')
         n = b * m
         ce_sum = (torch.logsumexp(logits, -1) - pos).sum()
         gv = c.latent_groups * c.latent_vars
@@ -682,7 +726,7 @@ class Wav2Vec2Pretrain(nn.Module):
                 "mask_fraction": (counts.sum() / frames.sum().clamp_min(1)).float(),
             }
         return {
-            "loss": loss, "metrics": metrics, "logits": logits, "mask": mask, "negatives": neg,
+            "loss": loss, "metrics": metrics, "logits": logits, "mask": mask, "negatives": neg, "cross_negatives": cross,
             "predictions": preds, "targets": targets, "codes": codes,
             "loss_contrastive_sum": ce_sum, "diversity": diversity, "features_pen": pen,
             "code_perplexity": code_ppl, "prob_perplexity": prob_ppl,
@@ -723,7 +767,9 @@ def to_hf(model: Wav2Vec2Pretrain, *, attn_implementation: str = "sdpa") -> nn.M
     """A ``transformers.Wav2Vec2ForPreTraining`` with the same config and a copy of our weights.
 
     Masking/negative settings that HF samples itself are set to ours but HF needs them passed in
-    (``mask_time_indices``, ``sampled_negative_indices``) for identical draws.
+    (``mask_time_indices``, ``sampled_negative_indices``) for identical draws. HF draws negatives
+    within each clip only: with ``cross_sample_negatives`` set, the weights and embeddings match but
+    HF's pre-training loss is not ours.
     """
     try:
         import transformers

@@ -15,6 +15,7 @@ from models.wav2vec2 import (
     compute_mask_spans,
     frame_lengths,
     gumbel_temperature,
+    sample_cross_negatives,
     sample_negatives,
 )
 from tests.notes import rendered_notes
@@ -50,6 +51,11 @@ def test_config_geometry_and_validation():
         Wav2Vec2Config(extractor_mode="batch_norm")
     with pytest.raises(ValueError, match="--model.latent_temp"):
         Wav2Vec2Config(latent_temp=(0.5, 2.0, 0.9))
+    with pytest.raises(ValueError, match="at least one negative"):
+        Wav2Vec2Config(num_negatives=0)
+    with pytest.raises(ValueError, match="cross_sample_negatives must be >= 0"):
+        Wav2Vec2Config(cross_sample_negatives=-1)
+    assert Wav2Vec2Config(num_negatives=0, cross_sample_negatives=10).cross_sample_negatives == 10
 
 
 def test_frame_lengths_match_the_encoder_output():
@@ -124,6 +130,45 @@ def test_negatives_are_uniform_over_other_masked_frames():
     freq = torch.nn.functional.one_hot(neg, 5).float().mean(2)  # (3, 5, 5)
     off_diag = freq[:, ~torch.eye(5, dtype=torch.bool)]
     assert torch.allclose(off_diag, torch.full_like(off_diag, 0.25), atol=0.03)
+
+
+def test_cross_sample_negatives_are_uniform_over_the_batch_never_the_frame():
+    gen = torch.Generator().manual_seed(3)
+    neg = sample_cross_negatives(5, 6000, 3, generator=gen)  # (B=3, M=5, K=6000) into 15 flat frames
+    assert neg.shape == (3, 5, 6000) and neg.min() >= 0 and neg.max() <= 14
+    own = torch.arange(15).view(3, 5, 1)
+    assert not (neg == own).any()  # clip b's frame m is b*5+m: never drawn for itself, in any clip
+    freq = torch.nn.functional.one_hot(neg, 15).float().mean(2).view(15, 15)
+    off_diag = freq[~torch.eye(15, dtype=torch.bool)]
+    assert torch.allclose(off_diag, torch.full_like(off_diag, 1 / 14), atol=0.015)
+    other_clip = (neg // 5) != torch.arange(3).view(3, 1, 1)
+    assert abs(other_clip.float().mean().item() - 10 / 14) < 0.01  # most come from the other clips
+
+
+def test_cross_sample_logits_are_cosines_with_other_clips_targets():
+    torch.manual_seed(0)
+    plain = Wav2Vec2Pretrain(_eval_config()).eval()
+    cross = Wav2Vec2Pretrain(_eval_config(cross_sample_negatives=7)).eval()
+    cross.load_state_dict(plain.state_dict())
+    audio = torch.randn(3, SR) * 0.1
+    a = plain.forward_with(audio, generator=torch.Generator().manual_seed(5))
+    b = cross.forward_with(audio, generator=torch.Generator().manual_seed(5))
+    k = plain.config.num_negatives
+    assert a["cross_negatives"] is None and b["logits"].shape[-1] == 1 + k + 7
+    # the clip's own negatives are drawn first: the same columns, to the bit
+    assert torch.equal(b["logits"][..., : 1 + k], a["logits"]) and torch.equal(b["negatives"], a["negatives"])
+    pn = torch.nn.functional.normalize(b["predictions"], dim=-1)
+    tn = torch.nn.functional.normalize(b["targets"], dim=-1).flatten(0, 1)
+    idx = b["cross_negatives"]
+    want = (pn[:, :, None, :] * tn[idx]).sum(-1) / cross.config.logit_temp
+    same_code = (b["codes"].flatten(0, 1)[idx] == b["codes"][:, :, None, :]).all(-1)
+    got = b["logits"][..., 1 + k:]
+    assert torch.equal(torch.isinf(got), same_code)
+    assert torch.allclose(got[~same_code], want[~same_code], atol=1e-5)
+    # the loss is the cross-entropy over every column, positive first
+    ce = (torch.logsumexp(b["logits"], -1) - b["logits"][..., 0]).mean()
+    assert torch.allclose(b["loss_contrastive_sum"] / idx.shape[0] / idx.shape[1], ce, atol=1e-6)
+    assert b["loss_contrastive_sum"] > a["loss_contrastive_sum"]  # more negatives: a harder task at init
 
 
 # ------------------------------------------------------------------ schedule
